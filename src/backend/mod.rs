@@ -1,0 +1,77 @@
+//! Firewall backends: where an allowlist lives in the kernel.
+//!
+//! The engine only ever talks to a [`Backend`]: it reads what the kernel holds, computes a
+//! [`Diff`] against the desired set, and hands that diff to [`Backend::apply`], which must
+//! commit it as **one** atomic transaction or not at all. Everything else (netlink batches,
+//! `ipset restore` scripts) stays inside the backend.
+//!
+//! - [`memory`]: an in-memory set with the kernel's rules, for the engine's tests;
+//! - [`dry_run`]: logs the transaction it would send and keeps nothing.
+
+pub mod dry_run;
+pub mod memory;
+
+use crate::prefixes::{AllowSet, Diff};
+
+/// A place that holds the allowlist. Calls are blocking; the daemon runs them off its async
+/// threads.
+pub trait Backend: Send {
+    /// What the logs call this backend: `nftables`, `ipset`, `dry-run`, …
+    fn name(&self) -> &'static str;
+
+    /// Creates the table, sets and (with `enforce`) rules when missing. An existing object of
+    /// the same name but another type or flags is [`BackendError::Foreign`]: never changed.
+    fn ensure(&mut self) -> Result<(), BackendError>;
+
+    /// What the kernel holds now: the truth every diff is computed against.
+    fn read(&mut self) -> Result<AllowSet, BackendError>;
+
+    /// Applies the diff (all removals, then all additions) as one transaction. On error the
+    /// set is as it was before the call.
+    fn apply(&mut self, diff: &Diff) -> Result<(), BackendError>;
+
+    /// Removes everything allowsync created (only on `allowsync teardown`).
+    fn teardown(&mut self) -> Result<(), BackendError>;
+
+    /// A number that changes whenever the kernel's copy may have changed (nftables: the ruleset
+    /// generation). Equal to the value seen right after our last apply means nothing changed
+    /// and the costly [`Backend::read`] can be skipped. `None`: not known, always read.
+    fn generation(&mut self) -> Result<Option<u64>, BackendError> {
+        Ok(None)
+    }
+}
+
+/// A backend failure, with what was being done and to which object.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// Someone changed the set under us: an element to delete was gone (ENOENT) or one to add
+    /// was already there (EEXIST). The engine reads again, diffs again and retries once.
+    #[error("{op} on {object}: {detail} (the set changed under us)")]
+    Conflict { op: &'static str, object: String, detail: String },
+
+    /// An object with our name that allowsync did not create, or of another type or flags.
+    #[error(
+        "{object} already exists and is not what allowsync manages: {why}; rename it or configure another name"
+    )]
+    Foreign { object: String, why: String },
+
+    /// The kernel (or a helper program) refused the operation.
+    #[error("{op} on {object} failed: {source}")]
+    Kernel {
+        op: &'static str,
+        object: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The backend cannot work on this host (missing program, module or permission).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl BackendError {
+    /// True for the errors a re-read and a single retry can fix.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, BackendError::Conflict { .. })
+    }
+}

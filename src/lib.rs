@@ -1,0 +1,31 @@
+//! allowsync keeps a firewall allowlist in step with the webhook egress addresses that Tencent
+//! Cloud Chat publishes through its `GetIPList` REST API.
+//!
+//! The flow of one sync, module by module:
+//!
+//! ```text
+//! source/ (GetIPList per app and nettype, static entries)
+//!   -> prefixes (validate, both families, aggregate)      -> the desired set
+//!   -> backend/ (read the live set, diff, apply in one transaction)
+//!   -> state (last good list, written atomically)
+//! ```
+//!
+//! [`config`] reads the YAML file, [`cli`] defines the command line; the binary in `main.rs`
+//! only wires them together.
+
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod prefixes;
+
+/// Process exit codes, the same for every command.
+pub mod exit {
+    /// Success.
+    pub const OK: i32 = 0;
+    /// A runtime failure (network, kernel, state file).
+    pub const FAILURE: i32 = 1;
+    /// Bad usage or an invalid configuration.
+    pub const USAGE: i32 = 2;
+    /// A safety guard refused the sync (mass removal, empty allowlist).
+    pub const REFUSED: i32 = 3;
+}
