@@ -16,7 +16,9 @@
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod engine;
 pub mod prefixes;
+pub mod state;
 
 /// Process exit codes, the same for every command.
 pub mod exit {

@@ -1,0 +1,329 @@
+//! The state file: what allowsync must remember across restarts and reboots.
+//!
+//! It holds, per source, the last list that was fetched *and* applied (the fallback when that
+//! source fails), the allowlist last applied to the kernel (restored at start before any fetch,
+//! so a reboot with the API unreachable still gets its allowlist back), and the outcome of the
+//! last sync.
+//!
+//! Writes are atomic: a temporary file in the same directory is written and fsynced, renamed
+//! over the old file, and the directory fsynced, so a crash at any moment leaves either the old
+//! or the new file. A file that does not parse, or has an unknown version, is never trusted and
+//! never deleted: it is renamed to `state.json.corrupt-<unix time>` and allowsync starts empty.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tracing::{error, warn};
+
+use crate::prefixes::AllowSet;
+
+/// The only format version this build reads and writes.
+pub const VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    pub version: u32,
+    /// Per source name: its last good list.
+    #[serde(default)]
+    pub sources: BTreeMap<String, SourceState>,
+    /// The allowlist last applied to the kernel, if any.
+    #[serde(default)]
+    pub applied: Option<AllowSet>,
+    /// When the last sync succeeded (unix seconds).
+    #[serde(default)]
+    pub last_sync: Option<u64>,
+    /// The last failure or refusal, cleared by the next successful sync.
+    #[serde(default)]
+    pub last_error: Option<LastError>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State { version: VERSION, sources: BTreeMap::new(), applied: None, last_sync: None, last_error: None }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceState {
+    pub list: AllowSet,
+    /// When this list was fetched (unix seconds).
+    pub fetched_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LastError {
+    pub at: u64,
+    pub message: String,
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// A unix time as `2026-11-25T12:00:01Z`, for people.
+pub fn fmt_time(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(unix)).to_string()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state file {path}: {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The state file on disk.
+#[derive(Debug, Clone)]
+pub struct StateFile {
+    path: PathBuf,
+}
+
+impl StateFile {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        StateFile { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn io(&self, op: &'static str) -> impl FnOnce(std::io::Error) -> StateError + '_ {
+        move |source| StateError::Io { path: self.path.clone(), op, source }
+    }
+
+    /// Reads the state. A missing file is an empty state. A corrupt or unknown-version file is
+    /// set aside (renamed, logged as an error) and an empty state returned: never trusted.
+    /// Only an I/O error other than "not found" is an error.
+    pub fn load(&self) -> Result<State, StateError> {
+        let bytes = match fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
+            Err(e) => return Err(self.io("read")(e)),
+        };
+        match parse(&bytes) {
+            Ok(state) => Ok(state),
+            Err(reason) => {
+                let aside = self.set_aside()?;
+                error!(
+                    path = %self.path.display(),
+                    moved_to = %aside.display(),
+                    %reason,
+                    "state file is corrupt: set aside, starting without a last good list"
+                );
+                Ok(State::default())
+            }
+        }
+    }
+
+    /// Reads the state without side effects (for `status`): `Err` with the reason when the file
+    /// is corrupt, instead of setting it aside.
+    pub fn peek(&self) -> Result<Option<State>, String> {
+        match fs::read(&self.path) {
+            Ok(b) => parse(&b).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn set_aside(&self) -> Result<PathBuf, StateError> {
+        let mut aside = self.path.as_os_str().to_owned();
+        aside.push(format!(".corrupt-{}", now_unix()));
+        let mut aside = PathBuf::from(aside);
+        // Two corrupt files in one second must not overwrite each other.
+        let mut n = 1;
+        while aside.exists() {
+            aside.set_extension(format!("{}-{n}", aside.extension().and_then(|e| e.to_str()).unwrap_or("")));
+            n += 1;
+        }
+        fs::rename(&self.path, &aside).map_err(self.io("set aside"))?;
+        Ok(aside)
+    }
+
+    /// Writes the state atomically (see the module header).
+    pub fn save(&self, state: &State) -> Result<(), StateError> {
+        self.stage(state)?.commit()
+    }
+
+    /// First half of [`StateFile::save`]: the new state written and fsynced to a temporary file
+    /// next to the real one, which is not touched yet.
+    pub fn stage(&self, state: &State) -> Result<Staged<'_>, StateError> {
+        let dir = self.dir();
+        if !dir.exists() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(self.io("create directory"))?;
+        }
+        let name = self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        // tempfile creates the file with mode 0600 and a random name: no other process can have
+        // it open, and a crash leaves at most a stray `.state.json.XXXX.tmp`.
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".tmp")
+            .permissions(fs::Permissions::from_mode(0o600))
+            .tempfile_in(dir)
+            .map_err(self.io("create temporary file"))?;
+        let json = serde_json::to_vec_pretty(state).expect("state serializes");
+        tmp.write_all(&json).and_then(|()| tmp.write_all(b"\n")).map_err(self.io("write"))?;
+        tmp.as_file().sync_all().map_err(self.io("fsync"))?;
+        Ok(Staged { file: self, tmp })
+    }
+
+    fn dir(&self) -> &Path {
+        self.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+    }
+}
+
+/// A state written to its temporary file, not yet in place.
+pub struct Staged<'a> {
+    file: &'a StateFile,
+    tmp: tempfile::NamedTempFile,
+}
+
+impl Staged<'_> {
+    /// Renames the temporary file over the state file and fsyncs the directory, so the rename
+    /// itself survives a power cut.
+    pub fn commit(self) -> Result<(), StateError> {
+        let f = self.file;
+        self.tmp.persist(&f.path).map_err(|e| f.io("rename into place")(e.error))?;
+        let dir = fs::File::open(f.dir()).map_err(f.io("open directory"))?;
+        dir.sync_all().map_err(f.io("fsync directory"))?;
+        Ok(())
+    }
+
+    /// Leaves the temporary file behind as a crash would (tests only).
+    #[doc(hidden)]
+    pub fn abandon(self) -> PathBuf {
+        let (_, path) = self.tmp.keep().expect("keep temporary file");
+        path
+    }
+}
+
+fn parse(bytes: &[u8]) -> Result<State, String> {
+    // Look at the version first, so an unknown version is reported as such rather than as a
+    // schema mismatch.
+    #[derive(Deserialize)]
+    struct Version {
+        version: Option<u32>,
+    }
+    let v: Version = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    match v.version {
+        Some(VERSION) => {}
+        Some(other) => return Err(format!("unknown version {other} (this build reads version {VERSION})")),
+        None => return Err("no version field".into()),
+    }
+    let state: State = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    Ok(state)
+}
+
+/// Warns about a state that references sources no longer configured: their lists are dropped
+/// from the fallback so a removed source stops contributing.
+pub fn forget_unknown_sources<'a>(state: &mut State, configured: impl IntoIterator<Item = &'a str>) {
+    let keep: std::collections::HashSet<&str> = configured.into_iter().collect();
+    let gone: Vec<String> = state.sources.keys().filter(|k| !keep.contains(k.as_str())).cloned().collect();
+    for name in gone {
+        warn!(source = %name, "source is no longer configured: forgetting its last good list");
+        state.sources.remove(&name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prefixes::parse_entry;
+
+    fn sample() -> State {
+        let set =
+            AllowSet::from_nets(["10.0.0.0/24", "2001:db8::/48"].iter().map(|s| parse_entry(s).unwrap().net));
+        let mut s = State::default();
+        s.sources.insert("chat".into(), SourceState { list: set.clone(), fetched_at: 1_700_000_000 });
+        s.applied = Some(set);
+        s.last_sync = Some(1_700_000_001);
+        s.last_error = Some(LastError { at: 1_700_000_002, message: "boom".into() });
+        s
+    }
+
+    #[test]
+    fn round_trip_with_mode_0600_in_a_new_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = StateFile::new(dir.path().join("sub/state.json"));
+        assert_eq!(f.load().unwrap(), State::default(), "missing file is an empty state");
+        f.save(&sample()).unwrap();
+        assert_eq!(f.load().unwrap(), sample());
+        let mode = fs::metadata(f.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let dmode = fs::metadata(dir.path().join("sub")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(dmode, 0o700);
+        let text = fs::read_to_string(f.path()).unwrap();
+        assert!(text.contains("\"version\": 1") && text.contains("10.0.0.0/24"), "{text}");
+    }
+
+    #[test]
+    fn a_crash_before_the_rename_leaves_the_previous_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = StateFile::new(dir.path().join("state.json"));
+        f.save(&sample()).unwrap();
+        let mut newer = sample();
+        newer.last_sync = Some(1_800_000_000);
+        let tmp = f.stage(&newer).unwrap().abandon();
+        assert!(tmp.exists());
+        assert_eq!(f.load().unwrap(), sample());
+        // And the next save still works with the stray file around.
+        f.save(&newer).unwrap();
+        assert_eq!(f.load().unwrap(), newer);
+    }
+
+    #[test]
+    fn corrupt_and_unknown_versions_are_set_aside_not_trusted() {
+        for bad in [
+            "{\"version\": 1, \"sources\": {",
+            "not json",
+            "{\"version\": 2}",
+            "{}",
+            "{\"version\":1,\"applied\":[\"10.0.0.300/8\"]}",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let f = StateFile::new(dir.path().join("state.json"));
+            fs::write(f.path(), bad).unwrap();
+            assert!(f.peek().is_err(), "{bad}");
+            assert_eq!(f.load().unwrap(), State::default(), "{bad}");
+            assert!(!f.path().exists());
+            let aside: Vec<_> = fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            assert_eq!(aside.len(), 1, "{aside:?}");
+            assert!(aside[0].starts_with("state.json.corrupt-"), "{aside:?}");
+            assert_eq!(fs::read_to_string(dir.path().join(&aside[0])).unwrap(), bad, "kept as it was");
+        }
+    }
+
+    #[test]
+    fn forgetting_removed_sources() {
+        let mut s = sample();
+        forget_unknown_sources(&mut s, ["other"]);
+        assert!(s.sources.is_empty());
+        let mut s = sample();
+        forget_unknown_sources(&mut s, ["chat"]);
+        assert_eq!(s.sources.len(), 1);
+    }
+
+    #[test]
+    fn times_print_as_rfc3339() {
+        assert_eq!(fmt_time(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
+}
