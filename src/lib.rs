@@ -17,8 +17,11 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod logging;
 pub mod prefixes;
+pub mod source;
 pub mod state;
+pub mod syncer;
 
 /// Process exit codes, the same for every command.
 pub mod exit {

@@ -11,6 +11,7 @@
 pub mod dry_run;
 pub mod memory;
 
+use crate::config::BackendConfig;
 use crate::prefixes::{AllowSet, Diff};
 
 /// A place that holds the allowlist. Calls are blocking; the daemon runs them off its async
@@ -73,5 +74,18 @@ impl BackendError {
     /// True for the errors a re-read and a single retry can fix.
     pub fn is_conflict(&self) -> bool {
         matches!(self, BackendError::Conflict { .. })
+    }
+}
+
+/// The backend the configuration asks for.
+pub fn from_config(cfg: &BackendConfig) -> Result<Box<dyn Backend>, BackendError> {
+    match cfg {
+        BackendConfig::Nftables(_) => {
+            Err(BackendError::Unavailable("the nftables backend is not built yet".into()))
+        }
+        BackendConfig::Ipset(_) => Err(BackendError::Unavailable(
+            "the ipset backend is not implemented yet: use backend nftables or dry_run".into(),
+        )),
+        BackendConfig::DryRun => Ok(Box::new(dry_run::DryRun)),
     }
 }

@@ -1,0 +1,364 @@
+//! The sync cycle with its I/O: fetch every source, build the desired set, sync it through the
+//! backend, record the outcome in the state file, and log one line about it. `allowsync once`
+//! runs one cycle; the daemon runs one per interval. The decisions themselves live in
+//! [`crate::engine`].
+
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use tracing::{error, info, warn};
+
+use crate::backend::{self, Backend, BackendError};
+use crate::config::Config;
+use crate::engine::{self, Desired, Outcome, Plan, SourceResult, SourceStatus};
+use crate::prefixes::{AllowSet, Diff};
+use crate::source::{ErrorClass, Sources};
+use crate::state::{self, State, StateError, StateFile};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncerError {
+    #[error("another allowsync (pid {pid}) already manages this state ({lock}); stop it first")]
+    Locked { pid: String, lock: PathBuf },
+    #[error("lock file {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("sources: {0}")]
+    Sources(String),
+}
+
+/// What one cycle did, for the log line, `once`'s exit code and the daemon's backoff.
+#[derive(Debug, Clone)]
+pub struct CycleReport {
+    /// `Err` carries the failure's message.
+    pub outcome: Result<Outcome, String>,
+    pub sources: Vec<SourceLine>,
+    pub v4: usize,
+    pub v6: usize,
+    pub duration_ms: u128,
+    /// Set when the kernel no longer held what allowsync last applied.
+    pub drift: Option<String>,
+}
+
+/// One source's result in a cycle.
+#[derive(Debug, Clone)]
+pub struct SourceLine {
+    pub name: String,
+    pub status: SourceStatus,
+    /// The class of the fetch error, when the fetch failed.
+    pub error_class: Option<ErrorClass>,
+    pub skipped: usize,
+}
+
+impl CycleReport {
+    /// The most urgent fetch error class of the cycle (for backoff), if any source failed.
+    pub fn worst_error_class(&self) -> Option<ErrorClass> {
+        // Locked needs the longest wait, then configuration (normal interval, loud), then the
+        // retryable ones.
+        let rank = |c: &ErrorClass| match c {
+            ErrorClass::Locked => 0,
+            ErrorClass::Configuration => 1,
+            ErrorClass::RateLimited => 2,
+            ErrorClass::UsersigExpired => 3,
+            ErrorClass::Transient => 4,
+            ErrorClass::Network => 5,
+            ErrorClass::InvalidResponse => 6,
+        };
+        self.sources.iter().filter_map(|s| s.error_class).min_by_key(rank)
+    }
+
+    /// `once`'s exit code: 3 refused, 1 failed or a source failed, 0 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match &self.outcome {
+            Ok(Outcome::Refused(_)) => crate::exit::REFUSED,
+            Err(_) => crate::exit::FAILURE,
+            Ok(_) if self.sources.iter().any(|s| !matches!(s.status, SourceStatus::Fresh { .. })) => {
+                crate::exit::FAILURE
+            }
+            Ok(_) => crate::exit::OK,
+        }
+    }
+}
+
+/// Holds what a cycle needs between cycles: the sources (connection pool, usersig caches), the
+/// backend, the state and the lock that makes this the only allowsync on this state.
+pub struct Syncer {
+    cfg: Config,
+    sources: Sources,
+    backend: Box<dyn Backend>,
+    state_file: StateFile,
+    state: State,
+    _lock: Option<File>,
+}
+
+impl Syncer {
+    /// Takes the lock, loads the state and builds sources and backend. With `lock: false`
+    /// (`plan`) nothing is locked and nothing will be written.
+    pub fn new(cfg: Config, lock: bool) -> Result<Syncer, SyncerError> {
+        let backend = backend::from_config(&cfg.backend)?;
+        Syncer::with_backend(cfg, backend, lock)
+    }
+
+    /// As [`Syncer::new`], with a backend of the caller's (tests).
+    pub fn with_backend(cfg: Config, backend: Box<dyn Backend>, lock: bool) -> Result<Syncer, SyncerError> {
+        let state_file = StateFile::new(&cfg.state_file);
+        let lock = if lock { Some(take_lock(&lock_path(&cfg.state_file))?) } else { None };
+        let mut state = if lock.is_some() {
+            state_file.load()?
+        } else {
+            state_file.peek().ok().flatten().unwrap_or_default()
+        };
+        state::forget_unknown_sources(&mut state, cfg.sources.iter().map(|s| s.name.as_str()));
+        let sources = Sources::new(&cfg).map_err(|e| SyncerError::Sources(e.to_string()))?;
+        Ok(Syncer { cfg, sources, backend, state_file, state, _lock: lock })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Creates the kernel objects and puts the last applied allowlist from the state file back
+    /// into them, before any fetch: after a reboot the allowlist is back even when the API is
+    /// unreachable. Only adds what is missing (never removes): the first cycle does the rest
+    /// with the guards in force.
+    pub fn restore(&mut self) -> Result<usize, SyncerError> {
+        self.backend.ensure()?;
+        let Some(applied) = self.state.applied.clone() else { return Ok(0) };
+        let current = self.backend.read()?;
+        let target = AllowSet::union([&current, &applied]);
+        let diff = current.diff_to(&target);
+        if diff.is_empty() {
+            return Ok(0);
+        }
+        self.apply_with_retry(&diff, &applied)?;
+        info!(
+            added = diff.added(),
+            v4 = target.v4.len(),
+            v6 = target.v6.len(),
+            "restored the last good allowlist from the state file"
+        );
+        Ok(diff.added())
+    }
+
+    fn apply_with_retry(&mut self, diff: &Diff, applied: &AllowSet) -> Result<(), BackendError> {
+        match self.backend.apply(diff) {
+            Err(e) if e.is_conflict() => {
+                warn!(error = %e, "the set changed while restoring: reading it again and retrying once");
+                let current = self.backend.read()?;
+                let target = AllowSet::union([&current, applied]);
+                self.backend.apply(&current.diff_to(&target))
+            }
+            other => other,
+        }
+    }
+
+    /// One sync cycle: fetch, build, guard, apply, record, log.
+    pub async fn cycle(&mut self, force: bool) -> CycleReport {
+        let started = Instant::now();
+        let fetched = self.sources.fetch_all().await;
+        let mut lines = Vec::with_capacity(fetched.len());
+        let results: Vec<SourceResult> = fetched
+            .iter()
+            .map(|f| SourceResult {
+                name: f.name.clone(),
+                list: f.result.as_ref().map(Clone::clone).map_err(ToString::to_string),
+            })
+            .collect();
+        let desired = Desired::build(results, &self.state);
+        for (f, report) in fetched.iter().zip(&desired.sources) {
+            let error_class = f.result.as_ref().err().map(|e| e.class());
+            if let Err(e) = &f.result {
+                let class = e.class();
+                if class == ErrorClass::Configuration {
+                    error!(source = %f.name, ?class, error = %e, "source failed: check the configuration");
+                } else {
+                    warn!(source = %f.name, ?class, error = %e, "source failed");
+                }
+            }
+            lines.push(SourceLine {
+                name: f.name.clone(),
+                status: report.status.clone(),
+                error_class,
+                skipped: f.skipped,
+            });
+        }
+
+        let result = self
+            .backend
+            .ensure()
+            .map_err(engine::SyncError::from)
+            .and_then(|()| engine::sync(self.backend.as_mut(), &desired, &self.cfg.safety, force));
+        let drift = match (&result, &self.state.applied) {
+            (Ok((_, plan)), Some(applied)) => drift_of(plan, applied),
+            _ => None,
+        };
+        if let Some(d) = &drift {
+            error!(drift = %d, "drift: the kernel set differs from what allowsync last applied; repairing");
+        }
+        let now = state::now_unix();
+        engine::record(&mut self.state, &desired, &result, now);
+        let mut outcome = result.map(|(o, _)| o).map_err(|e| e.to_string());
+        if let Err(e) = self.state_file.save(&self.state) {
+            error!(error = %e, "cannot write the state file");
+            if outcome.is_ok() {
+                outcome = Err(e.to_string());
+            }
+        }
+        let (v4, v6) = match &self.state.applied {
+            Some(a) => (a.v4.len(), a.v6.len()),
+            None => (0, 0),
+        };
+        let report = CycleReport {
+            outcome,
+            sources: lines,
+            v4,
+            v6,
+            duration_ms: started.elapsed().as_millis(),
+            drift,
+        };
+        log_cycle(&report);
+        report
+    }
+
+    /// Fetches and plans against the live set without changing anything, not even the state.
+    pub async fn plan(&mut self) -> Result<(Desired, Plan), SyncerError> {
+        let fetched = self.sources.fetch_all().await;
+        let results: Vec<SourceResult> = fetched
+            .into_iter()
+            .map(|f| SourceResult { name: f.name, list: f.result.map_err(|e| e.to_string()) })
+            .collect();
+        let desired = Desired::build(results, &self.state);
+        let current = self.backend.read()?;
+        let p = engine::plan(current, &desired, &self.cfg.safety, false);
+        Ok((desired, p))
+    }
+
+    /// What the kernel holds now.
+    pub fn read_kernel(&mut self) -> Result<AllowSet, BackendError> {
+        self.backend.read()
+    }
+}
+
+fn drift_of(plan: &Plan, applied: &AllowSet) -> Option<String> {
+    if &plan.current == applied {
+        return None;
+    }
+    let missing = applied.lost_in(&plan.current);
+    let extra = plan.current.lost_in(applied);
+    Some(format!(
+        "{} missing (e.g. {}), {} unexpected (e.g. {})",
+        missing.len(),
+        missing.first().map_or("-", String::as_str),
+        extra.len(),
+        extra.first().map_or("-", String::as_str)
+    ))
+}
+
+fn log_cycle(r: &CycleReport) {
+    let sources: Vec<String> = r
+        .sources
+        .iter()
+        .map(|s| match &s.status {
+            SourceStatus::Fresh { ranges } if s.skipped > 0 => {
+                format!("{}=ok({ranges}, {} skipped)", s.name, s.skipped)
+            }
+            SourceStatus::Fresh { ranges } => format!("{}=ok({ranges})", s.name),
+            SourceStatus::Stale { .. } => format!("{}=failed(kept last good)", s.name),
+            SourceStatus::Missing { .. } => format!("{}=failed(no last good)", s.name),
+        })
+        .collect();
+    let sources = sources.join(" ");
+    match &r.outcome {
+        Ok(Outcome::Applied { added, removed }) => info!(
+            outcome = "applied", added, removed, v4 = r.v4, v6 = r.v6, duration_ms = r.duration_ms as u64, %sources,
+            "sync"
+        ),
+        Ok(Outcome::InSync) => info!(
+            outcome = "in-sync", added = 0, removed = 0, v4 = r.v4, v6 = r.v6, duration_ms = r.duration_ms as u64, %sources,
+            "sync"
+        ),
+        Ok(Outcome::Refused(reason)) => error!(
+            outcome = "refused", %reason, v4 = r.v4, v6 = r.v6, duration_ms = r.duration_ms as u64, %sources,
+            "sync refused"
+        ),
+        Err(e) => error!(
+            outcome = "failed", error = %e, v4 = r.v4, v6 = r.v6, duration_ms = r.duration_ms as u64, %sources,
+            "sync failed"
+        ),
+    }
+}
+
+/// The lock file next to the state file: one allowsync per state (and so per table).
+pub fn lock_path(state_file: &Path) -> PathBuf {
+    let mut p = state_file.as_os_str().to_owned();
+    p.push(".lock");
+    PathBuf::from(p)
+}
+
+/// Takes an exclusive `flock` on the lock file and writes our pid into it. The kernel drops the
+/// lock when the process dies, however it dies, so a stale lock cannot block a restart.
+fn take_lock(path: &Path) -> Result<File, SyncerError> {
+    let io = |source| SyncerError::Lock { path: path.to_path_buf(), source };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io)?;
+    // SAFETY: flock on a file descriptor we own; no memory is shared with the kernel.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            let mut pid = String::new();
+            let _ = f.read_to_string(&mut pid);
+            let pid = pid.trim();
+            return Err(SyncerError::Locked {
+                pid: if pid.is_empty() { "unknown".into() } else { pid.into() },
+                lock: path.to_path_buf(),
+            });
+        }
+        return Err(io(err));
+    }
+    f.set_len(0).map_err(io)?;
+    f.rewind().map_err(io)?;
+    writeln!(f, "{}", std::process::id()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_lock_names_the_first_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.json.lock");
+        let _first = take_lock(&p).unwrap();
+        match take_lock(&p) {
+            Err(SyncerError::Locked { pid, .. }) => assert_eq!(pid, std::process::id().to_string()),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        drop(_first);
+        assert!(take_lock(&p).is_ok(), "released with the file");
+    }
+}
