@@ -20,7 +20,8 @@ pub fn dispatch(cli: &Cli) -> i32 {
         Command::Plan => plan(cli),
         Command::Status { json } => status(cli, *json),
         Command::Teardown => teardown(cli),
-        Command::Run | Command::Fetch | Command::Usersig { .. } => {
+        Command::Run => run(cli),
+        Command::Fetch | Command::Usersig { .. } => {
             eprintln!("allowsync: not implemented yet");
             Ok(exit::FAILURE)
         }
@@ -68,6 +69,15 @@ fn check_config(cli: &Cli) -> anyhow::Result<i32> {
             Ok(exit::USAGE)
         }
     }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<i32> {
+    let cfg = match load(cli) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    runtime()?.block_on(allowsync::daemon::run(&cli.config, cfg))?;
+    Ok(exit::OK)
 }
 
 fn once(cli: &Cli, force: bool) -> anyhow::Result<i32> {

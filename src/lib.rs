@@ -16,6 +16,7 @@
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod engine;
 pub mod logging;
 pub mod prefixes;

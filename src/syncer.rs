@@ -122,6 +122,26 @@ impl Syncer {
         Ok(Syncer { cfg, sources, backend, state_file, state, _lock: lock })
     }
 
+    /// Takes a new configuration (SIGHUP): new sources and backend, same lock and state. The
+    /// state file cannot move while running; a changed `state_file` waits for a restart.
+    pub fn reload(&mut self, mut cfg: Config) -> Result<(), SyncerError> {
+        if cfg.state_file != self.cfg.state_file {
+            warn!(
+                old = %self.cfg.state_file.display(),
+                new = %cfg.state_file.display(),
+                "state_file changed: keeping the old one until allowsync is restarted"
+            );
+            cfg.state_file = self.cfg.state_file.clone();
+        }
+        let backend = backend::from_config(&cfg.backend)?;
+        let sources = Sources::new(&cfg).map_err(|e| SyncerError::Sources(e.to_string()))?;
+        state::forget_unknown_sources(&mut self.state, cfg.sources.iter().map(|s| s.name.as_str()));
+        self.backend = backend;
+        self.sources = sources;
+        self.cfg = cfg;
+        Ok(())
+    }
+
     pub fn config(&self) -> &Config {
         &self.cfg
     }
@@ -202,6 +222,8 @@ impl Syncer {
             .map_err(engine::SyncError::from)
             .and_then(|()| engine::sync(self.backend.as_mut(), &desired, &self.cfg.safety, force));
         let drift = match (&result, &self.state.applied) {
+            // dry-run keeps nothing: every cycle starts from an empty set by design.
+            _ if self.backend.name() == "dry-run" => None,
             (Ok((_, plan)), Some(applied)) => drift_of(plan, applied),
             _ => None,
         };
