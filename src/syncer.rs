@@ -110,6 +110,7 @@ impl Syncer {
 
     /// As [`Syncer::new`], with a backend of the caller's (tests).
     pub fn with_backend(cfg: Config, backend: Box<dyn Backend>, lock: bool) -> Result<Syncer, SyncerError> {
+        let backend: Box<dyn Backend> = Box::new(backend::Cached::new(backend));
         let state_file = StateFile::new(&cfg.state_file);
         let lock = if lock { Some(take_lock(&lock_path(&cfg.state_file))?) } else { None };
         let mut state = if lock.is_some() {
@@ -133,7 +134,7 @@ impl Syncer {
             );
             cfg.state_file = self.cfg.state_file.clone();
         }
-        let backend = backend::from_config(&cfg.backend)?;
+        let backend = Box::new(backend::Cached::new(backend::from_config(&cfg.backend)?));
         let sources = Sources::new(&cfg).map_err(|e| SyncerError::Sources(e.to_string()))?;
         state::forget_unknown_sources(&mut self.state, cfg.sources.iter().map(|s| s.name.as_str()));
         self.backend = backend;

@@ -16,6 +16,10 @@ pub struct MemoryBackend {
     writes: Arc<Mutex<usize>>,
     /// Fail the next N applies with an I/O error, leaving the set intact.
     fail_next: Arc<Mutex<usize>>,
+    /// Number of reads (dumps) of the set.
+    reads: Arc<Mutex<usize>>,
+    /// A ruleset generation like nftables', once enabled: bumped by every write.
+    generation: Arc<Mutex<Option<u64>>>,
 }
 
 impl MemoryBackend {
@@ -31,6 +35,28 @@ impl MemoryBackend {
     /// Number of transactions committed so far.
     pub fn writes(&self) -> usize {
         *self.writes.lock().unwrap()
+    }
+
+    /// Number of reads so far.
+    pub fn reads(&self) -> usize {
+        *self.reads.lock().unwrap()
+    }
+
+    /// Starts reporting a generation number, as nftables does.
+    pub fn enable_generation(&self) {
+        *self.generation.lock().unwrap() = Some(1);
+    }
+
+    /// Changes the set as another process would: the generation moves too.
+    pub fn foreign_write(&self, f: impl FnOnce(&mut AllowSet)) {
+        f(&mut self.set.lock().unwrap());
+        self.bump();
+    }
+
+    fn bump(&self) {
+        if let Some(g) = self.generation.lock().unwrap().as_mut() {
+            *g += 1;
+        }
     }
 
     /// Makes the next `n` applies fail as the kernel would on an unexpected error.
@@ -49,6 +75,7 @@ impl Backend for MemoryBackend {
     }
 
     fn read(&mut self) -> Result<AllowSet, BackendError> {
+        *self.reads.lock().unwrap() += 1;
         Ok(self.set.lock().unwrap().clone())
     }
 
@@ -74,8 +101,14 @@ impl Backend for MemoryBackend {
             detail: e.to_string(),
         })?;
         *set = next;
+        drop(set);
         *self.writes.lock().unwrap() += 1;
+        self.bump();
         Ok(())
+    }
+
+    fn generation(&mut self) -> Result<Option<u64>, BackendError> {
+        Ok(*self.generation.lock().unwrap())
     }
 
     fn teardown(&mut self) -> Result<(), BackendError> {

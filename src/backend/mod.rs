@@ -6,7 +6,9 @@
 //! `ipset restore` scripts) stays inside the backend.
 //!
 //! - [`memory`]: an in-memory set with the kernel's rules, for the engine's tests;
-//! - [`dry_run`]: logs the transaction it would send and keeps nothing.
+//! - [`dry_run`]: logs the transaction it would send and keeps nothing;
+//! - [`Cached`]: wraps any backend and skips the costly read while the kernel's ruleset
+//!   generation says nothing changed since we last looked.
 
 pub mod dry_run;
 pub mod memory;
@@ -87,5 +89,128 @@ pub fn from_config(cfg: &BackendConfig) -> Result<Box<dyn Backend>, BackendError
             "the ipset backend is not implemented yet: use backend nftables or dry_run".into(),
         )),
         BackendConfig::DryRun => Ok(Box::new(dry_run::DryRun)),
+    }
+}
+
+/// Skips [`Backend::read`] when the ruleset generation is the one seen right after our own last
+/// read or write: nothing was committed since, by anyone, so the kernel still holds what we
+/// know. Dumping a 100k-element set costs over a second; asking for the generation costs one
+/// small netlink round trip. Backends without a generation are read every time.
+pub struct Cached {
+    inner: Box<dyn Backend>,
+    known: Option<(u64, AllowSet)>,
+}
+
+impl Cached {
+    pub fn new(inner: Box<dyn Backend>) -> Self {
+        Cached { inner, known: None }
+    }
+}
+
+impl Backend for Cached {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn ensure(&mut self) -> Result<(), BackendError> {
+        self.inner.ensure()
+    }
+
+    fn read(&mut self) -> Result<AllowSet, BackendError> {
+        let generation = self.inner.generation()?;
+        if let (Some(g), Some((known_g, set))) = (generation, &self.known) {
+            if g == *known_g {
+                return Ok(set.clone());
+            }
+        }
+        let set = self.inner.read()?;
+        // Trust the copy only if nothing was committed while we dumped.
+        let after = self.inner.generation()?;
+        self.known = match (generation, after) {
+            (Some(a), Some(b)) if a == b => Some((a, set.clone())),
+            _ => None,
+        };
+        Ok(set)
+    }
+
+    fn apply(&mut self, diff: &Diff) -> Result<(), BackendError> {
+        let before = self.inner.generation()?;
+        let known = self.known.take();
+        self.inner.apply(diff)?;
+        let after = self.inner.generation()?;
+        // Our own commit moves the generation by exactly one; anything more means someone else
+        // committed too, and the copy is no longer the truth.
+        if let (Some(b), Some(a), Some((kg, set))) = (before, after, known) {
+            if kg == b && a == b.wrapping_add(1) {
+                if let Ok(next) = set.apply(diff) {
+                    self.known = Some((a, next));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn teardown(&mut self) -> Result<(), BackendError> {
+        self.known = None;
+        self.inner.teardown()
+    }
+
+    fn generation(&mut self) -> Result<Option<u64>, BackendError> {
+        self.inner.generation()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::memory::MemoryBackend;
+    use super::*;
+    use crate::prefixes::parse_entry;
+
+    fn set(v: &[&str]) -> AllowSet {
+        AllowSet::from_nets(v.iter().map(|s| parse_entry(s).unwrap().net))
+    }
+
+    #[test]
+    fn an_unchanged_generation_skips_the_dump() {
+        let mem = MemoryBackend::new();
+        mem.enable_generation();
+        mem.foreign_write(|s| *s = set(&["10.0.0.0/24"]));
+        let mut c = Cached::new(Box::new(mem.clone()));
+        assert_eq!(c.read().unwrap(), set(&["10.0.0.0/24"]));
+        assert_eq!(c.read().unwrap(), set(&["10.0.0.0/24"]));
+        assert_eq!(mem.reads(), 1, "second read served from the copy");
+
+        // Our own write keeps the copy valid, and up to date.
+        let want = set(&["10.0.0.0/24", "10.1.0.0/24"]);
+        let d = c.read().unwrap().diff_to(&want);
+        c.apply(&d).unwrap();
+        assert_eq!(c.read().unwrap(), want);
+        assert_eq!(mem.reads(), 1);
+
+        // Someone else's write moves the generation: dump again and see it.
+        mem.foreign_write(|s| *s = set(&["192.0.2.1"]));
+        assert_eq!(c.read().unwrap(), set(&["192.0.2.1"]));
+        assert_eq!(mem.reads(), 2);
+    }
+
+    #[test]
+    fn without_a_generation_every_read_dumps() {
+        let mem = MemoryBackend::new();
+        let mut c = Cached::new(Box::new(mem.clone()));
+        c.read().unwrap();
+        c.read().unwrap();
+        assert_eq!(mem.reads(), 2);
+    }
+
+    #[test]
+    fn a_failed_apply_forgets_the_copy() {
+        let mem = MemoryBackend::new();
+        mem.enable_generation();
+        let mut c = Cached::new(Box::new(mem.clone()));
+        c.read().unwrap();
+        mem.fail_next_applies(1);
+        assert!(c.apply(&AllowSet::default().diff_to(&set(&["10.0.0.1"]))).is_err());
+        c.read().unwrap();
+        assert_eq!(mem.reads(), 2);
     }
 }
