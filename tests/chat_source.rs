@@ -481,3 +481,22 @@ async fn the_mock_checks_requests_like_the_service() {
     assert_eq!(m.request_count(), 13);
     m.shutdown().await;
 }
+
+#[test]
+fn a_bad_ca_file_is_refused_when_the_sources_are_built() {
+    use allowsync::source::SourceError;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = chat_cfg(vec!["https://127.0.0.1:1".into()], &[5], Duration::from_secs(2));
+    cfg.ca_file = Some(dir.path().join("missing.pem"));
+    let build = |cfg: TencentChatConfig| {
+        Sources::from_configs(&[SourceConfig {
+            name: "chat".into(),
+            kind: SourceKind::TencentChat(Box::new(cfg)),
+        }])
+    };
+    assert!(matches!(build(cfg.clone()), Err(SourceError::CaFileRead { .. })));
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    cfg.ca_file = Some(garbage);
+    assert!(matches!(build(cfg), Err(SourceError::CaFile { .. })));
+}
