@@ -10,6 +10,7 @@ use allowsync::config::Config;
 use allowsync::engine::Verdict;
 use allowsync::exit;
 use allowsync::prefixes::{Delta, Range};
+use allowsync::source::{self, Sources};
 use allowsync::state::{self, StateFile};
 use allowsync::syncer::Syncer;
 
@@ -21,10 +22,8 @@ pub fn dispatch(cli: &Cli) -> i32 {
         Command::Status { json } => status(cli, *json),
         Command::Teardown => teardown(cli),
         Command::Run => run(cli),
-        Command::Fetch | Command::Usersig { .. } => {
-            eprintln!("allowsync: not implemented yet");
-            Ok(exit::FAILURE)
-        }
+        Command::Fetch => fetch(cli),
+        Command::Usersig { source } => usersig(cli, source),
     };
     result.unwrap_or_else(|e| {
         eprintln!("allowsync: {e:#}");
@@ -78,6 +77,36 @@ fn run(cli: &Cli) -> anyhow::Result<i32> {
     };
     runtime()?.block_on(allowsync::daemon::run(&cli.config, cfg))?;
     Ok(exit::OK)
+}
+
+/// `allowsync fetch`: every source's normalized list; no firewall is touched.
+fn fetch(cli: &Cli) -> anyhow::Result<i32> {
+    let cfg = match load(cli) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let sources = Sources::new(&cfg)?;
+    let fetched = runtime()?.block_on(sources.fetch_all());
+    print!("{}", source::render_fetched(&fetched));
+    Ok(if fetched.iter().all(|f| f.result.is_ok()) { exit::OK } else { exit::FAILURE })
+}
+
+/// `allowsync usersig --source NAME`: a fresh usersig and its expiry.
+fn usersig(cli: &Cli, name: &str) -> anyhow::Result<i32> {
+    let cfg = match load(cli) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    match source::mint_usersig(&cfg, name, allowsync::clock::now_unix()) {
+        Ok(m) => {
+            print!("{}", source::render_usersig(&m));
+            Ok(exit::OK)
+        }
+        Err(e) => {
+            eprintln!("allowsync: {e}");
+            Ok(exit::USAGE)
+        }
+    }
 }
 
 fn once(cli: &Cli, force: bool) -> anyhow::Result<i32> {

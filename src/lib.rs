@@ -10,11 +10,14 @@
 //!   -> state (last good list, written atomically)
 //! ```
 //!
+//! [`usersig`] mints the TLSSigAPIv2 usersig that authenticates GetIPList calls.
+//!
 //! [`config`] reads the YAML file, [`cli`] defines the command line; the binary in `main.rs`
 //! only wires them together.
 
 pub mod backend;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod engine;
@@ -23,6 +26,11 @@ pub mod prefixes;
 pub mod source;
 pub mod state;
 pub mod syncer;
+pub mod usersig;
+
+/// A mock Chat REST API for tests, the example server and `make demo`.
+#[cfg(feature = "mock")]
+pub mod mock;
 
 /// Process exit codes, the same for every command.
 pub mod exit {

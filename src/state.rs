@@ -15,7 +15,6 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
@@ -64,15 +63,7 @@ pub struct LastError {
     pub message: String,
 }
 
-/// Seconds since the Unix epoch, now.
-pub fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-/// A unix time as `2026-11-25T12:00:01Z`, for people.
-pub fn fmt_time(unix: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(unix)).to_string()
-}
+pub use crate::clock::{now_unix, rfc3339 as fmt_time};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -320,10 +311,5 @@ mod tests {
         let mut s = sample();
         forget_unknown_sources(&mut s, ["chat"]);
         assert_eq!(s.sources.len(), 1);
-    }
-
-    #[test]
-    fn times_print_as_rfc3339() {
-        assert_eq!(fmt_time(1_700_000_000), "2023-11-14T22:13:20Z");
     }
 }

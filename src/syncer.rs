@@ -193,10 +193,7 @@ impl Syncer {
         let mut lines = Vec::with_capacity(fetched.len());
         let results: Vec<SourceResult> = fetched
             .iter()
-            .map(|f| SourceResult {
-                name: f.name.clone(),
-                list: f.result.as_ref().map(Clone::clone).map_err(ToString::to_string),
-            })
+            .map(|f| SourceResult { name: f.name.clone(), list: f.result.clone().map_err(|e| e.to_string()) })
             .collect();
         let desired = Desired::build(results, &self.state);
         for (f, report) in fetched.iter().zip(&desired.sources) {

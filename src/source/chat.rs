@@ -1,0 +1,319 @@
+//! The Tencent Cloud Chat `GetIPList` client: one request per nettype, with the source's own
+//! usersig, over the shared connection pool.
+//!
+//! Within one fetch there are exactly two retries, both for failures that a second attempt
+//! fixes at once: a usersig the server calls expired (70001 / 70052) is re-minted and the
+//! request sent once more, and a connect or TLS failure to the primary domain is retried once
+//! on the backup domain. Everything else (backoff, the next cycle) is the scheduler's.
+//!
+//! Secrets: the usersig travels in the query string, so every URL that may reach a log or an
+//! error goes through [`redact_url`], and reqwest errors are stripped of their URL.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::Url;
+use serde_json::Value;
+use tracing::{debug, warn};
+
+use super::{ErrorClass, FetchError};
+use crate::clock;
+use crate::config::TencentChatConfig;
+use crate::prefixes::{self, AllowSet};
+use crate::usersig::{Minted, UsersigCache};
+
+/// The path of the API, appended to an endpoint's base URL.
+pub const GET_IP_LIST: &str = "/v4/ConfigSvc/GetIPList";
+/// Largest response body read; a longer one is an error and nothing of it is used.
+pub const MAX_BODY: usize = 1024 * 1024;
+/// Invalid entries logged one by one per response; the rest are counted in one summary line,
+/// so that a broken list cannot flood the journal.
+const MAX_ENTRY_WARNINGS: usize = 20;
+
+/// What one nettype's request gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NettypeList {
+    pub list: AllowSet,
+    /// Valid entries in the response.
+    pub entries: usize,
+    /// Invalid entries skipped.
+    pub skipped: usize,
+}
+
+/// One `tencent_chat` source.
+#[derive(Debug)]
+pub struct ChatSource {
+    name: String,
+    endpoints: Vec<String>,
+    sdkappid: u64,
+    identifier: String,
+    nettypes: Vec<u8>,
+    timeout: Duration,
+    client: reqwest::Client,
+    sigs: Arc<UsersigCache>,
+}
+
+impl ChatSource {
+    /// A source that sends its requests through `client` (shared by all sources).
+    pub fn new(name: impl Into<String>, cfg: &TencentChatConfig, client: reqwest::Client) -> Self {
+        ChatSource {
+            name: name.into(),
+            endpoints: cfg.endpoints.clone(),
+            sdkappid: cfg.sdkappid,
+            identifier: cfg.identifier.clone(),
+            nettypes: cfg.nettypes.clone(),
+            timeout: cfg.timeout,
+            client,
+            sigs: Arc::new(UsersigCache::new(
+                cfg.sdkappid,
+                cfg.identifier.clone(),
+                cfg.secret_key.clone(),
+                cfg.usersig_ttl,
+            )),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn nettypes(&self) -> &[u8] {
+        &self.nettypes
+    }
+
+    /// This source's usersig cache (for `allowsync usersig`).
+    pub fn usersigs(&self) -> &UsersigCache {
+        &self.sigs
+    }
+
+    /// Fetches one nettype: the list, or why not. A usersig rejected as expired is re-minted
+    /// and the request retried once; a primary domain that cannot be reached is replaced by the
+    /// next endpoint once.
+    pub async fn fetch_nettype(&self, nettype: u8) -> Result<NettypeList, FetchError> {
+        let mut sig = self.sigs.get(clock::now_unix());
+        let mut reminted = false;
+        loop {
+            match self.request(nettype, &sig).await {
+                Err(e) if e.class() == ErrorClass::UsersigExpired && !reminted => {
+                    warn!(
+                        source = %self.name,
+                        nettype,
+                        code = e.code().unwrap_or_default(),
+                        "the server rejected the usersig as expired; minting a new one and retrying once"
+                    );
+                    sig = self.sigs.refresh(&sig.usersig, clock::now_unix());
+                    reminted = true;
+                }
+                Err(e) if e.class() == ErrorClass::UsersigExpired => {
+                    // Still expired with a usersig signed seconds ago: the clocks disagree.
+                    warn!(
+                        source = %self.name,
+                        nettype,
+                        "a freshly minted usersig was rejected as expired too: check this host's clock (NTP)"
+                    );
+                    return Err(e);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One request, on the primary endpoint and, after a connect or TLS failure, the next.
+    async fn request(&self, nettype: u8, sig: &Minted) -> Result<NettypeList, FetchError> {
+        let mut last = None;
+        // Only one fallback: the configuration holds [primary, backup] or a single endpoint.
+        for (i, endpoint) in self.endpoints.iter().take(2).enumerate() {
+            if i > 0 {
+                warn!(source = %self.name, nettype, endpoint = %endpoint, "trying the backup endpoint");
+            }
+            match self.attempt(endpoint, nettype, sig).await {
+                Err(e @ FetchError::Connect { .. }) => {
+                    warn!(source = %self.name, nettype, endpoint = %endpoint, error = %e, "cannot reach the endpoint");
+                    last = Some(e);
+                }
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or_else(|| FetchError::Configuration {
+            message: format!("source {} has no endpoint configured", self.name),
+        }))
+    }
+
+    async fn attempt(&self, endpoint: &str, nettype: u8, sig: &Minted) -> Result<NettypeList, FetchError> {
+        let url = build_url(endpoint, self.sdkappid, &self.identifier, sig.usersig.expose(), nettype)?;
+        let shown = redact_url(&url);
+        debug!(source = %self.name, nettype, url = %shown, "GetIPList");
+        let body = self.post(url, &shown).await?;
+        let parsed = parse_response(&body, &self.name, nettype, self.sdkappid, &self.identifier);
+        // ErrorInfo is the server's text: make sure it cannot carry our usersig into a log.
+        parsed.map_err(|e| e.scrub(sig.usersig.expose()))
+    }
+
+    /// Sends the request and reads at most [`MAX_BODY`] bytes of the answer.
+    async fn post(&self, url: Url, shown: &str) -> Result<Vec<u8>, FetchError> {
+        let net_err = |e: reqwest::Error| FetchError::from_reqwest(e, shown, self.timeout);
+        let mut resp = self
+            .client
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body("{}")
+            .timeout(self.timeout)
+            .send()
+            .await
+            .map_err(net_err)?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(FetchError::Http { status: status.as_u16(), url: shown.to_owned() });
+        }
+        if resp.content_length().is_some_and(|n| n > MAX_BODY as u64) {
+            return Err(FetchError::BodyTooLarge { limit: MAX_BODY });
+        }
+        // Read chunk by chunk and stop at the cap: a chunked or lying response must not make us
+        // buffer more than MAX_BODY.
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(net_err)? {
+            if body.len() + chunk.len() > MAX_BODY {
+                return Err(FetchError::BodyTooLarge { limit: MAX_BODY });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+}
+
+/// `{endpoint}/v4/ConfigSvc/GetIPList?sdkappid=..&identifier=..&usersig=..&random=..&contenttype=json&nettype=..`
+/// with every value URL-encoded and a fresh random number.
+pub fn build_url(
+    endpoint: &str,
+    sdkappid: u64,
+    identifier: &str,
+    usersig: &str,
+    nettype: u8,
+) -> Result<Url, FetchError> {
+    let base = format!("{}{GET_IP_LIST}", endpoint.trim_end_matches('/'));
+    let mut url = Url::parse(&base).map_err(|e| FetchError::Configuration {
+        message: format!("endpoint {endpoint:?} is not a URL: {e}"),
+    })?;
+    url.query_pairs_mut()
+        .append_pair("sdkappid", &sdkappid.to_string())
+        .append_pair("identifier", identifier)
+        .append_pair("usersig", usersig)
+        .append_pair("random", &rand::random::<u32>().to_string())
+        .append_pair("contenttype", "json")
+        .append_pair("nettype", &nettype.to_string());
+    Ok(url)
+}
+
+/// The URL as it may be shown: the usersig replaced by `REDACTED`.
+pub fn redact_url(url: &Url) -> String {
+    let mut shown = url.clone();
+    let pairs: Vec<(String, String)> =
+        url.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+    {
+        let mut q = shown.query_pairs_mut();
+        q.clear();
+        for (k, v) in &pairs {
+            q.append_pair(k, if k == "usersig" { "REDACTED" } else { v });
+        }
+    }
+    shown.to_string()
+}
+
+/// Parses a GetIPList answer. `source`, `nettype`, `sdkappid` and `identifier` only word logs
+/// and error messages.
+///
+/// - `ActionStatus` must be a string and `ErrorCode` an integer; `FAIL` or a non-zero code is
+///   an API error, classified by its code.
+/// - On success `IPList` must be an array. Each element goes through [`prefixes::parse_entry`];
+///   one that is invalid (or not a string) is logged and skipped, and if no element is valid
+///   the whole answer is an error: a list of nothing but garbage says the service is broken,
+///   not that the allowlist is empty.
+/// - An empty `IPList` is a success with an empty list. Whether to apply it is the engine's
+///   decision, taken with its safety guards (`allow_empty`, `max_removal_percent`) that see the
+///   whole desired set; refusing it here would hide it from them.
+pub fn parse_response(
+    body: &[u8],
+    source: &str,
+    nettype: u8,
+    sdkappid: u64,
+    identifier: &str,
+) -> Result<NettypeList, FetchError> {
+    let invalid = |reason: &str| FetchError::InvalidResponse { reason: reason.to_owned() };
+    let v: Value = serde_json::from_slice(body).map_err(|e| FetchError::InvalidResponse {
+        reason: format!("the body is not JSON ({} bytes; {})", body.len(), e.classify_str()),
+    })?;
+    let obj = v.as_object().ok_or_else(|| invalid("the body is not a JSON object"))?;
+    let status = match obj.get("ActionStatus") {
+        Some(Value::String(s)) => s.as_str(),
+        Some(_) => return Err(invalid("ActionStatus is not a string")),
+        None => return Err(invalid("ActionStatus is missing")),
+    };
+    let code = match obj.get("ErrorCode") {
+        Some(Value::Number(n)) => n.as_i64().ok_or_else(|| invalid("ErrorCode is not an integer"))?,
+        Some(_) => return Err(invalid("ErrorCode is not an integer")),
+        // The documented answers always carry it; tolerate its absence on OK only.
+        None if status == "OK" => 0,
+        None => return Err(invalid("ErrorCode is missing")),
+    };
+    let info = match obj.get("ErrorInfo") {
+        Some(Value::String(s)) => s.chars().take(200).collect(),
+        _ => String::new(),
+    };
+    if status != "OK" || code != 0 {
+        if code == 0 {
+            return Err(invalid("ActionStatus is not OK but ErrorCode is 0"));
+        }
+        return Err(FetchError::api(code, info, sdkappid, identifier));
+    }
+    let list = match obj.get("IPList") {
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(invalid("IPList is not an array")),
+        None => return Err(invalid("IPList is missing")),
+    };
+    let mut nets = Vec::with_capacity(list.len());
+    let mut skipped = 0usize;
+    for item in list {
+        let parsed = match item {
+            Value::String(s) => prefixes::parse_entry(s).map_err(|e| (s.clone(), e.to_string())),
+            other => Err((other.to_string(), "not a string".to_owned())),
+        };
+        match parsed {
+            Ok(e) => {
+                if let Some(orig) = e.masked_from {
+                    warn!(source = %source, nettype, entry = %orig, used = %e.net, "entry has host bits set; using its network");
+                }
+                nets.push(e.net);
+            }
+            Err((raw, reason)) => {
+                skipped += 1;
+                if skipped <= MAX_ENTRY_WARNINGS {
+                    let raw: String = raw.chars().take(100).collect();
+                    warn!(source = %source, nettype, entry = %raw, reason = %reason, "skipping invalid entry");
+                }
+            }
+        }
+    }
+    if skipped > MAX_ENTRY_WARNINGS {
+        warn!(source = %source, nettype, skipped, "more invalid entries skipped without a warning each");
+    }
+    if nets.is_empty() && skipped > 0 {
+        return Err(FetchError::AllInvalid { count: skipped });
+    }
+    Ok(NettypeList { entries: nets.len(), skipped, list: AllowSet::from_nets(nets) })
+}
+
+trait ClassifyStr {
+    fn classify_str(&self) -> &'static str;
+}
+
+impl ClassifyStr for serde_json::Error {
+    /// The kind of JSON error without its message: the message may quote the body.
+    fn classify_str(&self) -> &'static str {
+        match self.classify() {
+            serde_json::error::Category::Io => "read error",
+            serde_json::error::Category::Syntax => "syntax error",
+            serde_json::error::Category::Data => "unexpected data",
+            serde_json::error::Category::Eof => "truncated",
+        }
+    }
+}
