@@ -789,7 +789,12 @@ fn resolve_chat(
                 SecretKey::new(s.trim(), format!("environment variable {}", v.value))
             }
             _ => {
-                return Err(at(path, v, k, format!("environment variable {} is not set (or empty)", v.value)));
+                return Err(at(
+                    path,
+                    v,
+                    k,
+                    format!("environment variable {} is not set (or empty)", v.value),
+                ));
             }
         }
     } else {

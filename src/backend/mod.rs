@@ -6,10 +6,14 @@
 //! `ipset restore` scripts) stays inside the backend.
 //!
 //! - [`memory`]: an in-memory set with the kernel's rules, for the engine's tests;
-//! - [`dry_run`]: logs the transaction it would send and keeps nothing.
+//! - [`dry_run`]: logs the transaction it would send and keeps nothing;
+//! - [`nftables`]: two interval sets (and optionally an enforcement chain) in an nftables table,
+//!   over netlink.
 
 pub mod dry_run;
 pub mod memory;
+mod netlink;
+pub mod nftables;
 
 use crate::prefixes::{AllowSet, Diff};
 
