@@ -21,6 +21,10 @@ const fn align4(n: usize) -> usize {
     (n + 3) & !3
 }
 
+/// `NLM_F_DUMP_INTR` (not in the libc crate for Linux): the kernel sets it on a dump message
+/// when the objects changed while the dump was in progress, so the dump may be inconsistent.
+const NLM_F_DUMP_INTR: u16 = 0x10;
+
 /// Size of `struct nlmsghdr`.
 const NLMSG_HDRLEN: usize = std::mem::size_of::<libc::nlmsghdr>();
 
@@ -57,6 +61,7 @@ impl AlignedBuf {
 /// One received netlink message: the header fields and the whole message (header included).
 pub(crate) struct Message<'a> {
     pub(crate) ty: u16,
+    pub(crate) flags: u16,
     pub(crate) seq: u32,
     pub(crate) bytes: &'a [u8],
 }
@@ -89,11 +94,24 @@ fn for_each_message<'a>(buf: &'a [u8], mut f: impl FnMut(Message<'a>) -> io::Res
             return Err(io::Error::from_raw_os_error(libc::EBADMSG));
         }
         let ty = u16::from_ne_bytes(h[4..6].try_into().expect("2 bytes"));
+        let flags = u16::from_ne_bytes(h[6..8].try_into().expect("2 bytes"));
         let seq = u32::from_ne_bytes(h[8..12].try_into().expect("4 bytes"));
-        f(Message { ty, seq, bytes: &h[..len] })?;
+        f(Message { ty, flags, seq, bytes: &h[..len] })?;
         off += align4(len);
     }
     Ok(())
+}
+
+/// A dump that the kernel flagged `NLM_F_DUMP_INTR`: the objects changed while it ran, so what
+/// was received may mix two states. Read again.
+#[derive(Debug, thiserror::Error)]
+#[error("the ruleset changed during the dump (NLM_F_DUMP_INTR)")]
+pub(crate) struct DumpInterrupted;
+
+impl DumpInterrupted {
+    pub(crate) fn is(e: &io::Error) -> bool {
+        e.get_ref().is_some_and(|inner| inner.is::<DumpInterrupted>())
+    }
 }
 
 /// What the kernel answered to a batch.
@@ -111,6 +129,9 @@ pub(crate) struct BatchReplies {
 /// mistaken for this one's, and the buffer sizes fit the batch at hand.
 pub(crate) struct NfSocket {
     fd: OwnedFd,
+    /// Sequence number of the last request: each exchange has its own, so that replies left
+    /// over from an exchange abandoned on error are never taken for the next one's.
+    seq: std::cell::Cell<u32>,
 }
 
 impl NfSocket {
@@ -123,11 +144,17 @@ impl NfSocket {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
-        let sock = NfSocket { fd: unsafe { OwnedFd::from_raw_fd(fd) } };
+        let sock = NfSocket { fd: unsafe { OwnedFd::from_raw_fd(fd) }, seq: std::cell::Cell::new(0) };
         // Acknowledgements without a copy of the request: a refused 64 KiB element message
         // would otherwise come back whole.
         sock.set_opt(libc::SOL_NETLINK, libc::NETLINK_CAP_ACK, 1)?;
         Ok(sock)
+    }
+
+    /// A fresh sequence number for a request on this socket.
+    pub(crate) fn next_seq(&self) -> u32 {
+        self.seq.set(self.seq.get().wrapping_add(1));
+        self.seq.get()
     }
 
     fn set_opt(&self, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
@@ -217,7 +244,9 @@ impl NfSocket {
 
     /// Sends one request and hands every data message of the answer to `on_data`, until the
     /// exchange ends: `NLMSG_DONE` for a dump, the acknowledgement for a single-object request
-    /// (which must carry `NLM_F_ACK`). A refusal is returned as the errno's `io::Error`.
+    /// (which must carry `NLM_F_ACK`). A refusal is returned as the errno's `io::Error`; a dump
+    /// the kernel marks as interrupted by a concurrent change fails with [`DumpInterrupted`]
+    /// once the dump is over.
     pub(crate) fn request(
         &self,
         request: &[u8],
@@ -236,6 +265,7 @@ impl NfSocket {
             }
         }
         let mut buf = AlignedBuf::zeroed(RECV_BUF_BYTES);
+        let mut interrupted = false;
         loop {
             let n = self.recv(&mut buf, 0)?.expect("a blocking recv never returns EAGAIN");
             let mut done = false;
@@ -251,11 +281,14 @@ impl NfSocket {
                             e => Err(io::Error::from_raw_os_error(-e)),
                         }
                     }
-                    _ => on_data(&m),
+                    _ => {
+                        interrupted |= m.flags & NLM_F_DUMP_INTR != 0;
+                        on_data(&m)
+                    }
                 }
             })?;
             if done {
-                return Ok(());
+                return if interrupted { Err(io::Error::other(DumpInterrupted)) } else { Ok(()) };
             }
         }
     }

@@ -17,6 +17,12 @@
 //! (EEXIST/ENOENT on any element abort the whole batch), which is what makes
 //! [`Backend::apply`]'s "on error the set is as it was" true.
 //!
+//! Reading dumps both sets (`NFT_MSG_GETSETELEM`) between two reads of the ruleset generation;
+//! a change in between, a dump the kernel flags as interrupted, or a missing table or set is a
+//! [`BackendError::Conflict`]: read again, or run `ensure` again, which recreates what is
+//! missing. A missing set is never read as empty. The ranges are rebuilt exactly as the kernel
+//! holds them (adjacent elements stay separate), because removals must name exact intervals.
+//!
 //! Interval encoding (kernel facts): a range `start..=end` is the element `start` plus the
 //! element `end + 1` flagged `NFT_SET_ELEM_INTERVAL_END`; a range reaching the top of the address
 //! space has no end element. Keys are in network byte order.
@@ -36,7 +42,7 @@ use nftnl::set::Set;
 use nftnl::{Batch, Chain, ChainType, Hook, MsgType, NlMsg, Policy, ProtoFamily, Rule, Table};
 use tracing::{debug, info, warn};
 
-use super::netlink::{AlignedBuf, Message, NfSocket};
+use super::netlink::{AlignedBuf, DumpInterrupted, Message, NfSocket};
 use super::{Backend, BackendError};
 use crate::config::{Enforce, NftablesConfig};
 use crate::prefixes::{Addr, AllowSet, Diff, Range, Ranges};
@@ -48,9 +54,6 @@ pub const ENFORCE_CHAIN: &str = "enforce";
 /// The nf_tables data types of the set keys (`ipv4_addr`, `ipv6_addr` in nft's `datatype.h`).
 const TYPE_IPV4_ADDR: u32 = 7;
 const TYPE_IPV6_ADDR: u32 = 8;
-
-/// Sequence number of single request/reply exchanges (each uses its own socket).
-const REQUEST_SEQ: u32 = 1;
 
 /// The two sets, by address family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,9 +156,8 @@ impl NftablesBackend {
     /// configuration loader never produces those.
     pub fn new(config: &NftablesConfig) -> Result<Self, BackendError> {
         let c = |what: &str, name: &str| {
-            CString::new(name).map_err(|_| BackendError::Foreign {
-                object: format!("{what} {name:?}"),
-                why: "the name contains a NUL byte".into(),
+            CString::new(name).map_err(|_| {
+                BackendError::Unavailable(format!("nftables {what} name {name:?} contains a NUL byte"))
             })
         };
         Ok(NftablesBackend {
@@ -328,10 +330,11 @@ impl NftablesBackend {
     /// Whether the table exists.
     fn table_exists(&self, sock: &NfSocket) -> Result<bool, BackendError> {
         let mut buf = AlignedBuf::zeroed(REQUEST_BUF_BYTES);
-        let msg = build_request(&mut buf, libc::NFT_MSG_GETTABLE, libc::NLM_F_ACK, |nlh| {
+        let seq = sock.next_seq();
+        let msg = build_request(&mut buf, seq, libc::NFT_MSG_GETTABLE, libc::NLM_F_ACK, |nlh| {
             table_request_payload(nlh, &self.table)
         });
-        match sock.request(msg, REQUEST_SEQ, |_| Ok(())) {
+        match sock.request(msg, seq, |_| Ok(())) {
             Ok(()) => Ok(true),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
             Err(e) => Err(kernel("get table", self.table_object(), e)),
@@ -342,13 +345,14 @@ impl NftablesBackend {
     fn get_set(&self, sock: &NfSocket, family: Family) -> Result<Option<SetInfo>, BackendError> {
         let request = NftnlSet::new(&self.table, self.set_name(family));
         let mut buf = AlignedBuf::zeroed(REQUEST_BUF_BYTES);
-        let msg = build_request(&mut buf, libc::NFT_MSG_GETSET, libc::NLM_F_ACK, |nlh| {
+        let seq = sock.next_seq();
+        let msg = build_request(&mut buf, seq, libc::NFT_MSG_GETSET, libc::NLM_F_ACK, |nlh| {
             // SAFETY: `nlh` heads a request buffer with room for the payload (see
             // `build_request`); `request` is live.
             unsafe { sys::nftnl_set_nlmsg_build_payload(nlh, request.ptr()) }
         });
         let mut info = None;
-        let result = sock.request(msg, REQUEST_SEQ, |m| {
+        let result = sock.request(msg, seq, |m| {
             info = Some(SetInfo::parse(m)?);
             Ok(())
         });
@@ -363,11 +367,12 @@ impl NftablesBackend {
     fn get_chain(&self, sock: &NfSocket) -> Result<Option<ChainInfo>, BackendError> {
         let chain_name = CString::new(ENFORCE_CHAIN).expect("no NUL");
         let mut buf = AlignedBuf::zeroed(REQUEST_BUF_BYTES);
-        let msg = build_request(&mut buf, libc::NFT_MSG_GETCHAIN, libc::NLM_F_ACK, |nlh| {
+        let seq = sock.next_seq();
+        let msg = build_request(&mut buf, seq, libc::NFT_MSG_GETCHAIN, libc::NLM_F_ACK, |nlh| {
             chain_request_payload(nlh, &self.table, &chain_name)
         });
         let mut info = None;
-        let result = sock.request(msg, REQUEST_SEQ, |m| {
+        let result = sock.request(msg, seq, |m| {
             info = Some(ChainInfo::parse(m)?);
             Ok(())
         });
@@ -406,14 +411,15 @@ impl NftablesBackend {
         let object = self.set_object(family);
         let request = NftnlSet::new(&self.table, self.set_name(family));
         let mut buf = AlignedBuf::zeroed(REQUEST_BUF_BYTES);
-        let msg = build_request(&mut buf, libc::NFT_MSG_GETSETELEM, libc::NLM_F_DUMP, |nlh| {
+        let seq = sock.next_seq();
+        let msg = build_request(&mut buf, seq, libc::NFT_MSG_GETSETELEM, libc::NLM_F_DUMP, |nlh| {
             // SAFETY: as in `get_set`; `request` has no elements, so only the
             // table and set names are written.
             unsafe { sys::nftnl_set_elems_nlmsg_build_payload(nlh, request.ptr()) }
         });
         let mut elements: Vec<(A, bool)> = Vec::new();
         let mut bad_key = None;
-        let result = sock.request(msg, REQUEST_SEQ, |m| {
+        let result = sock.request(msg, seq, |m| {
             for_each_element(m, |key, end| match A::from_key(key) {
                 Some(a) => elements.push((a, end)),
                 None => bad_key = Some(key.len()),
@@ -429,6 +435,9 @@ impl NftablesBackend {
                     object,
                     detail: "the set or its table does not exist (ensure recreates it)".into(),
                 });
+            }
+            Err(e) if DumpInterrupted::is(&e) => {
+                return Err(BackendError::Conflict { op: "list elements", object, detail: e.to_string() });
             }
             Err(e) => return Err(kernel("list elements", object, e)),
         }
@@ -509,7 +518,16 @@ impl Backend for NftablesBackend {
     fn read(&mut self) -> Result<AllowSet, BackendError> {
         let started = Instant::now();
         let sock = open_socket()?;
+        // Two dumps are two snapshots: the generation around them makes them one.
+        let before = get_generation(&sock)?;
         let set = AllowSet { v4: self.read_set::<u32>(&sock)?, v6: self.read_set::<u128>(&sock)? };
+        if get_generation(&sock)? != before {
+            return Err(BackendError::Conflict {
+                op: "list elements",
+                object: self.table_object(),
+                detail: "the ruleset changed while the sets were read".into(),
+            });
+        }
         debug!(
             v4 = set.v4.len(),
             v6 = set.v6.len(),
@@ -550,26 +568,29 @@ impl Backend for NftablesBackend {
     }
 
     fn generation(&mut self) -> Result<Option<u64>, BackendError> {
-        let sock = open_socket()?;
-        let mut buf = AlignedBuf::zeroed(REQUEST_BUF_BYTES);
-        let msg = build_request_family(
-            &mut buf,
-            libc::NFT_MSG_GETGEN,
-            libc::AF_UNSPEC as u16,
-            libc::NLM_F_ACK,
-            |_| {},
-        );
-        let mut id = None;
-        sock.request(msg, REQUEST_SEQ, |m| {
-            id = Some(parse_generation(m)?);
-            Ok(())
-        })
-        .map_err(|e| kernel("get generation", "nf_tables".into(), e))?;
-        match id {
-            Some(id) => Ok(Some(u64::from(id))),
-            None => Err(kernel("get generation", "nf_tables".into(), io::ErrorKind::UnexpectedEof.into())),
-        }
+        get_generation(&open_socket()?).map(|g| Some(u64::from(g)))
     }
+}
+
+/// The ruleset generation of the socket's network namespace (`NFT_MSG_GETGEN`).
+fn get_generation(sock: &NfSocket) -> Result<u32, BackendError> {
+    let mut buf = AlignedBuf::zeroed(REQUEST_BUF_BYTES);
+    let seq = sock.next_seq();
+    let msg = build_request_family(
+        &mut buf,
+        libc::NFT_MSG_GETGEN,
+        libc::AF_UNSPEC as u16,
+        libc::NLM_F_ACK,
+        seq,
+        |_| {},
+    );
+    let mut id = None;
+    sock.request(msg, seq, |m| {
+        id = Some(parse_generation(m)?);
+        Ok(())
+    })
+    .map_err(|e| kernel("get generation", "nf_tables".into(), e))?;
+    id.ok_or_else(|| kernel("get generation", "nf_tables".into(), io::ErrorKind::UnexpectedEof.into()))
 }
 
 /// The rules an operator would write by hand for `enforce`'s ports, as `nft` prints them (and as
@@ -801,6 +822,14 @@ impl Transaction {
         debug!(messages, bytes, pages = pages.len(), acked = replies.acked, "nf_tables batch sent");
 
         let Some(&(seq, errno)) = replies.errors.first() else {
+            // A committed batch acknowledges every message that asked for it (all of ours).
+            // Acknowledgements alone prove nothing (an aborted batch acknowledges the messages
+            // before the refused one too), but a missing one without any error means replies
+            // were lost and the outcome is unknown: say so, the caller re-reads.
+            if replies.acked != seqs.len() {
+                let why = format!("kernel acknowledged {} of {} messages", replies.acked, seqs.len());
+                return Err(kernel("commit batch", "nf_tables".into(), io::Error::other(why)));
+            }
             return Ok(());
         };
         for &(seq, errno) in &replies.errors[1..] {
@@ -847,15 +876,16 @@ fn open_socket() -> Result<NfSocket, BackendError> {
 
 // ---- libnftnl plumbing for requests and parsing -------------------------------------------
 
-/// Builds a request header (family `inet`, sequence [`REQUEST_SEQ`]) into `buf`, lets `payload`
-/// add attributes, and returns the finished message.
+/// Builds a request header (family `inet`) into `buf`, lets `payload` add attributes, and
+/// returns the finished message.
 fn build_request(
     buf: &mut AlignedBuf,
+    seq: u32,
     ty: libc::c_int,
     flags: libc::c_int,
     payload: impl FnOnce(*mut libc::nlmsghdr),
 ) -> &[u8] {
-    build_request_family(buf, ty, libc::NFPROTO_INET as u16, flags, payload)
+    build_request_family(buf, ty, libc::NFPROTO_INET as u16, flags, seq, payload)
 }
 
 fn build_request_family(
@@ -863,19 +893,14 @@ fn build_request_family(
     ty: libc::c_int,
     family: u16,
     flags: libc::c_int,
+    seq: u32,
     payload: impl FnOnce(*mut libc::nlmsghdr),
 ) -> &[u8] {
     let base = buf.as_mut_ptr();
     // SAFETY: `buf` is REQUEST_BUF_BYTES long and aligned; a header plus a table, set or chain
     // name (at most 256 bytes each) fits many times over.
     let nlh = unsafe {
-        sys::nftnl_nlmsg_build_hdr(
-            base.cast(),
-            ty as u16,
-            family,
-            (flags | libc::NLM_F_REQUEST) as u16,
-            REQUEST_SEQ,
-        )
+        sys::nftnl_nlmsg_build_hdr(base.cast(), ty as u16, family, (flags | libc::NLM_F_REQUEST) as u16, seq)
     };
     payload(nlh);
     // SAFETY: `nlh` points at the header libnftnl wrote at the start of `buf`; the payload
