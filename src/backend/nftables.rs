@@ -459,6 +459,11 @@ impl Backend for NftablesBackend {
         "nftables"
     }
 
+    /// Looks before it writes: the table, both sets (key type and flags) and the enforcement
+    /// chain are queried first, and anything foreign stops it before any change. Then one
+    /// transaction creates what is missing. With `enforce` the chain's rules are flushed and
+    /// re-added on every call (one commit, so the generation changes); without, a call with
+    /// everything in place commits nothing.
     fn ensure(&mut self) -> Result<(), BackendError> {
         let sock = open_socket()?;
         let table_exists = self.table_exists(&sock)?;
@@ -480,8 +485,10 @@ impl Backend for NftablesBackend {
             missing.extend(Family::BOTH);
         }
 
-        let chain_exists = match (&chain, &self.enforce) {
-            (Some(c), _) if !c.is_enforcement_chain() => {
+        // Only a chain that looks like allowsync's is adopted (with `enforce`) or removed
+        // (without); a different chain of that name is refused, or left alone.
+        let chain_exists = match &chain {
+            Some(c) if !c.is_enforcement_chain() => {
                 if self.enforce.is_some() {
                     return Err(BackendError::Foreign {
                         object: self.chain_object(),
@@ -491,10 +498,9 @@ impl Backend for NftablesBackend {
                         ),
                     });
                 }
-                // Not the chain allowsync creates: leave it alone.
                 false
             }
-            (c, _) => c.is_some(),
+            c => c.is_some(),
         };
 
         let changes = !table_exists || !missing.is_empty() || self.enforce.is_some() || chain_exists;
