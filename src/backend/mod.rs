@@ -7,11 +7,15 @@
 //!
 //! - [`memory`]: an in-memory set with the kernel's rules, for the engine's tests;
 //! - [`dry_run`]: logs the transaction it would send and keeps nothing;
+//! - [`nftables`]: two interval sets (and optionally an enforcement chain) in an nftables table,
+//!   over netlink.
 //! - [`Cached`]: wraps any backend and skips the costly read while the kernel's ruleset
 //!   generation says nothing changed since we last looked.
 
 pub mod dry_run;
 pub mod memory;
+mod netlink;
+pub mod nftables;
 
 use crate::config::BackendConfig;
 use crate::prefixes::{AllowSet, Diff};

@@ -1,0 +1,124 @@
+//! Test helper: run a test inside a fresh network namespace of its own, so that tests can
+//! change nftables rulesets, links and addresses without touching the host's (or each other's).
+//!
+//! Network namespaces belong to a thread, not a process: `unshare(CLONE_NEWNET)` moves only the
+//! calling thread, and processes it spawns afterwards (`nft`, `ip`) start in the new namespace.
+//! Every cargo test runs on a thread of its own, so each test gets a private namespace. The
+//! guard moves the thread back to where it was when dropped; the namespace disappears with its
+//! last user.
+
+#![allow(dead_code)] // each test file uses a different part of this module
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::process::Command;
+
+/// Keeps the current thread in its private network namespace until dropped.
+pub struct NetnsGuard {
+    original: File,
+}
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        // SAFETY: setns(2) on a descriptor we own; the result is checked.
+        let rc = unsafe { libc::setns(self.original.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 && !std::thread::panicking() {
+            panic!("cannot return to the original network namespace: {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
+/// Moves the current thread into a new, empty network namespace with `lo` up.
+///
+/// Without the privilege to do so: panics when `CI` is set (tests must run there), otherwise
+/// prints why and returns `None` so the test can return early.
+pub fn enter_new_netns() -> Option<NetnsGuard> {
+    let original = match File::open("/proc/thread-self/ns/net") {
+        Ok(f) => f,
+        Err(e) => return unavailable(&format!("cannot open /proc/thread-self/ns/net: {e}")),
+    };
+    // SAFETY: unshare(2) only changes the calling thread's namespaces; the result is checked.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return unavailable(&format!("unshare(CLONE_NEWNET): {e}"));
+    }
+    let guard = NetnsGuard { original };
+    run("ip", &["link", "set", "lo", "up"]);
+    Some(guard)
+}
+
+fn unavailable(why: &str) -> Option<NetnsGuard> {
+    if std::env::var_os("CI").is_some() {
+        panic!("network namespace tests must run in CI: {why}");
+    }
+    eprintln!("skipping: needs root/CAP_SYS_ADMIN for a private network namespace ({why})");
+    None
+}
+
+/// The identity of the current thread's network namespace (`net:[inode]`).
+pub fn current_netns_id() -> String {
+    std::fs::read_link("/proc/thread-self/ns/net").unwrap().to_string_lossy().into_owned()
+}
+
+/// Runs a command (in the current thread's namespace) and returns its stdout; panics with its
+/// stderr when it fails.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {}: {}\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs `nft -f -` with `script` on stdin.
+pub fn nft_script(script: &str) {
+    use std::io::Write;
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft");
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "nft -f: {}\n{script}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A named network namespace (`ip netns add`), deleted when dropped: the far end of a veth
+/// pair for tests that need a second host.
+pub struct NamedNetns {
+    pub name: String,
+}
+
+impl NamedNetns {
+    pub fn new(prefix: &str) -> Self {
+        let name = format!("{prefix}-{}-{:?}", std::process::id(), std::thread::current().id())
+            .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "");
+        run("ip", &["netns", "add", &name]);
+        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        NamedNetns { name }
+    }
+
+    /// Runs `f` on a new thread that has joined this namespace.
+    pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = File::open(&path).unwrap();
+            // SAFETY: setns(2) on a descriptor we own, moving only this new thread.
+            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {path}");
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for NamedNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "delete", &self.name]).status();
+    }
+}
