@@ -86,9 +86,7 @@ impl BackendError {
 /// The backend the configuration asks for.
 pub fn from_config(cfg: &BackendConfig) -> Result<Box<dyn Backend>, BackendError> {
     match cfg {
-        BackendConfig::Nftables(_) => {
-            Err(BackendError::Unavailable("the nftables backend is not built yet".into()))
-        }
+        BackendConfig::Nftables(n) => Ok(Box::new(nftables::NftablesBackend::new(n)?)),
         BackendConfig::Ipset(_) => Err(BackendError::Unavailable(
             "the ipset backend is not implemented yet: use backend nftables or dry_run".into(),
         )),

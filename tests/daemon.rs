@@ -1,0 +1,400 @@
+//! `allowsync run` for real: the release-shaped binary, the mock Chat API and the kernel's
+//! nftables, each test in a network namespace of its own.
+
+mod common;
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use allowsync::backend::Backend;
+use allowsync::backend::nftables::NftablesBackend;
+use allowsync::config::NftablesConfig;
+use allowsync::mock::{Fault, MockChatApi, MockConfig, MockHandle};
+use allowsync::prefixes::{AllowSet, parse_entry};
+use common::netns::{self, NetnsGuard};
+
+const KEY: &str = "daemon-test-secret-key";
+
+struct Env {
+    mock: MockHandle,
+    dir: tempfile::TempDir,
+    cfg: PathBuf,
+    // Dropped last: the runtime serves the mock, the guard keeps us in the namespace.
+    _rt: tokio::runtime::Runtime,
+    _ns: NetnsGuard,
+}
+
+fn set(v: &[&str]) -> AllowSet {
+    AllowSet::from_nets(v.iter().map(|s| parse_entry(s).unwrap().net))
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(ToString::to_string).collect()
+}
+
+const LIST5: &[&str] = &["203.0.113.0/25", "203.0.113.128/25", "198.51.100.7", "198.51.100.9"];
+const LIST6: &[&str] = &["192.0.2.0/24", "2001:db8:6::/48"];
+
+fn setup() -> Option<Env> {
+    setup_with(|_| {})
+}
+
+fn setup_with(tweak: impl FnOnce(&mut String)) -> Option<Env> {
+    let ns = netns::enter_new_netns()?;
+    // Built after entering the namespace: its threads, and so the mock's socket, live in it.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let mut mc = MockConfig::new(1400000000, "administrator", KEY);
+    mc.lists.insert(5, strings(LIST5));
+    mc.lists.insert(6, strings(LIST6));
+    let mock = rt.block_on(MockChatApi::start(mc)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("key"), KEY).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path().join("key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut yaml = format!(
+        "interval: 10s
+jitter: 0s
+state_file: state.json
+sources:
+  - name: chat
+    tencent_chat:
+      endpoint: {url}
+      sdkappid: 1400000000
+      identifier: administrator
+      secret_key_file: key
+      nettypes: [5, 6]
+      timeout: 2s
+backend:
+  nftables: {{ table: allowsync, set_v4: allow_v4, set_v6: allow_v6 }}
+log:
+  format: text
+  level: info
+",
+        url = mock.url()
+    );
+    tweak(&mut yaml);
+    let cfg = dir.path().join("config.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    Some(Env { mock, dir, cfg, _rt: rt, _ns: ns })
+}
+
+impl Env {
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("daemon.log")
+    }
+
+    fn spawn(&self) -> Child {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_allowsync"))
+            .args(["-c", self.cfg.to_str().unwrap(), "run"])
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn syncs(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains(" sync ") || l.contains("sync refused") || l.contains("sync failed"))
+            .count()
+    }
+
+    /// Waits until the log has more than `n` sync lines.
+    fn wait_syncs(&self, n: usize, within: Duration) {
+        assert!(
+            wait_until(within, || self.syncs() > n),
+            "no sync #{} within {within:?}; log:\n{}",
+            n + 1,
+            self.log()
+        );
+    }
+
+    fn kernel(&self) -> AllowSet {
+        backend().read().unwrap()
+    }
+
+    fn wait_kernel(&self, want: &AllowSet, within: Duration) {
+        let ok = wait_until(within, || backend().read().ok().as_ref() == Some(want));
+        let now = backend().read().map(|s| s.to_nets());
+        assert!(ok, "kernel {now:?} != {:?}; log:\n{}", want.to_nets(), self.log());
+    }
+
+    fn state(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("state.json")).unwrap_or_default()
+    }
+}
+
+fn backend() -> NftablesBackend {
+    NftablesBackend::new(&NftablesConfig {
+        table: "allowsync".into(),
+        set_v4: "allow_v4".into(),
+        set_v6: "allow_v6".into(),
+        enforce: None,
+    })
+    .unwrap()
+}
+
+fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on a child we spawned and have not reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+}
+
+/// Stops the daemon with SIGTERM and returns how long it took.
+fn stop(mut child: Child) -> Duration {
+    let t = Instant::now();
+    signal(&child, libc::SIGTERM);
+    let end = t + Duration::from_secs(5);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "daemon exited with {status}");
+            return t.elapsed();
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("daemon did not stop within 5 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn full_list() -> AllowSet {
+    set(&[LIST5, LIST6].concat())
+}
+
+#[test]
+fn a_list_change_reaches_the_kernel_within_one_interval_and_sigusr1_syncs_at_once() {
+    let Some(env) = setup() else { return };
+    let d = env.spawn();
+    env.wait_kernel(&full_list(), Duration::from_secs(10));
+    assert!(env.log().contains("outcome=\"applied\""), "{}", env.log());
+
+    // Changed at the API: reaches the kernel by the next interval (10 s), without a signal.
+    env.mock.set_list(5, strings(&["203.0.113.0/24", "198.51.100.7", "198.51.100.9", "198.51.100.64/26"]));
+    let t = Instant::now();
+    let want = set(&[
+        "203.0.113.0/24",
+        "198.51.100.7",
+        "198.51.100.9",
+        "198.51.100.64/26",
+        "192.0.2.0/24",
+        "2001:db8:6::/48",
+    ]);
+    env.wait_kernel(&want, Duration::from_secs(13));
+    eprintln!("list change reached the kernel after {:?}", t.elapsed());
+
+    // SIGUSR1: now, not in 10 s.
+    env.mock.set_list(6, strings(&["192.0.2.0/24", "2001:db8:6::/48", "2001:db8:7::/48"]));
+    let t = Instant::now();
+    signal(&d, libc::SIGUSR1);
+    let want = set(&[
+        "203.0.113.0/24",
+        "198.51.100.7",
+        "198.51.100.9",
+        "198.51.100.64/26",
+        "192.0.2.0/24",
+        "2001:db8:6::/48",
+        "2001:db8:7::/48",
+    ]);
+    env.wait_kernel(&want, Duration::from_secs(3));
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(env.log().contains("SIGUSR1: syncing now"));
+
+    // SIGTERM: stops quickly, the set stays.
+    let took = stop(d);
+    assert!(took < Duration::from_secs(5));
+    assert_eq!(env.kernel(), want, "SIGTERM must leave the set in place");
+    let log = env.log();
+    assert!(!log.contains(KEY), "the secret key leaked into the log");
+}
+
+#[test]
+fn sighup_with_a_broken_config_keeps_the_old_one_and_keeps_syncing() {
+    let Some(env) = setup() else { return };
+    let d = env.spawn();
+    env.wait_kernel(&full_list(), Duration::from_secs(10));
+    let good = std::fs::read_to_string(&env.cfg).unwrap();
+    std::fs::write(&env.cfg, format!("{good}\nbogus_key: 1\n")).unwrap();
+    signal(&d, libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(3), || env.log().contains("SIGHUP: the new configuration is invalid")),
+        "{}",
+        env.log()
+    );
+    assert!(env.log().contains("bogus_key"), "the error names the key: {}", env.log());
+    // Still alive, still syncing with the old configuration.
+    env.mock.set_list(5, strings(&[LIST5, &["198.51.100.200"]].concat()));
+    signal(&d, libc::SIGUSR1);
+    env.wait_kernel(&set(&[LIST5, LIST6, &["198.51.100.200"]].concat()), Duration::from_secs(3));
+    // A good new configuration is taken: a static source appears.
+    std::fs::write(
+        &env.cfg,
+        good.replace("backend:", "  - name: office\n    static: [100.64.0.1]\nbackend:"),
+    )
+    .unwrap();
+    signal(&d, libc::SIGHUP);
+    env.wait_kernel(
+        &set(&[LIST5, LIST6, &["198.51.100.200", "100.64.0.1"]].concat()),
+        Duration::from_secs(3),
+    );
+    stop(d);
+}
+
+#[test]
+fn api_unreachable_at_start_restores_the_set_from_the_state_file() {
+    let Some(env) = setup() else { return };
+    let d = env.spawn();
+    env.wait_kernel(&full_list(), Duration::from_secs(10));
+    stop(d);
+    // A "reboot": the kernel loses everything, and the API is down.
+    netns::run("nft", &["delete", "table", "inet", "allowsync"]);
+    env.mock.inject(Fault::Status(502));
+    let d = env.spawn();
+    env.wait_kernel(&full_list(), Duration::from_secs(5));
+    assert!(env.log().contains("restored the last good allowlist from the state file"), "{}", env.log());
+    // And the failing API does not shrink it.
+    env.wait_syncs(1, Duration::from_secs(5));
+    assert!(env.log().contains("kept last good"), "{}", env.log());
+    assert_eq!(env.kernel(), full_list());
+    stop(d);
+}
+
+#[test]
+fn api_failing_mid_run_leaves_the_set_and_backs_off() {
+    let Some(env) = setup() else { return };
+    let d = env.spawn();
+    env.wait_kernel(&full_list(), Duration::from_secs(10));
+    let state_before = env.state();
+    env.mock.inject(Fault::Status(500));
+    let before = env.mock.request_count();
+    signal(&d, libc::SIGUSR1);
+    std::thread::sleep(Duration::from_secs(12));
+    let requests = env.mock.request_count() - before;
+    // Cycles at 0 s, +5 s, +10 s (backoff 5 s, then 10 s = interval): 3 cycles of 2 nettypes.
+    assert!((2..=6).contains(&requests), "{requests} requests in 12 s: no hot loop, but retries");
+    assert_eq!(env.kernel(), full_list(), "a failing API must not change the set");
+    assert!(env.log().contains("backing off"), "{}", env.log());
+    let state_after = env.state();
+    assert!(state_after.contains("\"last_error\": {"), "{state_after}");
+    // The last good list is unchanged (only last_error and last_sync move).
+    let lists = |s: &str| s.split("\"applied\"").next().unwrap().to_string();
+    assert_eq!(lists(&state_before), lists(&state_after));
+    stop(d);
+}
+
+#[test]
+fn a_mass_removal_is_refused_and_hand_deletions_are_repaired() {
+    let Some(env) = setup() else { return };
+    let d = env.spawn();
+    env.wait_kernel(&full_list(), Duration::from_secs(10));
+
+    // The API suddenly drops most entries: refused, logged, nothing removed.
+    env.mock.set_list(5, strings(&["198.51.100.7"]));
+    env.mock.set_list(6, strings(&[]));
+    let n = env.syncs();
+    signal(&d, libc::SIGUSR1);
+    env.wait_syncs(n, Duration::from_secs(3));
+    assert!(env.log().contains("refusing to remove"), "{}", env.log());
+    assert_eq!(env.kernel(), full_list());
+
+    // Back to normal; now someone deletes an element and adds a stray one by hand.
+    env.mock.set_list(5, strings(LIST5));
+    env.mock.set_list(6, strings(LIST6));
+    netns::run("nft", &["delete", "element", "inet", "allowsync", "allow_v4", "{ 198.51.100.7 }"]);
+    netns::run("nft", &["add", "element", "inet", "allowsync", "allow_v4", "{ 10.66.0.0/16 }"]);
+    signal(&d, libc::SIGUSR1);
+    env.wait_kernel(&full_list(), Duration::from_secs(3));
+    assert!(env.log().contains("drift"), "{}", env.log());
+
+    // The whole table deleted by hand is created and filled again.
+    netns::run("nft", &["delete", "table", "inet", "allowsync"]);
+    signal(&d, libc::SIGUSR1);
+    env.wait_kernel(&full_list(), Duration::from_secs(3));
+    stop(d);
+}
+
+#[test]
+fn kill_9_then_restart_converges_and_a_second_instance_refuses() {
+    let Some(env) = setup() else { return };
+    let mut d = env.spawn();
+    env.wait_kernel(&full_list(), Duration::from_secs(10));
+
+    // A second instance on the same state refuses, naming the first.
+    let out = Command::new(env!("CARGO_BIN_EXE_allowsync"))
+        .args(["-c", env.cfg.to_str().unwrap(), "run"])
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("pid {}", d.id())), "{err}");
+
+    d.kill().unwrap();
+    d.wait().unwrap();
+    assert_eq!(env.kernel(), full_list(), "kill -9 leaves the set");
+    env.mock.set_list(5, strings(&["203.0.113.0/24", "198.51.100.7", "198.51.100.9", "198.51.100.11"]));
+    let d = env.spawn();
+    env.wait_kernel(
+        &set(&[
+            "203.0.113.0/24",
+            "198.51.100.7",
+            "198.51.100.9",
+            "198.51.100.11",
+            "192.0.2.0/24",
+            "2001:db8:6::/48",
+        ]),
+        Duration::from_secs(10),
+    );
+    stop(d);
+}
+
+#[test]
+fn status_reports_the_last_sync_and_drift() {
+    let Some(env) = setup() else { return };
+    let d = env.spawn();
+    env.wait_kernel(&full_list(), Duration::from_secs(10));
+    let status = |json: bool| {
+        let mut args = vec!["-c", env.cfg.to_str().unwrap(), "status"];
+        if json {
+            args.push("--json");
+        }
+        Command::new(env!("CARGO_BIN_EXE_allowsync")).args(&args).output().unwrap()
+    };
+    let o = status(true);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["drift"], false);
+    assert_eq!(v["kernel_entries"]["v4"], 4);
+    assert_eq!(v["kernel_entries"]["v6"], 1);
+    assert!(v["last_sync"].as_u64().is_some());
+    netns::run("nft", &["delete", "element", "inet", "allowsync", "allow_v6", "{ 2001:db8:6::/48 }"]);
+    let o = status(false);
+    assert_eq!(o.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("DRIFT"), "{text}");
+    let mut all = String::new();
+    for f in [&env.dir.path().join("state.json")] {
+        std::fs::File::open(f).unwrap().read_to_string(&mut all).unwrap();
+    }
+    assert!(!all.contains(KEY) && !text.contains(KEY));
+    stop(d);
+}
