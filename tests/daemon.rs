@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -391,10 +390,7 @@ fn status_reports_the_last_sync_and_drift() {
     assert_eq!(o.status.code(), Some(1));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("DRIFT"), "{text}");
-    let mut all = String::new();
-    for f in [&env.dir.path().join("state.json")] {
-        std::fs::File::open(f).unwrap().read_to_string(&mut all).unwrap();
-    }
-    assert!(!all.contains(KEY) && !text.contains(KEY));
+    let state = env.state();
+    assert!(!state.is_empty() && !state.contains(KEY) && !text.contains(KEY));
     stop(d);
 }
