@@ -30,7 +30,7 @@ show_sets() {
 # Waits until the daemon's log has at least $1 "sync" lines.
 wait_syncs() {
   for _ in $(seq 100); do
-    [ "$(grep -c ' sync ' "$work/allowsync.log" || true)" -ge "$1" ] && return 0
+    [ "$(grep -c ' sync ' "$work/allowsync.log" 2>/dev/null || true)" -ge "$1" ] && return 0
     sleep 0.1
   done
   echo "demo: the daemon did not sync; its log:" >&2
@@ -38,6 +38,7 @@ wait_syncs() {
   exit 1
 }
 
+rm -rf "$state_dir"        # start from nothing, as on a fresh host
 chmod 600 config/demo.key   # git does not keep modes; allowsync warns about a loose key file
 ip netns add "$ns"
 in_ns ip link set lo up
@@ -49,15 +50,18 @@ cat > "$work/lists" <<'LISTS'
 6=192.0.2.0/24,2001:db8:6::/48
 LISTS
 cat "$work/lists"
-in_ns "$mock" --listen 127.0.0.1:8089 --key-file config/demo.key --list-file "$work/lists" > "$work/mock.out" &
+# `ip netns exec` execs the program: $! is the program's own pid, so signals reach it.
+ip netns exec "$ns" "$mock" --listen 127.0.0.1:8089 --key-file config/demo.key --list-file "$work/lists" > "$work/mock.out" &
 mock_pid=$!
 for _ in $(seq 50); do grep -q listening "$work/mock.out" 2>/dev/null && break; sleep 0.1; done
 
 say "allowsync run -c config/demo.yaml (in the background)"
-in_ns "$bin" -c config/demo.yaml run 2> "$work/allowsync.log" &
+ip netns exec "$ns" "$bin" -c config/demo.yaml run 2> "$work/allowsync.log" &
 daemon_pid=$!
 wait_syncs 1
 show_sets
+echo "and the enforcement chain (enforce: { tcp_ports: [443] }):"
+in_ns nft list chain inet allowsync enforce | sed -n '/chain/,/}/p'
 
 say "the Chat list changes: 198.51.100.7 goes, 198.51.100.64/26 arrives; SIGUSR1 asks for a sync now"
 sed -i 's/198.51.100.7/198.51.100.64\/26/' "$work/lists"

@@ -98,14 +98,20 @@ pub fn from_config(cfg: &BackendConfig) -> Result<Box<dyn Backend>, BackendError
 /// read or write: nothing was committed since, by anyone, so the kernel still holds what we
 /// know. Dumping a 100k-element set costs over a second; asking for the generation costs one
 /// small netlink round trip. Backends without a generation are read every time.
+///
+/// The same goes for [`Backend::ensure`]: while the generation is the one right after our last
+/// ensure (or our own apply since), nobody can have removed our objects, so it is skipped. That
+/// matters because ensuring the enforcement chain rewrites its rules: without the skip, every
+/// cycle would be a kernel write even when nothing changed.
 pub struct Cached {
     inner: Box<dyn Backend>,
     known: Option<(u64, AllowSet)>,
+    ensured_at: Option<u64>,
 }
 
 impl Cached {
     pub fn new(inner: Box<dyn Backend>) -> Self {
-        Cached { inner, known: None }
+        Cached { inner, known: None, ensured_at: None }
     }
 }
 
@@ -115,7 +121,14 @@ impl Backend for Cached {
     }
 
     fn ensure(&mut self) -> Result<(), BackendError> {
-        self.inner.ensure()
+        let generation = self.inner.generation()?;
+        if generation.is_some() && generation == self.ensured_at {
+            return Ok(());
+        }
+        self.ensured_at = None;
+        self.inner.ensure()?;
+        self.ensured_at = self.inner.generation()?;
+        Ok(())
     }
 
     fn read(&mut self) -> Result<AllowSet, BackendError> {
@@ -138,8 +151,14 @@ impl Backend for Cached {
     fn apply(&mut self, diff: &Diff) -> Result<(), BackendError> {
         let before = self.inner.generation()?;
         let known = self.known.take();
+        let ensured = self.ensured_at.take();
         self.inner.apply(diff)?;
         let after = self.inner.generation()?;
+        if let (Some(b), Some(a)) = (before, after) {
+            if ensured == Some(b) && a == b.wrapping_add(1) {
+                self.ensured_at = Some(a);
+            }
+        }
         // Our own commit moves the generation by exactly one; anything more means someone else
         // committed too, and the copy is no longer the truth.
         if let (Some(b), Some(a), Some((kg, set))) = (before, after, known) {
@@ -154,6 +173,7 @@ impl Backend for Cached {
 
     fn teardown(&mut self) -> Result<(), BackendError> {
         self.known = None;
+        self.ensured_at = None;
         self.inner.teardown()
     }
 
@@ -193,6 +213,59 @@ mod tests {
         mem.foreign_write(|s| *s = set(&["192.0.2.1"]));
         assert_eq!(c.read().unwrap(), set(&["192.0.2.1"]));
         assert_eq!(mem.reads(), 2);
+    }
+
+    /// Counts ensures, and writes one commit per ensure as the enforcement chain does.
+    struct Ensures(MemoryBackend, std::sync::Arc<std::sync::Mutex<usize>>);
+    impl Backend for Ensures {
+        fn name(&self) -> &'static str {
+            "ensures"
+        }
+        fn ensure(&mut self) -> Result<(), BackendError> {
+            *self.1.lock().unwrap() += 1;
+            self.0.foreign_write(|_| {});
+            Ok(())
+        }
+        fn read(&mut self) -> Result<AllowSet, BackendError> {
+            self.0.read()
+        }
+        fn apply(&mut self, diff: &Diff) -> Result<(), BackendError> {
+            self.0.apply(diff)
+        }
+        fn teardown(&mut self) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn generation(&mut self) -> Result<Option<u64>, BackendError> {
+            self.0.generation()
+        }
+    }
+
+    #[test]
+    fn ensure_is_skipped_until_someone_else_commits() {
+        let mem = MemoryBackend::new();
+        mem.enable_generation();
+        let count = std::sync::Arc::new(std::sync::Mutex::new(0));
+        let mut c = Cached::new(Box::new(Ensures(mem.clone(), count.clone())));
+        c.ensure().unwrap();
+        c.ensure().unwrap();
+        assert_eq!(*count.lock().unwrap(), 1);
+        // Our own apply does not make the objects suspect...
+        let d = c.read().unwrap().diff_to(&set(&["10.0.0.1"]));
+        c.apply(&d).unwrap();
+        c.ensure().unwrap();
+        assert_eq!(*count.lock().unwrap(), 1);
+        // ...anyone else's commit does.
+        mem.foreign_write(|_| {});
+        c.ensure().unwrap();
+        assert_eq!(*count.lock().unwrap(), 2);
+        // A steady state reads from the copy and writes nothing.
+        let (reads, writes) = (mem.reads(), mem.writes());
+        c.ensure().unwrap();
+        assert_eq!(c.read().unwrap(), set(&["10.0.0.1"]));
+        assert_eq!((mem.reads(), mem.writes()), (reads + 1, writes), "one dump after the foreign commit");
+        c.ensure().unwrap();
+        c.read().unwrap();
+        assert_eq!((mem.reads(), mem.writes()), (reads + 1, writes));
     }
 
     #[test]
