@@ -261,7 +261,15 @@ impl Syncer {
             .map(|f| SourceResult { name: f.name, list: f.result.map_err(|e| e.to_string()) })
             .collect();
         let desired = Desired::build(results, &self.state);
-        let current = self.backend.read()?;
+        let current = match self.backend.read() {
+            // On a host where allowsync never ran the set does not exist yet: plan against
+            // nothing rather than fail, since plan creates nothing.
+            Err(e) if e.is_conflict() => {
+                warn!(error = %e, "cannot read the live set: planning against an empty one");
+                AllowSet::default()
+            }
+            other => other?,
+        };
         let p = engine::plan(current, &desired, &self.cfg.safety, false);
         Ok((desired, p))
     }

@@ -1,5 +1,5 @@
-//! `allowsync run` for real: the release-shaped binary, the mock Chat API and the kernel's
-//! nftables, each test in a network namespace of its own.
+//! The binary for real (`run`, and `once`, `plan` and `status` beside it): the mock Chat API
+//! and the kernel's nftables, each test in a network namespace of its own.
 
 mod common;
 
@@ -393,4 +393,54 @@ fn status_reports_the_last_sync_and_drift() {
     let state = env.state();
     assert!(!state.is_empty() && !state.contains(KEY) && !text.contains(KEY));
     stop(d);
+}
+
+impl Env {
+    fn command(&self, args: &[&str]) -> std::process::Output {
+        let mut all = vec!["-c", self.cfg.to_str().unwrap()];
+        all.extend_from_slice(args);
+        Command::new(env!("CARGO_BIN_EXE_allowsync")).args(&all).env_remove("RUST_LOG").output().unwrap()
+    }
+}
+
+fn output(o: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+#[test]
+fn once_and_plan_exit_codes_and_plan_changes_nothing() {
+    let Some(env) = setup() else { return };
+    // plan on a fresh host: everything would be added, nothing is created.
+    let o = env.command(&["plan"]);
+    assert_eq!(o.status.code(), Some(0), "{}", output(&o));
+    assert!(output(&o).contains("+ 203.0.113.0/24"), "{}", output(&o));
+    assert!(backend().read().is_err(), "plan must not create the set");
+    assert!(env.state().is_empty(), "plan must not write the state file");
+
+    let o = env.command(&["once"]);
+    assert_eq!(o.status.code(), Some(0), "{}", output(&o));
+    assert_eq!(env.kernel(), full_list());
+
+    // A mass removal: plan says REFUSED (exit 3) and changes nothing, not even the state file.
+    env.mock.set_list(5, strings(&["198.51.100.7"]));
+    env.mock.set_list(6, strings(&[]));
+    let state = env.state();
+    let o = env.command(&["plan"]);
+    assert_eq!(o.status.code(), Some(3), "{}", output(&o));
+    assert!(output(&o).contains("verdict: REFUSED: refusing to remove 4 of 5 entries"), "{}", output(&o));
+    assert_eq!(env.state(), state);
+    // once refuses too, exit 3, set unchanged; --force applies.
+    let o = env.command(&["once"]);
+    assert_eq!(o.status.code(), Some(3), "{}", output(&o));
+    assert_eq!(env.kernel(), full_list());
+    let o = env.command(&["once", "--force"]);
+    assert_eq!(o.status.code(), Some(0), "{}", output(&o));
+    assert_eq!(env.kernel(), set(&["198.51.100.7"]));
+
+    // A failing source: exit 1, its last good list stays applied.
+    env.mock.inject(Fault::Status(502));
+    let o = env.command(&["once"]);
+    assert_eq!(o.status.code(), Some(1), "{}", output(&o));
+    assert!(output(&o).contains("kept last good"), "{}", output(&o));
+    assert_eq!(env.kernel(), set(&["198.51.100.7"]));
 }
