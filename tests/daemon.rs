@@ -96,6 +96,15 @@ impl Env {
             .unwrap()
     }
 
+    /// Starts the daemon and waits for its first sync to be complete: the full list in the
+    /// kernel and the sync logged (which happens after the state file is written).
+    fn start(&self) -> Child {
+        let d = self.spawn();
+        self.wait_kernel(&full_list(), Duration::from_secs(10));
+        self.wait_syncs(0, Duration::from_secs(5));
+        d
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
@@ -183,8 +192,7 @@ fn full_list() -> AllowSet {
 #[test]
 fn a_list_change_reaches_the_kernel_within_one_interval_and_sigusr1_syncs_at_once() {
     let Some(env) = setup() else { return };
-    let d = env.spawn();
-    env.wait_kernel(&full_list(), Duration::from_secs(10));
+    let d = env.start();
     assert!(env.log().contains("outcome=\"applied\""), "{}", env.log());
 
     // Changed at the API: reaches the kernel by the next interval (10 s), without a signal.
@@ -229,8 +237,7 @@ fn a_list_change_reaches_the_kernel_within_one_interval_and_sigusr1_syncs_at_onc
 #[test]
 fn sighup_with_a_broken_config_keeps_the_old_one_and_keeps_syncing() {
     let Some(env) = setup() else { return };
-    let d = env.spawn();
-    env.wait_kernel(&full_list(), Duration::from_secs(10));
+    let d = env.start();
     let good = std::fs::read_to_string(&env.cfg).unwrap();
     std::fs::write(&env.cfg, format!("{good}\nbogus_key: 1\n")).unwrap();
     signal(&d, libc::SIGHUP);
@@ -261,8 +268,7 @@ fn sighup_with_a_broken_config_keeps_the_old_one_and_keeps_syncing() {
 #[test]
 fn api_unreachable_at_start_restores_the_set_from_the_state_file() {
     let Some(env) = setup() else { return };
-    let d = env.spawn();
-    env.wait_kernel(&full_list(), Duration::from_secs(10));
+    let d = env.start();
     stop(d);
     // A "reboot": the kernel loses everything, and the API is down.
     netns::run("nft", &["delete", "table", "inet", "allowsync"]);
@@ -280,8 +286,7 @@ fn api_unreachable_at_start_restores_the_set_from_the_state_file() {
 #[test]
 fn api_failing_mid_run_leaves_the_set_and_backs_off() {
     let Some(env) = setup() else { return };
-    let d = env.spawn();
-    env.wait_kernel(&full_list(), Duration::from_secs(10));
+    let d = env.start();
     let state_before = env.state();
     env.mock.inject(Fault::Status(500));
     let before = env.mock.request_count();
@@ -303,8 +308,7 @@ fn api_failing_mid_run_leaves_the_set_and_backs_off() {
 #[test]
 fn a_mass_removal_is_refused_and_hand_deletions_are_repaired() {
     let Some(env) = setup() else { return };
-    let d = env.spawn();
-    env.wait_kernel(&full_list(), Duration::from_secs(10));
+    let d = env.start();
 
     // The API suddenly drops most entries: refused, logged, nothing removed.
     env.mock.set_list(5, strings(&["198.51.100.7"]));
@@ -334,8 +338,7 @@ fn a_mass_removal_is_refused_and_hand_deletions_are_repaired() {
 #[test]
 fn kill_9_then_restart_converges_and_a_second_instance_refuses() {
     let Some(env) = setup() else { return };
-    let mut d = env.spawn();
-    env.wait_kernel(&full_list(), Duration::from_secs(10));
+    let mut d = env.start();
 
     // A second instance on the same state refuses, naming the first.
     let out = Command::new(env!("CARGO_BIN_EXE_allowsync"))
@@ -369,15 +372,8 @@ fn kill_9_then_restart_converges_and_a_second_instance_refuses() {
 #[test]
 fn status_reports_the_last_sync_and_drift() {
     let Some(env) = setup() else { return };
-    let d = env.spawn();
-    env.wait_kernel(&full_list(), Duration::from_secs(10));
-    let status = |json: bool| {
-        let mut args = vec!["-c", env.cfg.to_str().unwrap(), "status"];
-        if json {
-            args.push("--json");
-        }
-        Command::new(env!("CARGO_BIN_EXE_allowsync")).args(&args).output().unwrap()
-    };
+    let d = env.start();
+    let status = |json: bool| env.command(if json { &["status", "--json"] } else { &["status"] });
     let o = status(true);
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
