@@ -10,7 +10,8 @@
 //! - [`nftables`]: two interval sets (and optionally an enforcement chain) in an nftables table,
 //!   over netlink.
 //! - [`ipset`]: two `hash:net` ipsets (and optionally an iptables enforcement chain), through
-//!   the `ipset` and `iptables-restore` programs.
+//!   the `ipset` and `iptables-restore` programs. `ipset restore` is not atomic: that module's
+//!   docs say how a failed apply still leaves the sets as they were (swap, or roll back).
 //! - [`Cached`]: wraps any backend and skips the costly read while the kernel's ruleset
 //!   generation says nothing changed since we last looked.
 
