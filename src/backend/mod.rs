@@ -9,10 +9,14 @@
 //! - [`dry_run`]: logs the transaction it would send and keeps nothing;
 //! - [`nftables`]: two interval sets (and optionally an enforcement chain) in an nftables table,
 //!   over netlink.
+//! - [`ipset`]: two `hash:net` ipsets (and optionally an iptables enforcement chain), through
+//!   the `ipset` and `iptables-restore` programs. `ipset restore` is not atomic: that module's
+//!   docs say how a failed apply still leaves the sets as they were (swap, or roll back).
 //! - [`Cached`]: wraps any backend and skips the costly read while the kernel's ruleset
 //!   generation says nothing changed since we last looked.
 
 pub mod dry_run;
+pub mod ipset;
 pub mod memory;
 mod netlink;
 pub mod nftables;
@@ -87,9 +91,7 @@ impl BackendError {
 pub fn from_config(cfg: &BackendConfig) -> Result<Box<dyn Backend>, BackendError> {
     match cfg {
         BackendConfig::Nftables(n) => Ok(Box::new(nftables::NftablesBackend::new(n)?)),
-        BackendConfig::Ipset(_) => Err(BackendError::Unavailable(
-            "the ipset backend is not implemented yet: use backend nftables or dry_run".into(),
-        )),
+        BackendConfig::Ipset(i) => Ok(Box::new(ipset::IpsetBackend::new(i)?)),
         BackendConfig::DryRun => Ok(Box::new(dry_run::DryRun)),
     }
 }

@@ -1,0 +1,594 @@
+//! One conformance suite for every kernel backend: the same test bodies run against nftables
+//! and ipset (the `conformance!` macro at the bottom generates a module per backend). Each test
+//! runs in a network namespace of its own (`common/netns.rs`). What differs per backend — how
+//! the CLI lists a set, how an operator causes drift, what a foreign object looks like, how an
+//! apply can honestly fail — is behind the [`Harness`] trait.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
+use std::time::{Duration, Instant};
+
+use allowsync::backend::ipset::IpsetBackend;
+use allowsync::backend::nftables::NftablesBackend;
+use allowsync::backend::{Backend, BackendError};
+use allowsync::config::{Enforce, IpsetConfig, NftablesConfig};
+use allowsync::prefixes::{AllowSet, Delta, Diff, Range, Ranges, parse_entry};
+use common::netns::{NamedNetns, enter_new_netns, nft_script, run, run_stdin};
+
+fn nets(entries: &[&str]) -> AllowSet {
+    AllowSet::from_nets(entries.iter().map(|e| parse_entry(e).unwrap().net))
+}
+
+/// Brings the kernel from whatever it holds to `desired`, the way the engine does.
+fn sync(b: &mut dyn Backend, desired: &AllowSet) -> Diff {
+    let diff = b.read().unwrap().diff_to(desired);
+    b.apply(&diff).unwrap();
+    diff
+}
+
+/// `count` IPv4 ranges of `2^(32-len)` addresses each, every other block (so none touch).
+fn spaced_blocks(base: u32, len: u8, count: u32) -> Ranges<u32> {
+    let size = 1u32 << (32 - len);
+    Ranges::from_disjoint((0..count).map(|i| Range::from_prefix(base + 2 * i * size, len)).collect()).unwrap()
+}
+
+/// What differs between backends.
+trait Harness {
+    const NAME: &'static str;
+    fn backend(enforce: Option<Enforce>) -> Box<dyn Backend>;
+    /// Asserts that the CLI lists both sets with the right types (and nothing else of ours).
+    fn assert_objects();
+    /// What the kernel holds, as the CLI lists it (`nft -j list set`, `ipset list -o save`).
+    fn cli_read() -> AllowSet;
+    /// Everything of the firewall the backend could touch, as text.
+    fn snapshot() -> String;
+    /// Changes the sets by hand, as an operator would, from
+    /// `{10.1.0.0/24, 10.2.0.0/24, 10.3.0.1, 2001:db8::/64}`: removes `10.2.0.0/24`, adds
+    /// `172.16.0.0/16`, `10.9.0.0/25` and `10.9.0.128/25` (separately) and `2001:db8:ffff::1`.
+    /// Returns what `read()` must then see.
+    fn drift() -> AllowSet;
+    /// Creates an object of one of our names that the backend must not adopt; returns the
+    /// object the error must name.
+    fn make_foreign() -> &'static str;
+    /// A backend, a state it holds, and a diff against that state that the kernel will refuse
+    /// part-way for an honest reason.
+    fn failing_apply() -> (Box<dyn Backend>, Diff);
+}
+
+fn assert_holds<H: Harness>(b: &mut dyn Backend, want: &AllowSet) {
+    assert_eq!(&b.read().unwrap(), want, "{}: read() differs", H::NAME);
+    assert_eq!(&H::cli_read(), want, "{}: the CLI's listing differs", H::NAME);
+}
+
+// ---- the cases -----------------------------------------------------------------------------
+
+fn objects_are_created_and_changes_applied<H: Harness>() {
+    let Some(_ns) = enter_new_netns() else { return };
+    let mut b = H::backend(None);
+    b.ensure().unwrap();
+    H::assert_objects();
+    assert_holds::<H>(&mut *b, &AllowSet::default());
+
+    let first = nets(&["10.0.0.0/24", "10.0.2.7", "192.0.2.16/28", "2001:db8::/48", "2001:db8:1::5"]);
+    let d = sync(&mut *b, &first);
+    assert_eq!((d.added(), d.removed()), (5, 0));
+    assert_holds::<H>(&mut *b, &first);
+
+    // Widen one prefix, drop one, add one, keep the rest.
+    let second =
+        nets(&["10.0.0.0/23", "192.0.2.16/28", "198.51.100.0/24", "2001:db8::/48", "2001:db8:2::/64"]);
+    let d = sync(&mut *b, &second);
+    assert_eq!((d.added(), d.removed()), (3, 3));
+    assert_holds::<H>(&mut *b, &second);
+
+    // A second ensure changes nothing in the sets.
+    b.ensure().unwrap();
+    H::assert_objects();
+    assert_holds::<H>(&mut *b, &second);
+    sync(&mut *b, &AllowSet::default());
+    assert_holds::<H>(&mut *b, &AllowSet::default());
+}
+
+fn large_sets_load<H: Harness>() {
+    let Some(_ns) = enter_new_netns() else { return };
+    let mut b = H::backend(None);
+    b.ensure().unwrap();
+    let name = H::NAME;
+
+    let hosts = AllowSet { v4: spaced_blocks(0x0a00_0000, 32, 100_000), v6: Ranges::default() };
+    let t = Instant::now();
+    sync(&mut *b, &hosts);
+    println!("{name}: 100k /32 applied: {:?}", t.elapsed());
+    let t = Instant::now();
+    let read = b.read().unwrap();
+    println!("{name}: 100k /32 read back: {:?}", t.elapsed());
+    assert_eq!(read, hosts);
+
+    let mut both = hosts.clone();
+    both.v4 = Ranges::from_disjoint(
+        hosts.v4.iter().copied().chain(spaced_blocks(0x2000_0000, 24, 100_000).iter().copied()).collect(),
+    )
+    .unwrap();
+    let t = Instant::now();
+    let d = sync(&mut *b, &both);
+    println!("{name}: 100k /24 added to them: {:?}", t.elapsed());
+    assert_eq!(d.added(), 100_000);
+    let t = Instant::now();
+    let read = b.read().unwrap();
+    println!("{name}: 200k set read back: {:?}", t.elapsed());
+    assert_eq!(read, both);
+    assert_eq!(H::cli_read(), both);
+
+    // +100 / -100 on the 200k set.
+    let mut small = both.v4.as_slice().to_vec();
+    small.drain(..100);
+    small.extend(spaced_blocks(0x6400_0000, 32, 100).iter().copied());
+    let changed = AllowSet { v4: Ranges::from_disjoint(small).unwrap(), v6: Ranges::default() };
+    let d = both.diff_to(&changed);
+    assert_eq!((d.added(), d.removed()), (100, 100));
+    let t = Instant::now();
+    b.apply(&d).unwrap();
+    println!("{name}: +100/-100 on a 200k set applied: {:?}", t.elapsed());
+    assert_eq!(b.read().unwrap(), changed);
+}
+
+fn a_failing_apply_changes_nothing<H: Harness>() {
+    let Some(_ns) = enter_new_netns() else { return };
+    let (mut b, diff) = H::failing_apply();
+    let before = H::cli_read();
+    let snapshot = H::snapshot();
+    let err = b.apply(&diff).unwrap_err();
+    println!("{}: refused apply: {err}", H::NAME);
+    assert_eq!(H::cli_read(), before, "a refused apply changed the set");
+    assert_eq!(H::snapshot(), snapshot);
+    assert_eq!(b.read().unwrap(), before);
+
+    // A removal of a range the set does not hold: a conflict (the engine re-reads), nothing done,
+    // even though a valid removal comes first.
+    let held = before.v4.as_slice()[0];
+    let not_held = Range::from_prefix(0xc633_6400, 25); // 198.51.100.0/25
+    assert!(!before.v4.covers(&not_held));
+    let missing = Diff { v4: Delta { remove: vec![held, not_held], add: vec![] }, v6: Delta::default() };
+    let err = b.apply(&missing).unwrap_err();
+    assert!(err.is_conflict(), "{err}");
+    assert_eq!(b.read().unwrap(), before);
+}
+
+fn drift_is_read_and_repaired<H: Harness>() {
+    let Some(_ns) = enter_new_netns() else { return };
+    let mut b = H::backend(None);
+    b.ensure().unwrap();
+    let desired = nets(&["10.1.0.0/24", "10.2.0.0/24", "10.3.0.1", "2001:db8::/64"]);
+    sync(&mut *b, &desired);
+
+    let want_seen = H::drift();
+    let seen = b.read().unwrap();
+    assert_eq!(seen, want_seen);
+    assert!(!seen.v4.contains(0x0a02_0001));
+    assert!(seen.v4.covers(&Range::from_prefix(0x0a09_0000, 24)));
+    assert!(seen.v6.contains(0x2001_0db8_ffff_0000_0000_0000_0000_0001));
+
+    let d = sync(&mut *b, &desired);
+    assert!(d.added() >= 1 && d.removed() >= 3, "{d:?}");
+    assert_holds::<H>(&mut *b, &desired);
+}
+
+fn foreign_objects_are_reported_and_left_alone<H: Harness>() {
+    let Some(_ns) = enter_new_netns() else { return };
+    let want_object = H::make_foreign();
+    let before = H::snapshot();
+    let err = H::backend(None).ensure().unwrap_err();
+    match &err {
+        BackendError::Foreign { object, why } => {
+            assert_eq!(object, want_object, "{why}");
+        }
+        other => panic!("expected Foreign, got {other}"),
+    }
+    assert_eq!(H::snapshot(), before, "ensure changed a foreign object");
+}
+
+// ---- enforcement: two namespaces joined by a veth pair ---------------------------------------
+
+const TCP_PORT: u16 = 8443;
+const OPEN_PORT: u16 = 8080;
+const UDP_PORT: u16 = 5353;
+
+fn tcp_connects(ns: &NamedNetns, from: IpAddr, to: SocketAddr) -> bool {
+    ns.run_in(move || {
+        let domain = socket2::Domain::for_address(to);
+        let s = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::new(from, 0).into()).unwrap();
+        s.connect_timeout(&to.into(), Duration::from_millis(700)).is_ok()
+    })
+}
+
+fn udp_arrives(ns: &NamedNetns, server: &UdpSocket, from: IpAddr, to: SocketAddr) -> bool {
+    let payload = format!("hello from {from}");
+    let sent = payload.clone();
+    ns.run_in(move || {
+        let s = UdpSocket::bind(SocketAddr::new(from, 0)).unwrap();
+        s.send_to(sent.as_bytes(), to).unwrap();
+    });
+    let mut buf = [0u8; 128];
+    loop {
+        match server.recv_from(&mut buf) {
+            Ok((n, _)) if &buf[..n] == payload.as_bytes() => return true,
+            Ok(_) => continue, // a datagram of an earlier probe
+            Err(_) => return false,
+        }
+    }
+}
+
+/// A client namespace `as-cli` joined to this one by a veth pair: server `10.200.0.1` and
+/// `fd00:200::1` here, clients `.2` and `.3` of both families there.
+fn veth_pair() -> NamedNetns {
+    let client = NamedNetns::new("as-cli");
+    let (srv_mac, cli_mac) = ("02:00:00:00:02:01", "02:00:00:00:02:02");
+    run(
+        "ip",
+        &[
+            "link",
+            "add",
+            "as-srv",
+            "address",
+            srv_mac,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "as-cli",
+            "address",
+            cli_mac,
+            "netns",
+            &client.name,
+        ],
+    );
+    run("ip", &["addr", "add", "10.200.0.1/24", "dev", "as-srv"]);
+    run("ip", &["addr", "add", "fd00:200::1/64", "dev", "as-srv", "nodad"]);
+    run("ip", &["link", "set", "as-srv", "up"]);
+    for a in ["10.200.0.2/24", "10.200.0.3/24"] {
+        run("ip", &["-n", &client.name, "addr", "add", a, "dev", "as-cli"]);
+    }
+    for a in ["fd00:200::2/64", "fd00:200::3/64"] {
+        run("ip", &["-n", &client.name, "addr", "add", a, "dev", "as-cli", "nodad"]);
+    }
+    run("ip", &["-n", &client.name, "link", "set", "as-cli", "up"]);
+    // Static neighbours: IPv6 neighbour discovery for a new source address can take a 1 s
+    // retransmission while the link-local addresses are still tentative, longer than the
+    // connect timeout; the test is about the firewall, not about ND.
+    for a in ["10.200.0.2", "10.200.0.3", "fd00:200::2", "fd00:200::3"] {
+        run("ip", &["neigh", "replace", a, "lladdr", cli_mac, "dev", "as-srv", "nud", "permanent"]);
+    }
+    for a in ["10.200.0.1", "fd00:200::1"] {
+        run(
+            "ip",
+            &[
+                "-n",
+                &client.name,
+                "neigh",
+                "replace",
+                a,
+                "lladdr",
+                srv_mac,
+                "dev",
+                "as-cli",
+                "nud",
+                "permanent",
+            ],
+        );
+    }
+    client
+}
+
+fn enforcement_filters_traffic_by_the_allowlist<H: Harness>() {
+    let Some(_ns) = enter_new_netns() else { return };
+    let client = veth_pair();
+
+    // Listeners in the server namespace (this thread's); the kernel completes handshakes into
+    // the backlog, so nothing needs to accept.
+    let _tcp4 = TcpListener::bind(("10.200.0.1", TCP_PORT)).unwrap();
+    let _tcp6 = TcpListener::bind(("fd00:200::1", TCP_PORT)).unwrap();
+    let _open = TcpListener::bind(("10.200.0.1", OPEN_PORT)).unwrap();
+    let udp = UdpSocket::bind(("10.200.0.1", UDP_PORT)).unwrap();
+    udp.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let (a2, a3, b2, b3) = (ip("10.200.0.2"), ip("10.200.0.3"), ip("fd00:200::2"), ip("fd00:200::3"));
+    let tcp4: SocketAddr = (ip("10.200.0.1"), TCP_PORT).into();
+    let tcp6: SocketAddr = (ip("fd00:200::1"), TCP_PORT).into();
+    let open: SocketAddr = (ip("10.200.0.1"), OPEN_PORT).into();
+    let udp4: SocketAddr = (ip("10.200.0.1"), UDP_PORT).into();
+
+    // Without enforcement everyone gets through: the network itself works.
+    for from in [a2, a3] {
+        assert!(tcp_connects(&client, from, tcp4), "baseline tcp from {from}");
+        assert!(udp_arrives(&client, &udp, from, udp4), "baseline udp from {from}");
+    }
+    for from in [b2, b3] {
+        assert!(tcp_connects(&client, from, tcp6), "baseline tcp6 from {from}");
+    }
+
+    let enforce = Enforce { tcp_ports: vec![TCP_PORT], udp_ports: vec![UDP_PORT] };
+    let mut b = H::backend(Some(enforce));
+    b.ensure().unwrap();
+    sync(&mut *b, &nets(&["10.200.0.2", "fd00:200::2"]));
+    let verdicts = |label: &str| {
+        let v = [
+            tcp_connects(&client, a2, tcp4),
+            tcp_connects(&client, a3, tcp4),
+            tcp_connects(&client, b2, tcp6),
+            tcp_connects(&client, b3, tcp6),
+            udp_arrives(&client, &udp, a2, udp4),
+            udp_arrives(&client, &udp, a3, udp4),
+            tcp_connects(&client, a3, open),
+        ];
+        println!("{} {label}: {v:?}", H::NAME);
+        v
+    };
+    let v = verdicts("allow .2");
+    if v != [true, false, true, false, true, false, true] {
+        println!("{}", H::snapshot());
+    }
+    assert_eq!(v, [true, false, true, false, true, false, true]);
+
+    sync(&mut *b, &nets(&["10.200.0.3", "fd00:200::3"]));
+    assert_eq!(verdicts("allow .3"), [false, true, false, true, false, true, true]);
+
+    // Loopback is never filtered, allowlisted or not.
+    assert!(TcpListener::bind(("127.0.0.1", TCP_PORT)).is_ok_and(|l| {
+        std::net::TcpStream::connect_timeout(&l.local_addr().unwrap(), Duration::from_millis(700)).is_ok()
+    }));
+
+    b.teardown().unwrap();
+    assert_eq!(verdicts("after teardown"), [true, true, true, true, true, true, true]);
+}
+
+// ---- nftables --------------------------------------------------------------------------------
+
+struct Nft;
+
+const TABLE: &str = "allowsync";
+
+/// The elements of a set as `nft -j` lists them, as inclusive ranges (exactly as held).
+fn nft_ranges<A: allowsync::prefixes::Addr>(set: &str, conv: impl Fn(IpAddr) -> A) -> Ranges<A> {
+    let out = run("nft", &["-j", "list", "set", "inet", TABLE, set]);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut ranges = Vec::new();
+    for item in json["nftables"].as_array().unwrap() {
+        let Some(elems) = item.get("set").and_then(|s| s.get("elem")) else { continue };
+        for e in elems.as_array().unwrap() {
+            let ip = |v: &serde_json::Value| v.as_str().unwrap().parse::<IpAddr>().unwrap();
+            let (start, end) = if e.is_string() {
+                (ip(e), ip(e))
+            } else if let Some(p) = e.get("prefix") {
+                let net = ipnet::IpNet::new(ip(&p["addr"]), p["len"].as_u64().unwrap() as u8).unwrap();
+                (net.network(), net.broadcast())
+            } else if let Some(r) = e.get("range") {
+                (ip(&r[0]), ip(&r[1]))
+            } else {
+                panic!("unexpected element form {e}");
+            };
+            ranges.push(Range { start: conv(start), end: conv(end) });
+        }
+    }
+    Ranges::from_disjoint(ranges).unwrap()
+}
+
+impl Harness for Nft {
+    const NAME: &'static str = "nftables";
+
+    fn backend(enforce: Option<Enforce>) -> Box<dyn Backend> {
+        let cfg = NftablesConfig {
+            table: TABLE.into(),
+            set_v4: "allow_v4".into(),
+            set_v6: "allow_v6".into(),
+            enforce,
+        };
+        Box::new(NftablesBackend::new(&cfg).unwrap())
+    }
+
+    fn assert_objects() {
+        let listing = run("nft", &["list", "table", "inet", TABLE]);
+        for want in ["set allow_v4", "type ipv4_addr", "set allow_v6", "type ipv6_addr", "flags interval"] {
+            assert!(listing.contains(want), "{want} missing in\n{listing}");
+        }
+        assert!(!listing.contains("chain"), "no chain without enforce:\n{listing}");
+    }
+
+    fn cli_read() -> AllowSet {
+        let v4 = nft_ranges("allow_v4", |ip| match ip {
+            IpAddr::V4(a) => u32::from(a),
+            IpAddr::V6(_) => panic!("IPv6 in allow_v4"),
+        });
+        let v6 = nft_ranges("allow_v6", |ip| match ip {
+            IpAddr::V6(a) => u128::from(a),
+            IpAddr::V4(_) => panic!("IPv4 in allow_v6"),
+        });
+        AllowSet { v4, v6 }
+    }
+
+    fn snapshot() -> String {
+        run("nft", &["list", "ruleset"])
+    }
+
+    fn drift() -> AllowSet {
+        nft_script(
+            "delete element inet allowsync allow_v4 { 10.2.0.0/24 }\n\
+             add element inet allowsync allow_v4 { 172.16.0.0/16 }\n\
+             add element inet allowsync allow_v4 { 10.9.0.0/25, 10.9.0.128/25 }\n\
+             add element inet allowsync allow_v6 { 2001:db8:ffff::1 }\n",
+        );
+        // Interval sets hold exactly what was added: the adjacent /25s stay two elements, and
+        // the diff must remove exactly those.
+        let v4 = Ranges::from_disjoint(vec![
+            Range::from_prefix(0x0a01_0000, 24),
+            Range::from_prefix(0x0a03_0001, 32),
+            Range::from_prefix(0x0a09_0000, 25),
+            Range::from_prefix(0x0a09_0080, 25),
+            Range::from_prefix(0xac10_0000, 16),
+        ])
+        .unwrap();
+        let v6 = Ranges::from_disjoint(vec![
+            Range::from_prefix(0x2001_0db8 << 96, 64),
+            Range::from_prefix(0x2001_0db8_ffff_0000_0000_0000_0000_0001, 128),
+        ])
+        .unwrap();
+        AllowSet { v4, v6 }
+    }
+
+    fn make_foreign() -> &'static str {
+        nft_script("table inet allowsync {\n set allow_v4 { type ipv4_addr; elements = { 192.0.2.1 } }\n}\n");
+        "set inet allowsync allow_v4"
+    }
+
+    fn failing_apply() -> (Box<dyn Backend>, Diff) {
+        let mut b = Self::backend(None);
+        b.ensure().unwrap();
+        sync(&mut *b, &nets(&["10.0.0.0/24", "10.5.0.0/16", "2001:db8::/48"]));
+        // 5k valid additions, then one address inside the /24: EEXIST aborts the whole batch.
+        let mut add: Vec<Range<u32>> = spaced_blocks(0x7000_0000, 32, 5_000).as_slice().to_vec();
+        add.push(Range::from_prefix(0x0a00_0007, 32));
+        (
+            b,
+            Diff {
+                v4: Delta { remove: vec![Range::from_prefix(0x0a05_0000, 16)], add },
+                v6: Delta::default(),
+            },
+        )
+    }
+}
+
+// ---- ipset -----------------------------------------------------------------------------------
+
+struct Ipset;
+
+const SET_V4: &str = "allowsync_v4";
+const SET_V6: &str = "allowsync_v6";
+
+fn ipset_config(maxelem: u32, enforce: Option<Enforce>) -> IpsetConfig {
+    IpsetConfig { set_v4: SET_V4.into(), set_v6: SET_V6.into(), maxelem, enforce }
+}
+
+/// The entries of an ipset as `ipset list -o save` prints them.
+fn ipset_entries(set: &str) -> Vec<String> {
+    run("ipset", &["list", "-o", "save", set])
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("add {set} ")).map(String::from))
+        .collect()
+}
+
+impl Harness for Ipset {
+    const NAME: &'static str = "ipset";
+
+    fn backend(enforce: Option<Enforce>) -> Box<dyn Backend> {
+        Box::new(IpsetBackend::new(&ipset_config(65536, enforce)).unwrap())
+    }
+
+    fn assert_objects() {
+        for (set, family) in [(SET_V4, "inet"), (SET_V6, "inet6")] {
+            let header = run("ipset", &["list", "-t", "-o", "save", set]);
+            let want = format!("create {set} hash:net family {family} ");
+            assert!(header.starts_with(&want), "{header}");
+            assert!(header.contains(" maxelem 65536 "), "{header}");
+        }
+        assert!(!run("iptables", &["-S"]).contains("ALLOWSYNC"), "no chain without enforce");
+    }
+
+    fn cli_read() -> AllowSet {
+        let entries = ipset_entries(SET_V4).into_iter().chain(ipset_entries(SET_V6));
+        AllowSet::from_nets(entries.map(|e| parse_entry(&e).unwrap().net))
+    }
+
+    fn snapshot() -> String {
+        let mut s = run("ipset", &["save"]);
+        // Element order in a hash dump is not stable across reads of the same set.
+        let mut lines: Vec<&str> = s.lines().collect();
+        lines.sort_unstable();
+        s = lines.join("\n");
+        s + "\n" + &run("iptables-save", &["-t", "filter"]) + &run("ip6tables-save", &["-t", "filter"])
+    }
+
+    fn drift() -> AllowSet {
+        run_stdin(
+            "ipset",
+            &["restore"],
+            "del allowsync_v4 10.2.0.0/24\nadd allowsync_v4 172.16.0.0/16\n\
+             add allowsync_v4 10.9.0.0/25\nadd allowsync_v4 10.9.0.128/25\nadd allowsync_v6 2001:db8:ffff::1\n",
+        );
+        // ipset holds prefixes; the backend reads them aggregated.
+        nets(&[
+            "10.1.0.0/24",
+            "10.3.0.1",
+            "10.9.0.0/24",
+            "172.16.0.0/16",
+            "2001:db8::/64",
+            "2001:db8:ffff::1",
+        ])
+    }
+
+    fn make_foreign() -> &'static str {
+        run("ipset", &["create", SET_V6, "hash:ip", "family", "inet6"]);
+        run("ipset", &["add", SET_V6, "2001:db8::1"]);
+        "ipset allowsync_v6"
+    }
+
+    /// Someone fills the set behind allowsync's back after its read, so the additions overflow
+    /// `maxelem` part-way through `ipset restore`: the lines already applied must be rolled back.
+    fn failing_apply() -> (Box<dyn Backend>, Diff) {
+        let mut b: Box<dyn Backend> = Box::new(IpsetBackend::new(&ipset_config(1024, None)).unwrap());
+        b.ensure().unwrap();
+        let held = nets(&["10.0.0.0/24", "10.5.0.0/16", "2001:db8::/48"]);
+        sync(&mut *b, &held);
+        let mut stray = String::new();
+        for i in 0..(1024 - 2 - 40) {
+            stray += &format!("add {SET_V4} 192.168.{}.{}\n", i / 256, i % 256);
+        }
+        run_stdin("ipset", &["restore"], &stray);
+        // 100 additions: 40 fit, the 41st hits "Hash is full". The removal comes after them.
+        let add = spaced_blocks(0x7000_0000, 32, 100).as_slice().to_vec();
+        (
+            b,
+            Diff {
+                v4: Delta { remove: vec![Range::from_prefix(0x0a05_0000, 16)], add },
+                v6: Delta::default(),
+            },
+        )
+    }
+}
+
+macro_rules! conformance {
+    ($module:ident, $harness:ty) => {
+        mod $module {
+            use super::*;
+
+            #[test]
+            fn objects_are_created_and_changes_applied() {
+                super::objects_are_created_and_changes_applied::<$harness>();
+            }
+            #[test]
+            fn large_sets_load() {
+                super::large_sets_load::<$harness>();
+            }
+            #[test]
+            fn a_failing_apply_changes_nothing() {
+                super::a_failing_apply_changes_nothing::<$harness>();
+            }
+            #[test]
+            fn drift_is_read_and_repaired() {
+                super::drift_is_read_and_repaired::<$harness>();
+            }
+            #[test]
+            fn foreign_objects_are_reported_and_left_alone() {
+                super::foreign_objects_are_reported_and_left_alone::<$harness>();
+            }
+            #[test]
+            fn enforcement_filters_traffic_by_the_allowlist() {
+                super::enforcement_filters_traffic_by_the_allowlist::<$harness>();
+            }
+        }
+    };
+}
+
+conformance!(nftables, Nft);
+conformance!(ipset, Ipset);

@@ -1,0 +1,210 @@
+//! The ipset backend against the real kernel: what is particular to ipset (the `/0` split,
+//! `maxelem` growth, the iptables enforcement chain, teardown order). What every backend must do
+//! is in `conformance.rs`. Each test runs in a network namespace of its own.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use allowsync::backend::ipset::{ENFORCE_CHAIN, IpsetBackend, enforce_rules};
+use allowsync::backend::{Backend, BackendError};
+use allowsync::config::{Enforce, IpsetConfig};
+use allowsync::prefixes::{AllowSet, Diff, Range, Ranges, parse_entry};
+use common::netns::{enter_new_netns, run};
+
+const SET_V4: &str = "allowsync_v4";
+const SET_V6: &str = "allowsync_v6";
+
+fn backend(maxelem: u32, enforce: Option<Enforce>) -> IpsetBackend {
+    IpsetBackend::new(&IpsetConfig { set_v4: SET_V4.into(), set_v6: SET_V6.into(), maxelem, enforce })
+        .unwrap()
+}
+
+fn nets(entries: &[&str]) -> AllowSet {
+    AllowSet::from_nets(entries.iter().map(|e| parse_entry(e).unwrap().net))
+}
+
+fn sync(b: &mut IpsetBackend, desired: &AllowSet) -> Diff {
+    let diff = b.read().unwrap().diff_to(desired);
+    b.apply(&diff).unwrap();
+    diff
+}
+
+fn entries(set: &str) -> Vec<String> {
+    let mut v: Vec<String> = run("ipset", &["list", "-o", "save", set])
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("add {set} ")).map(String::from))
+        .collect();
+    v.sort();
+    v
+}
+
+fn maxelem(set: &str) -> u32 {
+    let header = run("ipset", &["list", "-t", "-o", "save", set]);
+    let mut t = header.split_whitespace().skip_while(|w| *w != "maxelem");
+    t.nth(1).unwrap().parse().unwrap()
+}
+
+/// Runs `f` with this thread's tracing output captured, and returns that output.
+fn logs_of(f: impl FnOnce()) -> String {
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+    tracing::subscriber::with_default(subscriber, f);
+    String::from_utf8(buf.0.lock().unwrap().clone()).unwrap()
+}
+
+#[test]
+fn the_whole_space_is_stored_as_two_halves_and_read_back_whole() {
+    let Some(_ns) = enter_new_netns() else { return };
+    let mut b = backend(65536, None);
+    b.ensure().unwrap();
+    let all = nets(&["0.0.0.0/0", "::/0"]);
+    sync(&mut b, &all);
+    assert_eq!(entries(SET_V4), ["0.0.0.0/1", "128.0.0.0/1"]);
+    assert_eq!(entries(SET_V6), ["8000::/1", "::/1"]);
+    assert_eq!(b.read().unwrap(), all);
+
+    // Narrowing to a part: the halves go, the part comes, and nothing in between is lost.
+    let part = nets(&["10.0.0.0/8", "0.0.0.0/32", "255.255.255.255", "2001:db8::/32"]);
+    sync(&mut b, &part);
+    assert_eq!(entries(SET_V4), ["0.0.0.0", "10.0.0.0/8", "255.255.255.255"]);
+    assert_eq!(b.read().unwrap(), part);
+
+    // A range that is not one prefix is stored as its minimal prefixes.
+    let odd = AllowSet {
+        v4: Ranges::from_disjoint(vec![Range { start: 1, end: 6 }]).unwrap(),
+        v6: Ranges::default(),
+    };
+    sync(&mut b, &odd);
+    assert_eq!(entries(SET_V4), ["0.0.0.1", "0.0.0.2/31", "0.0.0.4/31", "0.0.0.6"]);
+    assert_eq!(b.read().unwrap(), odd);
+}
+
+#[test]
+fn a_set_too_small_is_grown_by_swap_with_a_warning() {
+    let Some(_ns) = enter_new_netns() else { return };
+    let mut b = backend(1024, None);
+    b.ensure().unwrap();
+    assert_eq!(maxelem(SET_V4), 1024);
+    let small = nets(&["192.0.2.0/24"]);
+    sync(&mut b, &small);
+
+    let hosts: Vec<Range<u32>> = (0..2000u32).map(|i| Range::from_prefix(0x0a00_0000 + 2 * i, 32)).collect();
+    let big = AllowSet { v4: Ranges::from_disjoint(hosts).unwrap(), v6: small.v6.clone() };
+    let logs = logs_of(|| {
+        sync(&mut b, &big);
+    });
+    assert!(logs.contains("WARN") && logs.contains("maxelem"), "no warning in:\n{logs}");
+    assert_eq!(maxelem(SET_V4), 4096, "2000 entries and a quarter of room, rounded up");
+    assert_eq!(maxelem(SET_V6), 1024, "the other family is untouched");
+    assert_eq!(b.read().unwrap(), big);
+    assert_eq!(entries(SET_V4).len(), 2000);
+    // No temporary set is left behind.
+    assert_eq!(run("ipset", &["list", "-n"]).lines().count(), 2);
+
+    // A grown set keeps its size while the list still needs it: no rebuild, no warning.
+    let logs = logs_of(|| {
+        b.ensure().unwrap();
+        sync(&mut b, &small);
+    });
+    assert!(!logs.contains("WARN"), "{logs}");
+
+    // Once it fits the configured maxelem again with room to spare, ensure shrinks it back;
+    // raising maxelem in the configuration rebuilds it larger. Contents survive both.
+    b.ensure().unwrap();
+    assert_eq!(maxelem(SET_V4), 1024);
+    let mut raised = backend(8192, None);
+    raised.ensure().unwrap();
+    assert_eq!((maxelem(SET_V4), maxelem(SET_V6)), (8192, 8192));
+    assert_eq!(raised.read().unwrap(), small);
+}
+
+fn rules(prog: &str) -> Vec<String> {
+    run(prog, &["-S"]).lines().filter(|l| l.contains(ENFORCE_CHAIN)).map(String::from).collect()
+}
+
+#[test]
+fn enforcement_chain_is_idempotent_and_teardown_goes_in_order() {
+    let Some(_ns) = enter_new_netns() else { return };
+    let enforce = Enforce { tcp_ports: vec![443, 8443], udp_ports: vec![53] };
+    let mut b = backend(65536, Some(enforce.clone()));
+    for _ in 0..3 {
+        b.ensure().unwrap();
+    }
+    sync(&mut b, &nets(&["192.0.2.0/24", "2001:db8::/32"]));
+    for (prog, set) in [("iptables", SET_V4), ("ip6tables", SET_V6)] {
+        let mut want = vec![format!("-N {ENFORCE_CHAIN}"), format!("-A INPUT -j {ENFORCE_CHAIN}")];
+        want.extend(enforce_rules(set, &enforce).iter().map(|r| format!("-A {ENFORCE_CHAIN} {r}")));
+        let mut got = rules(prog);
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "{prog}");
+        // The jump comes first in INPUT, loopback first in the chain.
+        let input = run(prog, &["-S", "INPUT"]);
+        assert_eq!(input.lines().nth(1), Some(&*format!("-A INPUT -j {ENFORCE_CHAIN}")), "{input}");
+        let chain = run(prog, &["-S", ENFORCE_CHAIN]);
+        assert_eq!(chain.lines().nth(1), Some(&*format!("-A {ENFORCE_CHAIN} -i lo -j RETURN")), "{chain}");
+    }
+
+    // Other ports: the chain is refilled, not appended to.
+    let mut other = backend(65536, Some(Enforce { tcp_ports: vec![22], udp_ports: vec![] }));
+    other.ensure().unwrap();
+    assert_eq!(rules("iptables").len(), 4, "{:?}", rules("iptables"));
+
+    // A set in use by a rule cannot be destroyed: teardown removes the rules first.
+    assert!(run("ipset", &["list", "-t", SET_V4]).contains("References: 1"));
+    b.teardown().unwrap();
+    assert!(rules("iptables").is_empty() && rules("ip6tables").is_empty());
+    assert_eq!(run("ipset", &["list", "-n"]), "");
+    b.teardown().unwrap(); // nothing left: fine
+
+    // Without enforce, ensure removes an enforcement chain left from before.
+    other.ensure().unwrap();
+    backend(65536, None).ensure().unwrap();
+    assert!(rules("iptables").is_empty() && rules("ip6tables").is_empty());
+}
+
+#[test]
+fn a_foreign_chain_is_reported_and_left_alone() {
+    let Some(_ns) = enter_new_netns() else { return };
+    run("iptables", &["-N", ENFORCE_CHAIN]);
+    run("iptables", &["-A", ENFORCE_CHAIN, "-p", "tcp", "--dport", "22", "-j", "ACCEPT"]);
+    let before = run("iptables-save", &["-t", "filter"]);
+    let enforce = Enforce { tcp_ports: vec![443], udp_ports: vec![] };
+    let err = backend(65536, Some(enforce)).ensure().unwrap_err();
+    assert!(
+        matches!(&err, BackendError::Foreign { object, .. } if object.contains("iptables chain filter ALLOWSYNC")),
+        "{err}"
+    );
+    // Without enforce it is not removed either, and teardown leaves it.
+    let mut plain = backend(65536, None);
+    plain.ensure().unwrap();
+    plain.teardown().unwrap();
+    let strip = |s: &str| s.lines().filter(|l| !l.starts_with('#')).map(String::from).collect::<Vec<_>>();
+    assert_eq!(strip(&run("iptables-save", &["-t", "filter"])), strip(&before));
+}
+
+#[test]
+fn a_missing_set_is_a_conflict_and_ensure_recreates_it() {
+    let Some(_ns) = enter_new_netns() else { return };
+    let mut b = backend(65536, None);
+    assert!(b.read().unwrap_err().is_conflict());
+    b.ensure().unwrap();
+    sync(&mut b, &nets(&["192.0.2.1"]));
+    run("ipset", &["destroy", SET_V6]);
+    assert!(b.read().unwrap_err().is_conflict());
+    b.ensure().unwrap();
+    assert_eq!(b.read().unwrap(), nets(&["192.0.2.1"]));
+}
