@@ -3,9 +3,10 @@
 # as root. Safe to run again: it installs nothing that is already there.
 set -euo pipefail
 
-# lintian, binutils (readelf, strip) and man-db: the packaging checks (tests/packaging.sh).
+# lintian, rpm (to inspect the .rpm), binutils (readelf, strip) and man-db: the packaging checks
+# (tests/packaging.sh).
 packages=(pkg-config libnftnl-dev libmnl-dev nftables ipset iptables iproute2 util-linux procps
-  lintian binutils man-db)
+  lintian rpm binutils man-db)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

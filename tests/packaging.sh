@@ -10,6 +10,7 @@
 #   4. lintian: no errors (warnings are listed)
 #   5. the .rpm: present, and its file list when `rpm` is installed
 set -euo pipefail
+trap 'echo "packaging: ABORTED at line $LINENO (exit $?)" >&2' ERR
 cd "$(dirname "$0")/.."
 
 MAX_EXPOSURE=1.5
@@ -149,8 +150,13 @@ done
 
 depends=$(sed -n 's/^Depends: //p' "$ctl/control")
 recommends=$(sed -n 's/^Recommends: //p' "$ctl/control")
-# Every shared library the binary links must come from a package in Depends.
+# Every shared library the binary links must come from a package in Depends, or one that a
+# package in Depends itself depends on (libgcc-s1 comes with libc6).
 needed=$(readelf -d "$BIN" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p')
+provided=$depends
+for p in $(tr ',|' '\n\n' <<<"$depends" | awk '{ print $1 }'); do
+  provided+=", $(dpkg-query -W -f='${Depends}, ${Pre-Depends}' "$p" 2>/dev/null || true)"
+done
 for lib in $needed; do
   path=$(ldconfig -p | awk -v l="$lib" '$1 == l { print $NF; exit }')
   pkg=$(dpkg -S "$path" 2>/dev/null | head -1 | cut -d: -f1 || true)
@@ -158,6 +164,8 @@ for lib in $needed; do
     fail "cannot find the package of $lib ($path)"
   elif grep -qw -- "$pkg" <<<"$depends"; then
     ok "links $lib: Depends has $pkg"
+  elif grep -qw -- "$pkg" <<<"$provided"; then
+    ok "links $lib: $pkg comes with a package in Depends"
   else
     fail "links $lib from $pkg, which Depends ($depends) lacks"
   fi
@@ -171,7 +179,7 @@ fi
 
 # Installing must not enable or start the service: the only enable is the one that restores a
 # previous enablement, the only restart a try-restart on upgrade.
-scripts=$(cat "$ctl"/preinst "$ctl"/postinst "$ctl"/prerm "$ctl"/postrm 2>/dev/null)
+scripts=$(cat "$ctl"/preinst "$ctl"/postinst "$ctl"/prerm "$ctl"/postrm 2>/dev/null || true)
 if grep -nE 'deb-systemd-invoke +(start|restart|reload)|systemctl[^|]* (start|enable|restart)' <<<"$scripts"; then
   fail "a maintainer script starts or enables the service"
 else
@@ -210,8 +218,30 @@ else
     fail "$rpmfile is not an RPM"
   fi
   if command -v rpm >/dev/null 2>&1; then
-    rpm -qpl "$rpmfile"
-    rpm -qpR "$rpmfile"
+    rpm_files=$(rpm -qp --qf '[%{FILEMODES:perms} %{FILEUSERNAME}:%{FILEGROUPNAME} %{FILEFLAGS:fflags} %{FILENAMES}\n]' "$rpmfile")
+    printf '%s\n' "$rpm_files" | sed 's/^/  /'
+    for e in "-rwxr-xr-x root:root /usr/bin/allowsync" \
+      "-rw-r--r-- root:root /usr/lib/systemd/system/allowsync.service" \
+      "-rw-r----- root:allowsync /etc/allowsync/config.yaml" \
+      "-rw-r--r-- root:root /usr/share/man/man8/allowsync.8.gz"; do
+      read -r mode owner path <<<"$e"
+      if awk -v m="$mode" -v o="$owner" -v p="$path" '$1 == m && $2 == o && $NF == p { f = 1 } END { exit !f }' <<<"$rpm_files"; then
+        ok "rpm: $e"
+      else
+        fail "rpm: want $e"
+      fi
+    done
+    grep -q ' cn /etc/allowsync/config.yaml$' <<<"$rpm_files" && ok "rpm: config(noreplace) /etc/allowsync/config.yaml" ||
+      fail "rpm: /etc/allowsync/config.yaml is not %config(noreplace)"
+    rpm -qpR "$rpmfile" | grep -q '^libc.so.6' && ok "rpm: auto-req found the shared libraries" ||
+      fail "rpm: no shared-library Requires"
+    rpm -qp --recommends "$rpmfile" | grep -qx '(nftables or ipset)' && ok "rpm: Recommends (nftables or ipset)" ||
+      fail "rpm: Recommends lacks (nftables or ipset)"
+    if rpm -qp --scripts "$rpmfile" | grep -nE 'systemctl[^|]* (start|enable|preset)'; then
+      fail "an rpm scriptlet starts or enables the service"
+    else
+      ok "rpm: no scriptlet starts or enables the service"
+    fi
   else
     echo "  note  rpm is not installed: the RPM's file list is not inspected"
   fi
