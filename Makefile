@@ -1,11 +1,12 @@
 # allowsync: every entry point a developer or CI needs. See README.md.
 #   make demo   installs what it needs, builds, runs the daemon against the mock Chat API
-#   make test   installs what it needs, then fmt, clippy and every test
+#   make test   installs what it needs, then fmt, clippy, every test, and the packaging checks
+#   make deb    builds target/debian/allowsync_*.deb (make rpm: target/generate-rpm/*.rpm)
 SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all deps build lint test demo clean
+.PHONY: all deps build lint test demo clean man deb rpm packages test-packaging
 
 all: build
 
@@ -21,6 +22,26 @@ lint: deps
 
 test: lint
 	$(CARGO) test --all-features --locked
+	$(MAKE) test-packaging
+
+# Packaging. `build` (one release build) also generates the man page and completions into
+# $(ASSETS) (build.rs); the packages are made from that build, never a second one.
+ASSETS := target/release/assets
+
+man: build
+	gzip -9n -c $(ASSETS)/allowsync.8 > $(ASSETS)/allowsync.8.gz
+
+deb: man
+	$(CARGO) deb --no-build
+
+rpm: man
+	$(CARGO) generate-rpm
+
+packages: deb rpm
+
+# The unit's hardening score and verify, the packages' contents, lintian: tests/packaging.sh.
+test-packaging: packages
+	tests/packaging.sh
 
 demo: deps
 	$(CARGO) build --release --locked --features mock --bin allowsync --example mock_chat_api

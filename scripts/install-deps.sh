@@ -3,7 +3,10 @@
 # as root. Safe to run again: it installs nothing that is already there.
 set -euo pipefail
 
-packages=(pkg-config libnftnl-dev libmnl-dev nftables ipset iptables iproute2 util-linux procps)
+# lintian, rpm (to inspect the .rpm), binutils (readelf, strip) and man-db: the packaging checks
+# (tests/packaging.sh).
+packages=(pkg-config libnftnl-dev libmnl-dev nftables ipset iptables iproute2 util-linux procps
+  lintian rpm binutils man-db)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -23,3 +26,14 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "install-deps: cargo not found: install Rust 1.85 or newer (https://rustup.rs), then run make again" >&2
   exit 1
 fi
+
+# The packagers, from crates.io, pinned (both build with Rust 1.85+), only when missing.
+cargo_tool() {
+  local bin=$1 crate=$2 version=$3
+  if ! command -v "$bin" >/dev/null 2>&1; then
+    echo "install-deps: cargo install $crate $version"
+    cargo install --locked --quiet --version "$version" "$crate"
+  fi
+}
+cargo_tool cargo-deb cargo-deb 3.8.0
+cargo_tool cargo-generate-rpm cargo-generate-rpm 0.21.1

@@ -5,7 +5,10 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::DEFAULT_PATH;
+/// Where the configuration is read from when neither `-c` nor `ALLOWSYNC_CONFIG` is given.
+/// Spelled out here rather than imported, so that `build.rs` can compile this file on its own
+/// to generate the man page and completions; a test keeps it equal to `config::DEFAULT_PATH`.
+pub const DEFAULT_PATH: &str = "/etc/allowsync/config.yaml";
 
 /// Keep nftables sets (or ipsets) in step with Tencent Cloud Chat's webhook egress addresses.
 ///
@@ -56,4 +59,12 @@ pub enum Command {
         #[arg(long, value_name = "NAME")]
         source: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_default_path_is_the_configuration_default() {
+        assert_eq!(super::DEFAULT_PATH, crate::config::DEFAULT_PATH);
+    }
 }

@@ -44,12 +44,12 @@ fn the_example_configuration_fails_only_for_its_key_file() {
     let o = allowsync(&["-c", &repo("config/allowsync.yaml"), "check-config"]);
     assert_eq!(o.status.code(), Some(2));
     let t = text(&o);
-    assert!(t.contains("sources[0].tencent_chat.secret_key_file: cannot read the secret key file /etc/allowsync/chat-sgp.key"), "{t}");
+    assert!(t.contains("sources[0].tencent_chat.secret_key_file: cannot read the secret key file /run/credentials/allowsync.service/chat-sgp.key"), "{t}");
     // With the key file present, it is valid.
     let dir = tempfile::tempdir().unwrap();
     let yaml = std::fs::read_to_string(repo("config/allowsync.yaml"))
         .unwrap()
-        .replace("/etc/allowsync/chat-sgp.key", "chat-sgp.key");
+        .replace("/run/credentials/allowsync.service/chat-sgp.key", "chat-sgp.key");
     std::fs::write(dir.path().join("config.yaml"), yaml).unwrap();
     std::fs::write(dir.path().join("chat-sgp.key"), "k").unwrap();
     let o = allowsync(&["-c", &dir.path().join("config.yaml").display().to_string(), "check-config"]);
