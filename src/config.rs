@@ -722,6 +722,15 @@ fn resolve(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
     })
 }
 
+/// Under systemd, `LoadCredential=chat-sgp.key:/etc/allowsync/chat-sgp.key` hands the daemon
+/// (which runs as an unprivileged user that cannot read `/etc/allowsync/chat-sgp.key`) a copy as
+/// `$CREDENTIALS_DIRECTORY/chat-sgp.key`. When that copy exists it is read in place of the
+/// configured file, so one configuration serves both the service and root at a shell.
+fn systemd_credential(configured: &Path, credentials_dir: Option<&Path>) -> Option<PathBuf> {
+    let candidate = credentials_dir?.join(configured.file_name()?);
+    candidate.is_file().then_some(candidate)
+}
+
 fn resolve_chat(
     chat: Spanned<RawChat>,
     path: &Path,
@@ -761,7 +770,9 @@ fn resolve_chat(
         ));
     }
     let secret_key = if let Some(f) = &c.secret_key_file {
-        let file = absolute(base, &f.value);
+        let configured = absolute(base, &f.value);
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        let file = systemd_credential(&configured, credentials.as_deref()).unwrap_or(configured);
         let k = format!("{key}.secret_key_file");
         let text = std::fs::read_to_string(&file).map_err(|e| {
             at(path, f, &k, format!("cannot read the secret key file {}: {e}", file.display()))
@@ -1024,6 +1035,17 @@ sources:
         std::fs::set_permissions(dir.path().join("keys/app.key"), std::fs::Permissions::from_mode(0o600))
             .unwrap();
         assert!(Config::load(&cfg).unwrap().warnings.is_empty());
+    }
+
+    #[test]
+    fn a_systemd_credential_stands_in_for_the_key_file() {
+        let creds = tempfile::tempdir().unwrap();
+        let etc = Path::new("/etc/allowsync/chat-sgp.key");
+        assert_eq!(systemd_credential(etc, None), None);
+        assert_eq!(systemd_credential(etc, Some(creds.path())), None, "no such credential");
+        std::fs::write(creds.path().join("chat-sgp.key"), "k").unwrap();
+        assert_eq!(systemd_credential(etc, Some(creds.path())), Some(creds.path().join("chat-sgp.key")));
+        assert_eq!(systemd_credential(Path::new("/etc/allowsync/other.key"), Some(creds.path())), None);
     }
 
     #[test]

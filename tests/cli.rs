@@ -44,12 +44,12 @@ fn the_example_configuration_fails_only_for_its_key_file() {
     let o = allowsync(&["-c", &repo("config/allowsync.yaml"), "check-config"]);
     assert_eq!(o.status.code(), Some(2));
     let t = text(&o);
-    assert!(t.contains("sources[0].tencent_chat.secret_key_file: cannot read the secret key file /run/credentials/allowsync.service/chat-sgp.key"), "{t}");
+    assert!(t.contains("sources[0].tencent_chat.secret_key_file: cannot read the secret key file /etc/allowsync/chat-sgp.key"), "{t}");
     // With the key file present, it is valid.
     let dir = tempfile::tempdir().unwrap();
     let yaml = std::fs::read_to_string(repo("config/allowsync.yaml"))
         .unwrap()
-        .replace("/run/credentials/allowsync.service/chat-sgp.key", "chat-sgp.key");
+        .replace("/etc/allowsync/chat-sgp.key", "chat-sgp.key");
     std::fs::write(dir.path().join("config.yaml"), yaml).unwrap();
     std::fs::write(dir.path().join("chat-sgp.key"), "k").unwrap();
     let o = allowsync(&["-c", &dir.path().join("config.yaml").display().to_string(), "check-config"]);
@@ -87,4 +87,25 @@ fn the_config_file_comes_from_the_environment_too() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+#[test]
+fn under_systemd_the_credential_copy_of_the_key_is_read() {
+    // The example names /etc/allowsync/chat-sgp.key, absent here; the unit's LoadCredential=
+    // copy in $CREDENTIALS_DIRECTORY stands in for it.
+    let creds = tempfile::tempdir().unwrap();
+    std::fs::write(creds.path().join("chat-sgp.key"), "credential-key").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_allowsync"))
+        .args(["-c", &repo("config/allowsync.yaml"), "check-config"])
+        .env("CREDENTIALS_DIRECTORY", creds.path())
+        .env_remove("ALLOWSYNC_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("key from file {}", creds.path().join("chat-sgp.key").display())),
+        "{}",
+        text(&o)
+    );
+    assert!(!text(&o).contains("credential-key"));
 }

@@ -71,10 +71,13 @@ done
 if grep -q '^PrivateNetwork=yes\|^PrivateUsers=yes' "$UNIT"; then
   fail "PrivateNetwork=/PrivateUsers= would hide the host's firewall from netlink"
 fi
-if grep -q 'secret_key_file: /run/credentials/allowsync.service/chat-sgp.key' config/allowsync.yaml; then
-  ok "config/allowsync.yaml reads the key from the unit's credential"
+# The unit's credential must carry the file name of the example's secret_key_file: allowsync
+# reads $CREDENTIALS_DIRECTORY/<that name> in its place under systemd.
+if grep -q 'secret_key_file: /etc/allowsync/chat-sgp.key' config/allowsync.yaml &&
+   grep -q '^LoadCredential=chat-sgp.key:/etc/allowsync/chat-sgp.key' "$UNIT"; then
+  ok "config/allowsync.yaml's key file is the unit's credential chat-sgp.key"
 else
-  fail "config/allowsync.yaml: secret_key_file is not /run/credentials/allowsync.service/chat-sgp.key"
+  fail "config/allowsync.yaml's secret_key_file and the unit's LoadCredential= do not match"
 fi
 
 section "deb"
