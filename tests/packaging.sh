@@ -162,7 +162,12 @@ for p in $(tr ',|' '\n\n' <<<"$depends" | awk '{ print $1 }'); do
 done
 for lib in $needed; do
   path=$(ldconfig -p | awk -v l="$lib" '$1 == l { print $NF; exit }')
-  pkg=$(dpkg -S "$path" 2>/dev/null | head -1 | cut -d: -f1 || true)
+  # On merged-/usr systems ldconfig may name /lib/... while dpkg knows /usr/lib/...: try both.
+  pkg=""
+  for candidate in "$path" "/usr$path" "$(readlink -f "$path")"; do
+    pkg=$(dpkg -S "$candidate" 2>/dev/null | head -1 | cut -d: -f1 || true)
+    [ -n "$pkg" ] && break
+  done
   if [ -z "$pkg" ]; then
     fail "cannot find the package of $lib ($path)"
   elif grep -qw -- "$pkg" <<<"$depends"; then
