@@ -3,177 +3,21 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use allowsync::backend::Backend;
-use allowsync::backend::nftables::NftablesBackend;
-use allowsync::config::NftablesConfig;
-use allowsync::mock::{Fault, MockChatApi, MockConfig, MockHandle};
-use allowsync::prefixes::{AllowSet, parse_entry};
-use common::netns::{self, NetnsGuard};
+use allowsync::mock::Fault;
+use common::daemon::{Env, Setup, set, signal, stop, strings, wait_until};
+use common::netns;
 
 const KEY: &str = "daemon-test-secret-key";
-
-struct Env {
-    mock: MockHandle,
-    dir: tempfile::TempDir,
-    cfg: PathBuf,
-    // Dropped last: the runtime serves the mock, the guard keeps us in the namespace.
-    _rt: tokio::runtime::Runtime,
-    _ns: NetnsGuard,
-}
-
-fn set(v: &[&str]) -> AllowSet {
-    AllowSet::from_nets(v.iter().map(|s| parse_entry(s).unwrap().net))
-}
-
-fn strings(v: &[&str]) -> Vec<String> {
-    v.iter().map(ToString::to_string).collect()
-}
 
 const LIST5: &[&str] = &["203.0.113.0/25", "203.0.113.128/25", "198.51.100.7", "198.51.100.9"];
 const LIST6: &[&str] = &["192.0.2.0/24", "2001:db8:6::/48"];
 
 fn setup() -> Option<Env> {
-    setup_with(|_| {})
-}
-
-fn setup_with(tweak: impl FnOnce(&mut String)) -> Option<Env> {
-    let ns = netns::enter_new_netns()?;
-    // Built after entering the namespace: its threads, and so the mock's socket, live in it.
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    let mut mc = MockConfig::new(1400000000, "administrator", KEY);
-    mc.lists.insert(5, strings(LIST5));
-    mc.lists.insert(6, strings(LIST6));
-    let mock = rt.block_on(MockChatApi::start(mc)).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("key"), KEY).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.path().join("key"), std::fs::Permissions::from_mode(0o600)).unwrap();
-    let mut yaml = format!(
-        "interval: 10s
-jitter: 0s
-state_file: state.json
-sources:
-  - name: chat
-    tencent_chat:
-      endpoint: {url}
-      sdkappid: 1400000000
-      identifier: administrator
-      secret_key_file: key
-      nettypes: [5, 6]
-      timeout: 2s
-backend:
-  nftables: {{ table: allowsync, set_v4: allow_v4, set_v6: allow_v6 }}
-log:
-  format: text
-  level: info
-",
-        url = mock.url()
-    );
-    tweak(&mut yaml);
-    let cfg = dir.path().join("config.yaml");
-    std::fs::write(&cfg, yaml).unwrap();
-    Some(Env { mock, dir, cfg, _rt: rt, _ns: ns })
-}
-
-impl Env {
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("daemon.log")
-    }
-
-    fn spawn(&self) -> Child {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
-        Command::new(env!("CARGO_BIN_EXE_allowsync"))
-            .args(["-c", self.cfg.to_str().unwrap(), "run"])
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    fn syncs(&self) -> usize {
-        self.log()
-            .lines()
-            .filter(|l| l.contains(" sync ") || l.contains("sync refused") || l.contains("sync failed"))
-            .count()
-    }
-
-    /// Waits until the log has more than `n` sync lines.
-    fn wait_syncs(&self, n: usize, within: Duration) {
-        assert!(
-            wait_until(within, || self.syncs() > n),
-            "no sync #{} within {within:?}; log:\n{}",
-            n + 1,
-            self.log()
-        );
-    }
-
-    fn kernel(&self) -> AllowSet {
-        backend().read().unwrap()
-    }
-
-    fn wait_kernel(&self, want: &AllowSet, within: Duration) {
-        let ok = wait_until(within, || backend().read().ok().as_ref() == Some(want));
-        let now = backend().read().map(|s| s.to_nets());
-        assert!(ok, "kernel {now:?} != {:?}; log:\n{}", want.to_nets(), self.log());
-    }
-
-    fn state(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("state.json")).unwrap_or_default()
-    }
-}
-
-fn backend() -> NftablesBackend {
-    NftablesBackend::new(&NftablesConfig {
-        table: "allowsync".into(),
-        set_v4: "allow_v4".into(),
-        set_v6: "allow_v6".into(),
-        enforce: None,
-    })
-    .unwrap()
-}
-
-fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + within;
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
-}
-
-fn signal(child: &Child, sig: i32) {
-    // SAFETY: kill(2) on a child we spawned and have not reaped.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
-}
-
-/// Stops the daemon with SIGTERM and returns how long it took.
-fn stop(mut child: Child) -> Duration {
-    let t = Instant::now();
-    signal(&child, libc::SIGTERM);
-    let end = t + Duration::from_secs(5);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "daemon exited with {status}");
-            return t.elapsed();
-        }
-        if Instant::now() > end {
-            let _ = child.kill();
-            panic!("daemon did not stop within 5 s of SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let lists = [(5, strings(LIST5)), (6, strings(LIST6))].into();
+    common::daemon::setup_with(Setup::new(KEY, lists), |_| {})
 }
 
 fn full_list() -> AllowSet {
