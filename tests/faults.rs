@@ -78,6 +78,7 @@ fn cases() -> Vec<Case> {
         case("wrong types", Fault::WrongTypes, "InvalidResponse"),
         case("dribble", Fault::Dribble(Duration::from_millis(500)), "Network"),
         case("body: every entry invalid", Fault::Body(all_invalid.into()), "InvalidResponse"),
+        case("chunked body: every entry invalid", Fault::ChunkedBody(all_invalid.into()), "InvalidResponse"),
         case("60007 rate", Fault::ErrorCode(60007), "RateLimited"),
         case("60008 transient", Fault::ErrorCode(60008), "Transient"),
         // Re-minted and retried once per nettype, then given up: twice the requests.

@@ -108,7 +108,7 @@ pub struct Finished {
     pub elapsed: Duration,
     pub stdout: String,
     pub stderr: String,
-    /// Peak resident memory of the process (`ru_maxrss`), in KiB.
+    /// Peak resident memory of the process (`VmHWM`), in KiB.
     pub max_rss_kib: i64,
 }
 
@@ -134,9 +134,7 @@ impl Env {
             .unwrap()
     }
 
-    /// Runs `allowsync -c CFG <args>` to its end, killing it at `deadline`; its peak memory is
-    /// taken from `wait4`, which reports the child's own rusage (not every child's, as
-    /// `RUSAGE_CHILDREN` would).
+    /// Runs `allowsync -c CFG <args>` to its end, killing it at `deadline` (see [`wait_child`]).
     pub fn command(&self, args: &[&str], deadline: Duration) -> Finished {
         let dir = self.dir.path();
         let (out, err) = (dir.join("cmd.stdout"), dir.join("cmd.stderr"));
@@ -215,29 +213,46 @@ pub fn lists_of(s: &State) -> (Vec<(String, AllowSet)>, Option<AllowSet>) {
 
 /// Waits for `child` until `deadline` (then kills it): exit code (`None` if killed or
 /// signalled), how long it ran, and its peak RSS in KiB.
+///
+/// The peak is the largest `VmHWM` read from `/proc/PID/status` while it runs, polled every
+/// 2 ms (it is a high-water mark, so only growth in its last 2 ms can be missed). Not
+/// `wait4`'s `ru_maxrss`: the child is started with vfork semantics, and exec carries the
+/// parent's high-water mark (this test process's) into the child's.
 pub fn wait_child(child: Child, deadline: Duration) -> (Option<i32>, Duration, i64) {
     let t = Instant::now();
     let pid = child.id() as libc::pid_t;
+    let status_path = format!("/proc/{pid}/status");
     let mut killed = false;
+    let mut peak = 0i64;
     loop {
+        if let Some(kib) = std::fs::read_to_string(&status_path).ok().as_deref().and_then(vm_hwm_kib) {
+            peak = peak.max(kib);
+        }
         let mut status = 0;
-        // SAFETY: zeroed rusage is a valid value; wait4 on our own child, result checked.
-        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-        let rc = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
-        assert!(rc >= 0, "wait4: {}", std::io::Error::last_os_error());
+        // SAFETY: waitpid on our own child, result checked.
+        let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        assert!(rc >= 0, "waitpid: {}", std::io::Error::last_os_error());
         if rc == pid {
             let code = (libc::WIFEXITED(status) && !killed).then(|| libc::WEXITSTATUS(status));
             // Reaped: dropping the handle only closes what it holds, it never waits.
             drop(child);
-            return (code, t.elapsed(), ru.ru_maxrss);
+            return (code, t.elapsed(), peak);
         }
         if t.elapsed() > deadline && !killed {
             // SAFETY: kill(2) on our unreaped child.
             unsafe { libc::kill(pid, libc::SIGKILL) };
             killed = true;
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+/// `VmHWM` (peak resident set) in KiB from a `/proc/PID/status` text.
+pub fn vm_hwm_kib(status: &str) -> Option<i64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 pub fn backend() -> NftablesBackend {
