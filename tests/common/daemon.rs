@@ -170,7 +170,13 @@ impl Env {
     pub fn syncs(&self) -> usize {
         self.log()
             .lines()
-            .filter(|l| l.contains(" sync ") || l.contains("sync refused") || l.contains("sync failed"))
+            .filter(|l| {
+                // text: `INFO sync outcome=…`; json: `"message":"sync"`.
+                l.contains(" sync ")
+                    || l.contains(r#""message":"sync""#)
+                    || l.contains("sync refused")
+                    || l.contains("sync failed")
+            })
             .count()
     }
 
