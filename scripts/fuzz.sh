@@ -17,6 +17,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 
+if ! command -v c++ >/dev/null 2>&1; then
+    echo "fuzz: libfuzzer-sys builds libFuzzer with a C++ compiler: apt-get install g++" >&2
+    exit 1
+fi
+
 seconds=${FUZZ_SECONDS:-60}
 targets=${FUZZ_TARGETS:-"get_ip_list entry config usersig state"}
 triple=$(rustc -vV | sed -n 's/^host: //p')

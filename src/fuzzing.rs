@@ -17,8 +17,11 @@ use crate::source::chat;
 use crate::state;
 use crate::usersig;
 
+/// A fuzz target: arbitrary bytes in, a panic only on a bug.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name of its corpus directory under `fuzz/corpus/`.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("get_ip_list", get_ip_list),
     ("entry", entry),
     ("config", config),

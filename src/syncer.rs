@@ -406,8 +406,7 @@ mod tests {
         )
         .unwrap();
         let (a, b) = (set(&["10.0.0.1", "10.0.0.3"]), set(&["10.1.0.1"]));
-        let mut st = State::default();
-        st.applied = Some(a.clone());
+        let st = State { applied: Some(a.clone()), ..State::default() };
         StateFile::new(&cfg.state_file).save(&st).unwrap();
 
         // The kernel already holds a newer list: left as it is.

@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use allowsync::mock::Fault;
+use allowsync::prefixes::AllowSet;
 use common::daemon::{Env, Setup, set, signal, stop, strings, wait_until};
 use common::netns;
 
