@@ -1,12 +1,14 @@
 # allowsync: every entry point a developer or CI needs. See README.md.
 #   make demo   installs what it needs, builds, runs the daemon against the mock Chat API
-#   make test   installs what it needs, then fmt, clippy, every test, and the packaging checks
+#   make test   installs what it needs, then fmt, clippy, every test (the fuzz corpora too) and
+#               the packaging checks
 #   make deb    builds target/debian/allowsync_*.deb (make rpm: target/generate-rpm/*.rpm)
+#   make fuzz   runs each fuzz target for FUZZ_SECONDS (default 60) on the stable toolchain
 SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all deps build lint test demo clean man deb rpm packages test-packaging
+.PHONY: all deps build lint test fuzz demo clean man deb rpm packages test-packaging
 
 all: build
 
@@ -42,6 +44,9 @@ packages: deb rpm
 # The unit's hardening score and verify, the packages' contents, lintian: tests/packaging.sh.
 test-packaging: packages
 	tests/packaging.sh
+
+fuzz: deps
+	@scripts/fuzz.sh
 
 demo: deps
 	$(CARGO) build --release --locked --features mock --bin allowsync --example mock_chat_api

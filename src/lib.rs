@@ -32,6 +32,11 @@ pub mod usersig;
 #[cfg(feature = "mock")]
 pub mod mock;
 
+/// The fuzz targets' entry functions, shared by `fuzz/` and the corpus replay test.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
+
 /// Process exit codes, the same for every command.
 pub mod exit {
     /// Success.

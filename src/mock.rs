@@ -103,6 +103,9 @@ pub enum Fault {
     Dribble(Duration),
     /// HTTP 200 with exactly this body.
     Body(String),
+    /// HTTP 200 with exactly this body, chunked, without `Content-Length` (so that only the
+    /// client's running count can stop a huge one).
+    ChunkedBody(String),
 }
 
 /// A request as the mock received it.
@@ -361,6 +364,19 @@ fn oversized_body() -> Vec<u8> {
     s.into_bytes()
 }
 
+/// A 200 answer with `body` in 16 KiB chunks.
+fn chunked(body: &[u8]) -> Vec<u8> {
+    let mut bytes =
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for c in body.chunks(16 * 1024) {
+        bytes.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+        bytes.extend_from_slice(c);
+        bytes.extend_from_slice(b"\r\n");
+    }
+    bytes.extend_from_slice(b"0\r\n\r\n");
+    bytes
+}
+
 async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
     let mut buf = Vec::new();
     while let Some(req) = read_request(&mut stream, &mut buf).await {
@@ -456,19 +472,8 @@ fn answer(shared: &Shared, req: Request) -> Answer {
             Answer::Bytes(response(200, "application/json", &envelope_fail(c, "injected error")), None)
         }
         Some(Fault::Oversized) => Answer::Bytes(response(200, "application/json", &oversized_body()), None),
-        Some(Fault::OversizedChunked) => {
-            let body = oversized_body();
-            let mut bytes =
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-                    .to_vec();
-            for c in body.chunks(16 * 1024) {
-                bytes.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
-                bytes.extend_from_slice(c);
-                bytes.extend_from_slice(b"\r\n");
-            }
-            bytes.extend_from_slice(b"0\r\n\r\n");
-            Answer::Bytes(bytes, None)
-        }
+        Some(Fault::OversizedChunked) => Answer::Bytes(chunked(&oversized_body()), None),
+        Some(Fault::ChunkedBody(b)) => Answer::Bytes(chunked(b.as_bytes()), None),
         Some(Fault::WrongTypes) => Answer::Bytes(
             response(
                 200,

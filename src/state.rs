@@ -204,7 +204,8 @@ impl Staged<'_> {
     }
 }
 
-fn parse(bytes: &[u8]) -> Result<State, String> {
+/// Parses a state file's bytes: `Err` with the reason when it is corrupt or of another version.
+pub fn parse(bytes: &[u8]) -> Result<State, String> {
     // Look at the version first, so an unknown version is reported as such rather than as a
     // schema mismatch.
     #[derive(Deserialize)]

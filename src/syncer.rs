@@ -151,14 +151,22 @@ impl Syncer {
         &self.state
     }
 
-    /// Creates the kernel objects and puts the last applied allowlist from the state file back
-    /// into them, before any fetch: after a reboot the allowlist is back even when the API is
-    /// unreachable. Only adds what is missing (never removes): the first cycle does the rest
-    /// with the guards in force.
+    /// Creates the kernel objects and, when the set is empty (a reboot, a deleted table), puts
+    /// the last applied allowlist from the state file back into it, before any fetch: after a
+    /// reboot the allowlist is back even when the API is unreachable. The first cycle does the
+    /// rest with the guards in force.
+    ///
+    /// A set that holds anything is left alone: the kernel is the truth. The state file is
+    /// written *after* each commit, so a crash between the two leaves a kernel newer than the
+    /// state file; adding the state's older list to it would mix the old and new allowlists
+    /// (and re-open addresses the newer list had removed) until the next sync.
     pub fn restore(&mut self) -> Result<usize, SyncerError> {
         self.backend.ensure()?;
         let Some(applied) = self.state.applied.clone() else { return Ok(0) };
         let current = self.backend.read()?;
+        if !current.is_empty() {
+            return Ok(0);
+        }
         let target = AllowSet::union([&current, &applied]);
         let diff = current.diff_to(&target);
         if diff.is_empty() {
@@ -388,5 +396,39 @@ mod tests {
         }
         drop(_first);
         assert!(take_lock(&p).is_ok(), "released with the file");
+    }
+
+    /// Found by tests/crash.rs: killed between the kernel commit of list B and the state write
+    /// (which still said A), a restart restored A into the set holding B, and a second kill left
+    /// the mix A+B in the kernel.
+    #[test]
+    fn restore_fills_an_empty_set_only_never_mixes_into_a_newer_one() {
+        use crate::backend::memory::MemoryBackend;
+        use crate::prefixes::parse_entry;
+        let set = |v: &[&str]| AllowSet::from_nets(v.iter().map(|s| parse_entry(s).unwrap().net));
+        let dir = tempfile::tempdir().unwrap();
+        let cfg_path = dir.path().join("config.yaml");
+        let cfg = Config::parse(
+            "sources:\n  - name: s\n    static: [192.0.2.1]\nstate_file: state.json\n",
+            &cfg_path,
+        )
+        .unwrap();
+        let (a, b) = (set(&["10.0.0.1", "10.0.0.3"]), set(&["10.1.0.1"]));
+        let st = State { applied: Some(a.clone()), ..State::default() };
+        StateFile::new(&cfg.state_file).save(&st).unwrap();
+
+        // The kernel already holds a newer list: left as it is.
+        let mem = MemoryBackend::new();
+        *mem.shared().lock().unwrap() = b.clone();
+        let mut syncer = Syncer::with_backend(cfg.clone(), Box::new(mem.clone()), true).unwrap();
+        assert_eq!(syncer.restore().unwrap(), 0);
+        assert_eq!(*mem.shared().lock().unwrap(), b);
+        drop(syncer);
+
+        // An empty set (after a reboot) gets the last applied list back.
+        let mem = MemoryBackend::new();
+        let mut syncer = Syncer::with_backend(cfg, Box::new(mem.clone()), true).unwrap();
+        assert_eq!(syncer.restore().unwrap(), 2);
+        assert_eq!(*mem.shared().lock().unwrap(), a);
     }
 }

@@ -341,6 +341,16 @@ impl UsersigCache {
         m
     }
 
+    /// What must never appear in a log or an error next to a request made with `m`: the
+    /// usersig, its `TLS.sig` (from which it can be rebuilt) and the secret key itself.
+    pub(crate) fn secrets(&self, m: &Minted) -> [String; 3] {
+        [
+            m.usersig.expose().to_owned(),
+            signature(self.sdkappid, &self.identifier, self.key.expose(), m.expire, m.time),
+            self.key.expose().to_owned(),
+        ]
+    }
+
     fn mint_at(&self, time: u64) -> Minted {
         Minted {
             usersig: mint(self.sdkappid, &self.identifier, self.key.expose(), self.expire, time),

@@ -1,188 +1,25 @@
-//! The binary for real (`run`, and `once`, `plan` and `status` beside it): the mock Chat API
-//! and the kernel's nftables, each test in a network namespace of its own.
+//! `allowsync run` for real: the release-shaped binary, the mock Chat API and the kernel's
+//! nftables, each test in a network namespace of its own.
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use allowsync::backend::Backend;
-use allowsync::backend::nftables::NftablesBackend;
-use allowsync::config::NftablesConfig;
-use allowsync::mock::{Fault, MockChatApi, MockConfig, MockHandle};
-use allowsync::prefixes::{AllowSet, parse_entry};
-use common::netns::{self, NetnsGuard};
+use allowsync::mock::Fault;
+use allowsync::prefixes::AllowSet;
+use common::daemon::{Env, Setup, set, signal, stop, strings, wait_until};
+use common::netns;
 
 const KEY: &str = "daemon-test-secret-key";
-
-struct Env {
-    mock: MockHandle,
-    dir: tempfile::TempDir,
-    cfg: PathBuf,
-    // Dropped last: the runtime serves the mock, the guard keeps us in the namespace.
-    _rt: tokio::runtime::Runtime,
-    _ns: NetnsGuard,
-}
-
-fn set(v: &[&str]) -> AllowSet {
-    AllowSet::from_nets(v.iter().map(|s| parse_entry(s).unwrap().net))
-}
-
-fn strings(v: &[&str]) -> Vec<String> {
-    v.iter().map(ToString::to_string).collect()
-}
 
 const LIST5: &[&str] = &["203.0.113.0/25", "203.0.113.128/25", "198.51.100.7", "198.51.100.9"];
 const LIST6: &[&str] = &["192.0.2.0/24", "2001:db8:6::/48"];
 
 fn setup() -> Option<Env> {
-    setup_with(|_| {})
-}
-
-fn setup_with(tweak: impl FnOnce(&mut String)) -> Option<Env> {
-    let ns = netns::enter_new_netns()?;
-    // Built after entering the namespace: its threads, and so the mock's socket, live in it.
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    let mut mc = MockConfig::new(1400000000, "administrator", KEY);
-    mc.lists.insert(5, strings(LIST5));
-    mc.lists.insert(6, strings(LIST6));
-    let mock = rt.block_on(MockChatApi::start(mc)).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("key"), KEY).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.path().join("key"), std::fs::Permissions::from_mode(0o600)).unwrap();
-    let mut yaml = format!(
-        "interval: 10s
-jitter: 0s
-state_file: state.json
-sources:
-  - name: chat
-    tencent_chat:
-      endpoint: {url}
-      sdkappid: 1400000000
-      identifier: administrator
-      secret_key_file: key
-      nettypes: [5, 6]
-      timeout: 2s
-backend:
-  nftables: {{ table: allowsync, set_v4: allow_v4, set_v6: allow_v6 }}
-log:
-  format: text
-  level: info
-",
-        url = mock.url()
-    );
-    tweak(&mut yaml);
-    let cfg = dir.path().join("config.yaml");
-    std::fs::write(&cfg, yaml).unwrap();
-    Some(Env { mock, dir, cfg, _rt: rt, _ns: ns })
-}
-
-impl Env {
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("daemon.log")
-    }
-
-    fn spawn(&self) -> Child {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
-        Command::new(env!("CARGO_BIN_EXE_allowsync"))
-            .args(["-c", self.cfg.to_str().unwrap(), "run"])
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap()
-    }
-
-    /// Starts the daemon and waits for its first sync to be complete: the full list in the
-    /// kernel and the sync logged (which happens after the state file is written).
-    fn start(&self) -> Child {
-        let d = self.spawn();
-        self.wait_kernel(&full_list(), Duration::from_secs(10));
-        self.wait_syncs(0, Duration::from_secs(5));
-        d
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    fn syncs(&self) -> usize {
-        self.log()
-            .lines()
-            .filter(|l| l.contains(" sync ") || l.contains("sync refused") || l.contains("sync failed"))
-            .count()
-    }
-
-    /// Waits until the log has more than `n` sync lines.
-    fn wait_syncs(&self, n: usize, within: Duration) {
-        assert!(
-            wait_until(within, || self.syncs() > n),
-            "no sync #{} within {within:?}; log:\n{}",
-            n + 1,
-            self.log()
-        );
-    }
-
-    fn kernel(&self) -> AllowSet {
-        backend().read().unwrap()
-    }
-
-    fn wait_kernel(&self, want: &AllowSet, within: Duration) {
-        let ok = wait_until(within, || backend().read().ok().as_ref() == Some(want));
-        let now = backend().read().map(|s| s.to_nets());
-        assert!(ok, "kernel {now:?} != {:?}; log:\n{}", want.to_nets(), self.log());
-    }
-
-    fn state(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("state.json")).unwrap_or_default()
-    }
-}
-
-fn backend() -> NftablesBackend {
-    NftablesBackend::new(&NftablesConfig {
-        table: "allowsync".into(),
-        set_v4: "allow_v4".into(),
-        set_v6: "allow_v6".into(),
-        enforce: None,
-    })
-    .unwrap()
-}
-
-fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + within;
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
-}
-
-fn signal(child: &Child, sig: i32) {
-    // SAFETY: kill(2) on a child we spawned and have not reaped.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
-}
-
-/// Stops the daemon with SIGTERM and returns how long it took.
-fn stop(mut child: Child) -> Duration {
-    let t = Instant::now();
-    signal(&child, libc::SIGTERM);
-    let end = t + Duration::from_secs(5);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "daemon exited with {status}");
-            return t.elapsed();
-        }
-        if Instant::now() > end {
-            let _ = child.kill();
-            panic!("daemon did not stop within 5 s of SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let lists = [(5, strings(LIST5)), (6, strings(LIST6))].into();
+    common::daemon::setup_with(Setup::new(KEY, lists), |_| {})
 }
 
 fn full_list() -> AllowSet {
@@ -192,7 +29,7 @@ fn full_list() -> AllowSet {
 #[test]
 fn a_list_change_reaches_the_kernel_within_one_interval_and_sigusr1_syncs_at_once() {
     let Some(env) = setup() else { return };
-    let d = env.start();
+    let d = env.start(&full_list());
     assert!(env.log().contains("outcome=\"applied\""), "{}", env.log());
 
     // Changed at the API: reaches the kernel by the next interval (10 s), without a signal.
@@ -237,7 +74,7 @@ fn a_list_change_reaches_the_kernel_within_one_interval_and_sigusr1_syncs_at_onc
 #[test]
 fn sighup_with_a_broken_config_keeps_the_old_one_and_keeps_syncing() {
     let Some(env) = setup() else { return };
-    let d = env.start();
+    let d = env.start(&full_list());
     let good = std::fs::read_to_string(&env.cfg).unwrap();
     std::fs::write(&env.cfg, format!("{good}\nbogus_key: 1\n")).unwrap();
     signal(&d, libc::SIGHUP);
@@ -268,7 +105,7 @@ fn sighup_with_a_broken_config_keeps_the_old_one_and_keeps_syncing() {
 #[test]
 fn api_unreachable_at_start_restores_the_set_from_the_state_file() {
     let Some(env) = setup() else { return };
-    let d = env.start();
+    let d = env.start(&full_list());
     stop(d);
     // A "reboot": the kernel loses everything, and the API is down.
     netns::run("nft", &["delete", "table", "inet", "allowsync"]);
@@ -286,7 +123,7 @@ fn api_unreachable_at_start_restores_the_set_from_the_state_file() {
 #[test]
 fn api_failing_mid_run_leaves_the_set_and_backs_off() {
     let Some(env) = setup() else { return };
-    let d = env.start();
+    let d = env.start(&full_list());
     let state_before = env.state();
     env.mock.inject(Fault::Status(500));
     let before = env.mock.request_count();
@@ -308,7 +145,7 @@ fn api_failing_mid_run_leaves_the_set_and_backs_off() {
 #[test]
 fn a_mass_removal_is_refused_and_hand_deletions_are_repaired() {
     let Some(env) = setup() else { return };
-    let d = env.start();
+    let d = env.start(&full_list());
 
     // The API suddenly drops most entries: refused, logged, nothing removed.
     env.mock.set_list(5, strings(&["198.51.100.7"]));
@@ -338,7 +175,7 @@ fn a_mass_removal_is_refused_and_hand_deletions_are_repaired() {
 #[test]
 fn kill_9_then_restart_converges_and_a_second_instance_refuses() {
     let Some(env) = setup() else { return };
-    let mut d = env.start();
+    let mut d = env.start(&full_list());
 
     // A second instance on the same state refuses, naming the first.
     let out = Command::new(env!("CARGO_BIN_EXE_allowsync"))
@@ -372,8 +209,14 @@ fn kill_9_then_restart_converges_and_a_second_instance_refuses() {
 #[test]
 fn status_reports_the_last_sync_and_drift() {
     let Some(env) = setup() else { return };
-    let d = env.start();
-    let status = |json: bool| env.command(if json { &["status", "--json"] } else { &["status"] });
+    let d = env.start(&full_list());
+    let status = |json: bool| {
+        let mut args = vec!["-c", env.cfg.to_str().unwrap(), "status"];
+        if json {
+            args.push("--json");
+        }
+        Command::new(env!("CARGO_BIN_EXE_allowsync")).args(&args).output().unwrap()
+    };
     let o = status(true);
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -391,52 +234,45 @@ fn status_reports_the_last_sync_and_drift() {
     stop(d);
 }
 
-impl Env {
-    fn command(&self, args: &[&str]) -> std::process::Output {
-        let mut all = vec!["-c", self.cfg.to_str().unwrap()];
-        all.extend_from_slice(args);
-        Command::new(env!("CARGO_BIN_EXE_allowsync")).args(&all).env_remove("RUST_LOG").output().unwrap()
-    }
-}
-
-fn output(o: &std::process::Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+fn output(f: &common::daemon::Finished) -> String {
+    format!("{}{}", f.stdout, f.stderr)
 }
 
 #[test]
 fn once_and_plan_exit_codes_and_plan_changes_nothing() {
     let Some(env) = setup() else { return };
+    let t = Duration::from_secs(20);
     // plan on a fresh host: everything would be added, nothing is created.
-    let o = env.command(&["plan"]);
-    assert_eq!(o.status.code(), Some(0), "{}", output(&o));
+    let o = env.command(&["plan"], t);
+    assert_eq!(o.code, Some(0), "{}", output(&o));
     assert!(output(&o).contains("+ 203.0.113.0/24"), "{}", output(&o));
-    assert!(backend().read().is_err(), "plan must not create the set");
+    assert!(common::daemon::backend().read().is_err(), "plan must not create the set");
     assert!(env.state().is_empty(), "plan must not write the state file");
 
-    let o = env.command(&["once"]);
-    assert_eq!(o.status.code(), Some(0), "{}", output(&o));
+    let o = env.once(t);
+    assert_eq!(o.code, Some(0), "{}", output(&o));
     assert_eq!(env.kernel(), full_list());
 
     // A mass removal: plan says REFUSED (exit 3) and changes nothing, not even the state file.
     env.mock.set_list(5, strings(&["198.51.100.7"]));
     env.mock.set_list(6, strings(&[]));
     let state = env.state();
-    let o = env.command(&["plan"]);
-    assert_eq!(o.status.code(), Some(3), "{}", output(&o));
+    let o = env.command(&["plan"], t);
+    assert_eq!(o.code, Some(3), "{}", output(&o));
     assert!(output(&o).contains("verdict: REFUSED: refusing to remove 4 of 5 entries"), "{}", output(&o));
     assert_eq!(env.state(), state);
     // once refuses too, exit 3, set unchanged; --force applies.
-    let o = env.command(&["once"]);
-    assert_eq!(o.status.code(), Some(3), "{}", output(&o));
+    let o = env.once(t);
+    assert_eq!(o.code, Some(3), "{}", output(&o));
     assert_eq!(env.kernel(), full_list());
-    let o = env.command(&["once", "--force"]);
-    assert_eq!(o.status.code(), Some(0), "{}", output(&o));
+    let o = env.command(&["once", "--force"], t);
+    assert_eq!(o.code, Some(0), "{}", output(&o));
     assert_eq!(env.kernel(), set(&["198.51.100.7"]));
 
     // A failing source: exit 1, its last good list stays applied.
     env.mock.inject(Fault::Status(502));
-    let o = env.command(&["once"]);
-    assert_eq!(o.status.code(), Some(1), "{}", output(&o));
+    let o = env.once(t);
+    assert_eq!(o.code, Some(1), "{}", output(&o));
     assert!(output(&o).contains("kept last good"), "{}", output(&o));
     assert_eq!(env.kernel(), set(&["198.51.100.7"]));
 }

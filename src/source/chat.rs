@@ -143,10 +143,18 @@ impl ChatSource {
         let url = build_url(endpoint, self.sdkappid, &self.identifier, sig.usersig.expose(), nettype)?;
         let shown = redact_url(&url);
         debug!(source = %self.name, nettype, url = %shown, "GetIPList");
-        let body = self.post(url, &shown).await?;
+        let mut body = self.post(url, &shown).await?;
+        // ErrorInfo is the server's text: make sure it cannot carry our usersig (nor its TLS.sig,
+        // nor the key: a server, proxy or wrong endpoint may echo anything) into a log. Scrubbed
+        // in the body first, because the parser cuts ErrorInfo to 200 characters and a cut
+        // secret would no longer match (leaking its first part); then in the error, for a
+        // secret the JSON spelled with escapes.
+        let secrets = self.sigs.secrets(sig);
+        for secret in &secrets {
+            body = scrub_bytes(body, secret.as_bytes());
+        }
         let parsed = parse_response(&body, &self.name, nettype, self.sdkappid, &self.identifier);
-        // ErrorInfo is the server's text: make sure it cannot carry our usersig into a log.
-        parsed.map_err(|e| e.scrub(sig.usersig.expose()))
+        parsed.map_err(|e| secrets.iter().fold(e, |e, secret| e.scrub(secret)))
     }
 
     /// Sends the request and reads at most [`MAX_BODY`] bytes of the answer.
@@ -179,6 +187,25 @@ impl ChatSource {
         }
         Ok(body)
     }
+}
+
+/// `body` with every occurrence of `secret` replaced by `REDACTED`.
+fn scrub_bytes(body: Vec<u8>, secret: &[u8]) -> Vec<u8> {
+    if secret.is_empty() || !body.windows(secret.len()).any(|w| w == secret) {
+        return body;
+    }
+    let mut out = Vec::with_capacity(body.len());
+    let mut i = 0;
+    while i < body.len() {
+        if body[i..].starts_with(secret) {
+            out.extend_from_slice(b"REDACTED");
+            i += secret.len();
+        } else {
+            out.push(body[i]);
+            i += 1;
+        }
+    }
+    out
 }
 
 /// `{endpoint}/v4/ConfigSvc/GetIPList?sdkappid=..&identifier=..&usersig=..&random=..&contenttype=json&nettype=..`

@@ -1,0 +1,107 @@
+//! The fuzz targets' entry functions, one per parser of outside input. They live here, in the
+//! library, so that the libFuzzer harness (`fuzz/`) and the corpus replay test
+//! (`tests/fuzz_corpus.rs`, run by `make test`) call exactly the same code: a seed or a saved
+//! crash input that `make fuzz` found keeps being checked by every `cargo test`.
+//!
+//! Each function takes arbitrary bytes and panics only on a bug: beyond "does not crash", it
+//! checks a property that must hold for any input (a parse round-trips, an accepted list is
+//! canonical, an error never quotes the signature).
+//!
+//! Not part of the API (cargo feature `fuzzing`, hidden from the docs).
+
+use std::path::Path;
+
+use crate::config::Config;
+use crate::prefixes::{self, AllowSet};
+use crate::source::chat;
+use crate::state;
+use crate::usersig;
+
+/// A fuzz target: arbitrary bytes in, a panic only on a bug.
+pub type Target = fn(&[u8]);
+
+/// Every target, by the name of its corpus directory under `fuzz/corpus/`.
+pub const TARGETS: &[(&str, Target)] = &[
+    ("get_ip_list", get_ip_list),
+    ("entry", entry),
+    ("config", config),
+    ("usersig", usersig),
+    ("state", state),
+];
+
+/// The GetIPList response parser, on any body.
+pub fn get_ip_list(data: &[u8]) {
+    let Ok(list) = chat::parse_response(data, "fuzz", 5, 1400000000, "administrator") else { return };
+    // An accepted answer is a canonical set (sorted, disjoint, merged), whatever order and
+    // overlaps the entries came in, and accounts for every entry it saw.
+    assert!(list.list.v4.is_canonical() && list.list.v6.is_canonical());
+    assert!(list.entries >= list.list.len(), "{} entries became {} ranges?", list.entries, list.list.len());
+    assert!(list.entries > 0 || list.skipped == 0, "all-invalid lists must be an error");
+}
+
+/// One entry of IPList (or of a static source).
+pub fn entry(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else { return };
+    let Ok(e) = prefixes::parse_entry(s) else { return };
+    // The accepted network is in canonical form: host bits cleared, IPv4-mapped IPv6 unmapped,
+    // and printing and parsing it again gives the same network with nothing to correct.
+    assert_eq!(e.net, e.net.trunc(), "{s:?}: host bits left in {}", e.net);
+    if let ipnet::IpNet::V6(n) = e.net {
+        assert!(n.prefix_len() < 96 || n.network().to_ipv4_mapped().is_none(), "{s:?}: still mapped: {n}");
+    }
+    let again = prefixes::parse_entry(&e.net.to_string()).expect("a printed network parses");
+    assert_eq!(again.net, e.net);
+    assert_eq!(again.masked_from, None);
+    assert_eq!(AllowSet::from_nets([e.net]).to_nets(), vec![e.net], "a single prefix round-trips");
+}
+
+/// The configuration file. Relative paths in it resolve under a directory that does not exist,
+/// so a fuzzed `secret_key_file: key` reads nothing.
+pub fn config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    match Config::parse(text, Path::new("/nonexistent/allowsync-fuzz/config.yaml")) {
+        Ok(cfg) => {
+            let _ = cfg.summary();
+        }
+        Err(e) => {
+            let _ = e.to_string();
+        }
+    }
+}
+
+/// The usersig decoder and verifier (the mock server's side, and `allowsync usersig`'s).
+pub fn usersig(data: &[u8]) {
+    const KEY: &str = "fuzz-secret-key";
+    let Ok(s) = std::str::from_utf8(data) else { return };
+    let decoded = usersig::decode(s);
+    let verified = usersig::verify(s, 1400000000, "administrator", KEY, 1_700_000_000);
+    if let Err(e) = &verified {
+        // No error may quote the signature: it is as good as the usersig.
+        if let Ok(doc) = &decoded {
+            // (Unless the fuzzer made the signature a substring of what errors may quote.)
+            let quotable = doc.identifier.contains(&doc.sig) || doc.ver.contains(&doc.sig);
+            if doc.sig.len() >= 8 && !quotable {
+                assert!(!e.to_string().contains(&doc.sig), "error quotes TLS.sig: {e}");
+            }
+        }
+    }
+    if let Ok(doc) = decoded {
+        assert!(verified.is_err() || doc.identifier == "administrator");
+        // What decodes can be re-minted from its fields and verifies as that document.
+        let again = usersig::mint(doc.sdkappid, &doc.identifier, KEY, doc.expire, doc.time);
+        let back = usersig::verify(again.expose(), doc.sdkappid, &doc.identifier, KEY, doc.time)
+            .expect("a freshly minted usersig verifies");
+        assert_eq!(
+            (back.identifier, back.sdkappid, back.expire, back.time),
+            (doc.identifier, doc.sdkappid, doc.expire, doc.time)
+        );
+    }
+}
+
+/// The state file. A state that parses writes back to a file that parses to the same state.
+pub fn state(data: &[u8]) {
+    let Ok(st) = state::parse(data) else { return };
+    let bytes = serde_json::to_vec_pretty(&st).expect("state serializes");
+    let again = state::parse(&bytes).expect("a written state parses");
+    assert_eq!(again, st);
+}
