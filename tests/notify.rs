@@ -1,0 +1,100 @@
+//! What the daemon tells systemd (`sd_notify`) and what its logs look like to a machine:
+//! READY=1 after the first sync, STATUS=, WATCHDOG=1, RELOADING=1/READY=1 around SIGHUP,
+//! STOPPING=1; and the one JSON line per sync with its fields.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::daemon::{Env, Setup, signal, stop, strings};
+
+const KEY: &str = "notify-test-secret-key";
+
+fn setup(log_format: &str) -> Option<Env> {
+    let lists =
+        [(5, strings(&["203.0.113.0/24", "198.51.100.7"])), (6, strings(&["2001:db8:6::/48"]))].into();
+    let mut s = Setup::new(KEY, lists);
+    s.log_format = log_format;
+    common::daemon::setup_with(s, |_| {})
+}
+
+/// Collects notification datagrams until `until` holds for what was received, or `within`.
+fn collect(sock: &UnixDatagram, got: &mut Vec<String>, within: Duration, until: impl Fn(&[String]) -> bool) {
+    let end = Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    while !until(got) && Instant::now() < end {
+        if let Ok(n) = sock.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+}
+
+#[test]
+fn ready_status_watchdog_reloading_and_stopping_reach_the_notify_socket() {
+    let Some(env) = setup("text") else { return };
+    let path = env.dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let d = Command::new(env!("CARGO_BIN_EXE_allowsync"))
+        .args(["-c", env.cfg.to_str().unwrap(), "run"])
+        .env("NOTIFY_SOCKET", &path)
+        .env("WATCHDOG_USEC", "1000000")
+        .env_remove("WATCHDOG_PID")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut got = Vec::new();
+    let has = |got: &[String], s: &str| got.iter().any(|m| m.lines().any(|l| l.starts_with(s)));
+    collect(&sock, &mut got, Duration::from_secs(10), |g| has(g, "READY=1"));
+    let ready =
+        got.iter().find(|m| m.contains("READY=1")).cloned().unwrap_or_else(|| panic!("no READY=1: {got:?}"));
+    assert!(ready.contains("STATUS=allow_v4 2, allow_v6 1, last sync "), "{ready}");
+    // The kernel already holds the list when READY=1 arrives: the first sync came before it.
+    assert_eq!(env.kernel().len(), 3);
+
+    // The watchdog is pinged at half its period (1 s here): at least two pings in ~1.5 s.
+    got.clear();
+    collect(&sock, &mut got, Duration::from_millis(1500), |_| false);
+    assert!(got.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2, "{got:?}");
+
+    got.clear();
+    signal(&d, libc::SIGHUP);
+    collect(&sock, &mut got, Duration::from_secs(3), |g| has(g, "READY=1"));
+    let reloading = got.iter().position(|m| m.contains("RELOADING=1")).unwrap_or_else(|| panic!("{got:?}"));
+    assert!(got[reloading].contains("MONOTONIC_USEC="), "{got:?}");
+    assert!(got[reloading..].iter().any(|m| m.contains("READY=1")), "READY=1 after the reload: {got:?}");
+
+    // stop() waits for the process; STOPPING=1 was sent before it exited.
+    let sock2 = sock.try_clone().unwrap();
+    stop(d);
+    got.clear();
+    collect(&sock2, &mut got, Duration::from_secs(1), |g| has(g, "STOPPING=1"));
+    assert!(has(&got, "STOPPING=1"), "{got:?}");
+}
+
+#[test]
+fn json_logs_carry_one_sync_line_with_its_fields() {
+    let Some(env) = setup("json") else { return };
+    let o = env.once(Duration::from_secs(20));
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    let lines: Vec<serde_json::Value> = o
+        .stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let syncs: Vec<_> = lines.iter().filter(|v| v["message"] == "sync").collect();
+    assert_eq!(syncs.len(), 1, "{}", o.stderr);
+    let s = syncs[0];
+    assert_eq!(s["level"], "INFO");
+    assert_eq!(s["outcome"], "applied");
+    assert_eq!(s["added"], 3);
+    assert_eq!(s["removed"], 0);
+    assert_eq!(s["v4"], 2);
+    assert_eq!(s["v6"], 1);
+    assert!(s["duration_ms"].is_u64(), "{s}");
+    assert_eq!(s["sources"], "chat=ok(3)");
+    assert!(!o.stderr.contains(KEY));
+}
