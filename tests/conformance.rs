@@ -14,7 +14,7 @@ use allowsync::backend::nftables::NftablesBackend;
 use allowsync::backend::{Backend, BackendError};
 use allowsync::config::{Enforce, IpsetConfig, NftablesConfig};
 use allowsync::prefixes::{AllowSet, Delta, Diff, Range, Ranges, parse_entry};
-use common::netns::{NamedNetns, enter_new_netns, nft_script, run, run_stdin};
+use common::netns::{self, NamedNetns, enter_new_netns, nft_script, run, run_stdin};
 
 fn nets(entries: &[&str]) -> AllowSet {
     AllowSet::from_nets(entries.iter().map(|e| parse_entry(e).unwrap().net))
@@ -352,27 +352,9 @@ const TABLE: &str = "allowsync";
 
 /// The elements of a set as `nft -j` lists them, as inclusive ranges (exactly as held).
 fn nft_ranges<A: allowsync::prefixes::Addr>(set: &str, conv: impl Fn(IpAddr) -> A) -> Ranges<A> {
-    let out = run("nft", &["-j", "list", "set", "inet", TABLE, set]);
-    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let mut ranges = Vec::new();
-    for item in json["nftables"].as_array().unwrap() {
-        let Some(elems) = item.get("set").and_then(|s| s.get("elem")) else { continue };
-        for e in elems.as_array().unwrap() {
-            let ip = |v: &serde_json::Value| v.as_str().unwrap().parse::<IpAddr>().unwrap();
-            let (start, end) = if e.is_string() {
-                (ip(e), ip(e))
-            } else if let Some(p) = e.get("prefix") {
-                let net = ipnet::IpNet::new(ip(&p["addr"]), p["len"].as_u64().unwrap() as u8).unwrap();
-                (net.network(), net.broadcast())
-            } else if let Some(r) = e.get("range") {
-                (ip(&r[0]), ip(&r[1]))
-            } else {
-                panic!("unexpected element form {e}");
-            };
-            ranges.push(Range { start: conv(start), end: conv(end) });
-        }
-    }
-    Ranges::from_disjoint(ranges).unwrap()
+    let ranges = netns::nft_set_elements("inet", TABLE, set);
+    Ranges::from_disjoint(ranges.into_iter().map(|(s, e)| Range { start: conv(s), end: conv(e) }).collect())
+        .unwrap()
 }
 
 impl Harness for Nft {

@@ -210,24 +210,18 @@ fn kill_9_then_restart_converges_and_a_second_instance_refuses() {
 fn status_reports_the_last_sync_and_drift() {
     let Some(env) = setup() else { return };
     let d = env.start(&full_list());
-    let status = |json: bool| {
-        let mut args = vec!["-c", env.cfg.to_str().unwrap(), "status"];
-        if json {
-            args.push("--json");
-        }
-        Command::new(env!("CARGO_BIN_EXE_allowsync")).args(&args).output().unwrap()
-    };
-    let o = status(true);
-    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let t = Duration::from_secs(10);
+    let o = env.command(&["status", "--json"], t);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
     assert_eq!(v["drift"], false);
     assert_eq!(v["kernel_entries"]["v4"], 4);
     assert_eq!(v["kernel_entries"]["v6"], 1);
     assert!(v["last_sync"].as_u64().is_some());
     netns::run("nft", &["delete", "element", "inet", "allowsync", "allow_v6", "{ 2001:db8:6::/48 }"]);
-    let o = status(false);
-    assert_eq!(o.status.code(), Some(1));
-    let text = String::from_utf8_lossy(&o.stdout);
+    let o = env.command(&["status"], t);
+    assert_eq!(o.code, Some(1));
+    let text = &o.stdout;
     assert!(text.contains("DRIFT"), "{text}");
     let state = env.state();
     assert!(!state.is_empty() && !state.contains(KEY) && !text.contains(KEY));

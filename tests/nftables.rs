@@ -14,7 +14,7 @@ use allowsync::backend::nftables::{ENFORCE_CHAIN, NftablesBackend, enforce_rule_
 use allowsync::backend::{Backend, BackendError};
 use allowsync::config::{Enforce, NftablesConfig};
 use allowsync::prefixes::{AllowSet, Diff, Ranges, parse_entry};
-use common::netns::{current_netns_id, enter_new_netns, nft_script, run};
+use common::netns::{self, current_netns_id, enter_new_netns, nft_script, run};
 
 const TABLE: &str = "allowsync";
 
@@ -42,28 +42,7 @@ type IpRanges = Vec<(IpAddr, IpAddr)>;
 
 /// The elements of a set as `nft -j` lists them, as inclusive address ranges, sorted.
 fn nft_elements(set: &str) -> IpRanges {
-    let out = run("nft", &["-j", "list", "set", "inet", TABLE, set]);
-    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let mut ranges = Vec::new();
-    for item in json["nftables"].as_array().unwrap() {
-        let Some(elems) = item.get("set").and_then(|s| s.get("elem")) else { continue };
-        for e in elems.as_array().unwrap() {
-            let ip = |v: &serde_json::Value| v.as_str().unwrap().parse::<IpAddr>().unwrap();
-            let range = if e.is_string() {
-                (ip(e), ip(e))
-            } else if let Some(p) = e.get("prefix") {
-                let net = ipnet::IpNet::new(ip(&p["addr"]), p["len"].as_u64().unwrap() as u8).unwrap();
-                (net.network(), net.broadcast())
-            } else if let Some(r) = e.get("range") {
-                (ip(&r[0]), ip(&r[1]))
-            } else {
-                panic!("unexpected element form {e}");
-            };
-            ranges.push(range);
-        }
-    }
-    ranges.sort();
-    ranges
+    netns::nft_set_elements("inet", TABLE, set)
 }
 
 /// The ranges of an allow set, as [`nft_elements`] shows them.

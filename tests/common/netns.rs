@@ -138,3 +138,31 @@ pub fn run_stdin(program: &str, args: &[&str], input: &str) -> String {
     assert!(out.status.success(), "{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// The elements of an nftables set as `nft -j list set` shows them, as inclusive address ranges,
+/// sorted: what the kernel holds, read by another program than allowsync.
+pub fn nft_set_elements(family: &str, table: &str, set: &str) -> Vec<(std::net::IpAddr, std::net::IpAddr)> {
+    use std::net::IpAddr;
+    let out = run("nft", &["-j", "list", "set", family, table, set]);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut ranges = Vec::new();
+    for item in json["nftables"].as_array().unwrap() {
+        let Some(elems) = item.get("set").and_then(|s| s.get("elem")) else { continue };
+        for e in elems.as_array().unwrap() {
+            let ip = |v: &serde_json::Value| v.as_str().unwrap().parse::<IpAddr>().unwrap();
+            let range = if e.is_string() {
+                (ip(e), ip(e))
+            } else if let Some(p) = e.get("prefix") {
+                let net = ipnet::IpNet::new(ip(&p["addr"]), p["len"].as_u64().unwrap() as u8).unwrap();
+                (net.network(), net.broadcast())
+            } else if let Some(r) = e.get("range") {
+                (ip(&r[0]), ip(&r[1]))
+            } else {
+                panic!("unexpected element form {e}");
+            };
+            ranges.push(range);
+        }
+    }
+    ranges.sort();
+    ranges
+}
