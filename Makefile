@@ -1,11 +1,12 @@
 # allowsync: every entry point a developer or CI needs. See README.md.
 #   make demo   installs what it needs, builds, runs the daemon against the mock Chat API
 #   make test   installs what it needs, then fmt, clippy and every test
+#   make bench  (root) performance figures in a private network namespace -> target/bench/results.json
 SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all deps build lint test demo clean
+.PHONY: all deps build lint test demo bench clean
 
 all: build
 
@@ -25,6 +26,11 @@ test: lint
 demo: deps
 	$(CARGO) build --release --locked --features mock --bin allowsync --example mock_chat_api
 	@scripts/demo.sh
+
+bench: deps
+	$(CARGO) build --release --locked --bin allowsync
+	mkdir -p target/bench && cp target/release/allowsync target/bench/allowsync
+	$(CARGO) bench --locked --features mock --bench bench
 
 clean:
 	$(CARGO) clean
