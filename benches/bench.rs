@@ -12,7 +12,8 @@
 //! long `apply` alone took, printed as "apply()" next to it.
 //!
 //! Environment: `BENCH_FULL=1` adds the 1M-entry loads; `BENCH_RUNS=N` (default 5, at least 5)
-//! runs per figure; `BENCH_ONCE_RUNS=N` (default 20) runs of `allowsync once`.
+//! runs per figure; `BENCH_ONCE_RUNS=N` (default 20) runs of `allowsync once`; `BENCH_ONLY=` a
+//! comma-separated subset of aggregation, binary, cycle, once, load, incremental.
 
 #[path = "../tests/common/netns.rs"]
 mod netns;
@@ -122,7 +123,12 @@ fn timed(program: &str, args: &[&str], input: Option<&Path>) -> Result<f64, Stri
     let out = c.output().map_err(|e| format!("{program}: {e}"))?;
     let elapsed = ms(t.elapsed());
     if !out.status.success() {
-        return Err(format!("{program} {}: {}: {}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "{program} {}: {}: {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     Ok(elapsed)
 }
@@ -133,17 +139,54 @@ fn sh(program: &str, args: &[&str]) {
     }
 }
 
-/// Runs `program` with args, waits with `wait4`: (wall ms, peak RSS in KiB, exit code).
+/// Runs `program` with args through a fresh `__rss` helper process: (wall ms, peak RSS in KiB,
+/// exit code).
+///
+/// Not spawned from here directly: `ru_maxrss` of a child includes the high-water mark of the
+/// address space it was forked from (the kernel carries it over at exec), and this process has
+/// held a million entries by then. The helper is this binary freshly executed, a few MiB, far
+/// below what it measures; it reports its own VmHWM too, printed next to the figures.
 fn run_rusage(program: &Path, args: &[&str], log: &Path) -> (f64, i64, i32) {
-    let logf = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    let t = Instant::now();
-    let child = Command::new(program)
+    let out = Command::new(std::env::current_exe().unwrap())
+        .arg("__rss")
+        .arg(log)
+        .arg(program)
         .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<f64> = text.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    assert!(
+        out.status.success() && v.len() == 4,
+        "__rss helper: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    HELPER_HWM_KIB.fetch_max(v[3] as usize, Ordering::Relaxed);
+    (v[0], v[1] as i64, v[2] as i32)
+}
+
+static HELPER_HWM_KIB: AtomicUsize = AtomicUsize::new(0);
+
+/// The helper side of [`run_rusage`]: `__rss LOG PROGRAM ARGS…`; prints `wall_ms maxrss_kib
+/// exit_code own_vmhwm_kib`.
+fn child_rss(args: &[String]) -> i32 {
+    let logf = std::fs::OpenOptions::new().create(true).append(true).open(&args[0]).unwrap();
+    let own = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        })
+        .unwrap_or_default();
+    let t = Instant::now();
+    let child = Command::new(&args[1])
+        .args(&args[2..])
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(logf)
         .spawn()
-        .unwrap_or_else(|e| panic!("{}: {e}", program.display()));
+        .unwrap_or_else(|e| panic!("{}: {e}", args[1]));
     let mut status = 0;
     // SAFETY: wait4 on our own child, with out-pointers to live locals.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
@@ -151,7 +194,8 @@ fn run_rusage(program: &Path, args: &[&str], log: &Path) -> (f64, i64, i32) {
     let wall = ms(t.elapsed());
     assert_eq!(rc, child.id() as libc::pid_t, "wait4: {}", std::io::Error::last_os_error());
     let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 };
-    (wall, ru.ru_maxrss, code)
+    println!("{wall} {} {code} {own}", ru.ru_maxrss);
+    0
 }
 
 fn thread_cpu() -> Duration {
@@ -429,14 +473,21 @@ fn full_loads(rep: &mut Report, runs: usize, sizes: &[u32]) {
             );
             let ipset_file = tmpfile("load.ipset", &ipset_lines("add", kind, &nets));
             drop(nets);
-            let (mut a_nft, mut nft, mut a_ips, mut ips) = (Series::new(), Series::new(), Series::new(), Series::new());
+            let (mut a_nft, mut nft, mut a_ips, mut ips) =
+                (Series::new(), Series::new(), Series::new(), Series::new());
             for _ in 0..runs {
                 // Interleaved, so that noise hits every contender alike.
-                a_nft.add(allowsync_reset(Which::Nftables).and_then(|()| allowsync_apply(Which::Nftables, &apply_file)));
+                a_nft.add(
+                    allowsync_reset(Which::Nftables)
+                        .and_then(|()| allowsync_apply(Which::Nftables, &apply_file)),
+                );
                 nft_reset(kind);
                 nft.add(timed("nft", &["-f", nft_file.to_str().unwrap()], None).map(|w| (w, w)));
                 if a_ips.ok() {
-                    a_ips.add(allowsync_reset(Which::Ipset).and_then(|()| allowsync_apply(Which::Ipset, &apply_file)));
+                    a_ips.add(
+                        allowsync_reset(Which::Ipset)
+                            .and_then(|()| allowsync_apply(Which::Ipset, &apply_file)),
+                    );
                 }
                 ipset_reset(kind);
                 ips.add(timed("ipset", &["restore"], Some(&ipset_file)).map(|w| (w, w)));
@@ -461,7 +512,12 @@ fn full_loads(rep: &mut Report, runs: usize, sizes: &[u32]) {
                 fmt_ms(ips.wall()),
                 fmt_ratio(a_ips.wall(), ips.wall()),
             ));
-            for (name, s) in [("allowsync nftables", &a_nft), ("nft -f", &nft), ("allowsync ipset", &a_ips), ("ipset restore", &ips)] {
+            for (name, s) in [
+                ("allowsync nftables", &a_nft),
+                ("nft -f", &nft),
+                ("allowsync ipset", &a_ips),
+                ("ipset restore", &ips),
+            ] {
                 if let Some(e) = &s.error {
                     if name != "allowsync ipset" {
                         rep.line(format!("  {name}: {e}"));
@@ -481,7 +537,13 @@ fn full_loads(rep: &mut Report, runs: usize, sizes: &[u32]) {
             if let (Some(a), Some(b)) = (a_nft.wall(), nft.wall()) {
                 rep.target(
                     a <= 0.5 * b,
-                    format!("full load {n} {}: allowsync {} vs nft -f {} = {:.2}x (target <= 0.5x)", kind.label(), fmt_ms(Some(a)), fmt_ms(Some(b)), a / b),
+                    format!(
+                        "full load {n} {}: allowsync {} vs nft -f {} = {:.2}x (target <= 0.5x)",
+                        kind.label(),
+                        fmt_ms(Some(a)),
+                        fmt_ms(Some(b)),
+                        a / b
+                    ),
                 );
             }
         }
@@ -513,18 +575,30 @@ fn incremental(rep: &mut Report, runs: usize) {
                 nft_elements(inn)
             ),
         );
-        let ips = tmpfile(&format!("inc{i}.ipset"), &(ipset_lines("del", kind, out) + &ipset_lines("add", kind, inn)));
+        let ips = tmpfile(
+            &format!("inc{i}.ipset"),
+            &(ipset_lines("del", kind, out) + &ipset_lines("add", kind, inn)),
+        );
         files.push((apply, nft, ips));
     }
     // Preload (not timed).
     let load_apply = tmpfile("inc-load.apply", &entry_lines('+', &base));
-    let load_nft = tmpfile("inc-load.nft", &format!("add element inet {NFT_TABLE} s {{ {} }}\n", nft_elements(&base)));
+    let load_nft =
+        tmpfile("inc-load.nft", &format!("add element inet {NFT_TABLE} s {{ {} }}\n", nft_elements(&base)));
     let load_ips = tmpfile("inc-load.ipset", &ipset_lines("add", kind, &base));
     drop(base);
     let mut a_nft = Series::new();
-    a_nft.add(allowsync_reset(Which::Nftables).and_then(|()| allowsync_apply(Which::Nftables, &load_apply)).map(|_| (0.0, 0.0)));
+    a_nft.add(
+        allowsync_reset(Which::Nftables)
+            .and_then(|()| allowsync_apply(Which::Nftables, &load_apply))
+            .map(|_| (0.0, 0.0)),
+    );
     let mut a_ips = Series::new();
-    a_ips.add(allowsync_reset(Which::Ipset).and_then(|()| allowsync_apply(Which::Ipset, &load_apply)).map(|_| (0.0, 0.0)));
+    a_ips.add(
+        allowsync_reset(Which::Ipset)
+            .and_then(|()| allowsync_apply(Which::Ipset, &load_apply))
+            .map(|_| (0.0, 0.0)),
+    );
     nft_reset(kind);
     sh("nft", &["-f", load_nft.to_str().unwrap()]);
     ipset_reset(kind);
@@ -585,16 +659,25 @@ fn incremental(rep: &mut Report, runs: usize) {
     );
     match (a_nft.wall(), nft.wall()) {
         (Some(a), Some(n)) => {
-            rep.target(a <= 50.0, format!("incremental +-{CHANGE} on {N}, nftables: {} (target <= 50 ms)", fmt_ms(Some(a))));
+            rep.target(
+                a <= 50.0,
+                format!("incremental +-{CHANGE} on {N}, nftables: {} (target <= 50 ms)", fmt_ms(Some(a))),
+            );
             rep.target(
                 n / a >= 100.0,
-                format!("incremental +-{CHANGE} on {N}, nftables: {:.0}x faster than nft -f (target >= 100x)", n / a),
+                format!(
+                    "incremental +-{CHANGE} on {N}, nftables: {:.0}x faster than nft -f (target >= 100x)",
+                    n / a
+                ),
             );
         }
         _ => rep.target(false, format!("incremental nftables: {}", a_nft.error.clone().unwrap_or_default())),
     }
     if let Some(a) = a_ips.wall() {
-        rep.target(a <= 50.0, format!("incremental +-{CHANGE} on {N}, ipset: {} (target <= 50 ms)", fmt_ms(Some(a))));
+        rep.target(
+            a <= 50.0,
+            format!("incremental +-{CHANGE} on {N}, ipset: {} (target <= 50 ms)", fmt_ms(Some(a))),
+        );
     } else if let Some(e) = &a_ips.error {
         rep.line(format!("ipset backend: {e}"));
     }
@@ -611,7 +694,8 @@ const NETTYPES: [u8; 7] = [0, 1, 2, 3, 4, 5, 6];
 impl Api {
     fn start() -> Api {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let mock = rt.block_on(MockChatApi::start(MockConfig::new(1400000000, "administrator", KEY))).unwrap();
+        let mock =
+            rt.block_on(MockChatApi::start(MockConfig::new(1400000000, "administrator", KEY))).unwrap();
         Api { mock, _rt: rt }
     }
 
@@ -619,7 +703,8 @@ impl Api {
     /// 100k entries need more than one list).
     fn serve(&self, nets: &[IpNet]) {
         for (k, &t) in NETTYPES.iter().enumerate() {
-            let list: Vec<String> = nets.iter().skip(k).step_by(NETTYPES.len()).map(|n| n.to_string()).collect();
+            let list: Vec<String> =
+                nets.iter().skip(k).step_by(NETTYPES.len()).map(|n| n.to_string()).collect();
             self.mock.set_list(t, list);
         }
     }
@@ -688,11 +773,21 @@ fn once_runs(api: &Api, n: u32, runs: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>, V
         let _ = daemon_backend().teardown();
         let _ = std::fs::remove_file(dir.path().join("state.json"));
         let (w, rss, code) = run_rusage(&bin, &args, &log);
-        assert_eq!(code, 0, "allowsync once (cold) failed:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        assert_eq!(
+            code,
+            0,
+            "allowsync once (cold) failed:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         cold.push(w);
         cold_rss.push(rss as f64);
         let (w, rss, code) = run_rusage(&bin, &args, &log);
-        assert_eq!(code, 0, "allowsync once (in sync) failed:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        assert_eq!(
+            code,
+            0,
+            "allowsync once (in sync) failed:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         warm.push(w);
         warm_rss.push(rss as f64);
     }
@@ -706,7 +801,9 @@ fn once_section(rep: &mut Report, api: &Api, runs: usize, rss_runs: usize) {
     rep.line(format!(
         "\n## `allowsync once` (release binary, mock API over loopback, 7 GetIPList calls, IPv4 /32; {runs} runs)"
     ));
-    rep.line("| entries | cold p50 | cold p99 | in sync p50 | in sync p99 | peak RSS cold | peak RSS in sync |");
+    rep.line(
+        "| entries | cold p50 | cold p99 | in sync p50 | in sync p99 | peak RSS cold | peak RSS in sync |",
+    );
     rep.line("|---:|---:|---:|---:|---:|---:|---:|");
     for (n, r) in [(100u32, runs), (10_000, runs), (100_000, rss_runs)] {
         let (cold, warm, cold_rss, warm_rss) = once_runs(api, n, r);
@@ -736,10 +833,16 @@ fn once_section(rep: &mut Report, api: &Api, runs: usize, rss_runs: usize) {
         };
         if let Some(l) = limit {
             let peak = crss.max(wrss);
-            rep.target(peak <= l, format!("peak RSS of allowsync once at {n} entries: {peak:.1} MB (target <= {l} MB)"));
+            rep.target(
+                peak <= l,
+                format!("peak RSS of allowsync once at {n} entries: {peak:.1} MB (target <= {l} MB)"),
+            );
         }
     }
-    rep.line("(cold: empty set and no state file; in sync: nothing to change, a fresh process dumps the set once; p99 is nearest-rank, the 100k row runs only for RSS)");
+    rep.line(format!(
+        "(cold: empty set and no state file; in sync: nothing to change, a fresh process dumps the set once; p99 is nearest-rank, the 100k row runs only for RSS; peak RSS = ru_maxrss via wait4 from a helper whose own VmHWM is {:.1} MB)",
+        HELPER_HWM_KIB.load(Ordering::Relaxed) as f64 / 1024.0
+    ));
 }
 
 /// Counts what reaches the kernel through the backend.
@@ -827,7 +930,10 @@ fn no_change_cycle(rep: &mut Report, api: &Api, runs: usize) {
     rep.target(c <= 5.0, format!("no-change cycle at {N}: {} CPU (target <= 5 ms)", fmt_ms(Some(c))));
     rep.target(
         writes == 0 && !gen_moved,
-        format!("no-change cycle at {N}: {writes} applies, ruleset generation {} (target: no writes)", if gen_moved { "changed" } else { "unchanged" }),
+        format!(
+            "no-change cycle at {N}: {writes} applies, ruleset generation {} (target: no writes)",
+            if gen_moved { "changed" } else { "unchanged" }
+        ),
     );
 }
 
@@ -857,8 +963,14 @@ fn aggregation(rep: &mut Report, runs: usize) {
     rep.line(format!("\n## Aggregation (AllowSet::from_nets), median of {runs} runs"));
     rep.line("| input | output ranges | time |");
     rep.line("|---|---:|---:|");
-    rep.line(format!("| {N} random entries (90% IPv4 /16../32, 10% IPv6 /32../128) | {out} | {} |", fmt_ms(Some(m))));
-    rep.push("aggregation", json!({ "entries": N, "ranges": out, "runs": runs, "median_ms": m, "samples": times }));
+    rep.line(format!(
+        "| {N} random entries (90% IPv4 /16../32, 10% IPv6 /32../128) | {out} | {} |",
+        fmt_ms(Some(m))
+    ));
+    rep.push(
+        "aggregation",
+        json!({ "entries": N, "ranges": out, "runs": runs, "median_ms": m, "samples": times }),
+    );
     rep.target(m <= 1000.0, format!("aggregation of 1M entries: {} (target <= 1 s)", fmt_ms(Some(m))));
 }
 
@@ -870,18 +982,34 @@ fn binary_size(rep: &mut Report) {
     let stripped = std::fs::metadata(&stripped_path).unwrap().len();
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     rep.line("\n## Release binary");
-    rep.line(format!("| unstripped | stripped |\n|---:|---:|\n| {:.2} MiB | {:.2} MiB |", mib(size), mib(stripped)));
+    rep.line(format!(
+        "| unstripped | stripped |\n|---:|---:|\n| {:.2} MiB | {:.2} MiB |",
+        mib(size),
+        mib(stripped)
+    ));
     rep.push("binary", json!({ "path": bin, "bytes": size, "stripped_bytes": stripped }));
 }
 
 fn machine() -> Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
-    let kernel = Command::new("uname").arg("-r").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let kernel = Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
     let ver = |p: &str, a: &str| {
-        Command::new(p).arg(a).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+        Command::new(p)
+            .arg(a)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
     };
     json!({
         "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -893,6 +1021,9 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("__apply") {
         std::process::exit(child_apply(&args[2..]));
+    }
+    if args.get(1).map(String::as_str) == Some("__rss") {
+        std::process::exit(child_rss(&args[2..]));
     }
     let started = Instant::now();
     // SAFETY: geteuid has no preconditions.
@@ -917,18 +1048,36 @@ fn main() {
     let mut rep = Report::default();
     rep.line(format!(
         "# allowsync bench: {} x {}, Linux {}, {}, {}",
-        m["nproc"], m["cpu"].as_str().unwrap_or(""), m["kernel"].as_str().unwrap_or(""),
-        m["nft"].as_str().unwrap_or(""), m["ipset"].as_str().unwrap_or("")
+        m["nproc"],
+        m["cpu"].as_str().unwrap_or(""),
+        m["kernel"].as_str().unwrap_or(""),
+        m["nft"].as_str().unwrap_or(""),
+        m["ipset"].as_str().unwrap_or("")
     ));
     rep.json.insert("machine".into(), m);
 
-    aggregation(&mut rep, runs);
-    binary_size(&mut rep);
+    // BENCH_ONLY=aggregation,binary,cycle,once,load,incremental: a subset (while profiling).
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let want = |s: &str| only.is_empty() || only.split(',').any(|o| o == s);
+    if want("aggregation") {
+        aggregation(&mut rep, runs);
+    }
+    if want("binary") {
+        binary_size(&mut rep);
+    }
     let api = Api::start();
-    no_change_cycle(&mut rep, &api, once_runs);
-    once_section(&mut rep, &api, once_runs, runs);
-    full_loads(&mut rep, runs, &sizes);
-    incremental(&mut rep, runs);
+    if want("cycle") {
+        no_change_cycle(&mut rep, &api, once_runs);
+    }
+    if want("once") {
+        once_section(&mut rep, &api, once_runs, runs);
+    }
+    if want("load") {
+        full_loads(&mut rep, runs, &sizes);
+    }
+    if want("incremental") {
+        incremental(&mut rep, runs);
+    }
 
     let wall = started.elapsed().as_secs_f64();
     rep.line(format!("\ntotal bench wall time: {wall:.0} s"));
@@ -939,7 +1088,10 @@ fn main() {
     let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&out_dir).unwrap();
     rep.json.insert("wall_s".into(), json!(wall));
-    rep.json.insert("targets".into(), json!(rep.targets.iter().map(|(ok, l)| json!({"pass": ok, "line": l})).collect::<Vec<_>>()));
+    rep.json.insert(
+        "targets".into(),
+        json!(rep.targets.iter().map(|(ok, l)| json!({"pass": ok, "line": l})).collect::<Vec<_>>()),
+    );
     rep.json.insert("table".into(), json!(rep.table));
     let mut f = std::fs::File::create(out_dir.join("results.json")).unwrap();
     writeln!(f, "{}", serde_json::to_string_pretty(&rep.json).unwrap()).unwrap();
