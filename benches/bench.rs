@@ -418,6 +418,7 @@ fn fmt_ms(v: Option<f64>) -> String {
 
 fn fmt_ratio(a: Option<f64>, b: Option<f64>) -> String {
     match (a, b) {
+        (Some(a), Some(b)) if a / b >= 10.0 => format!("{:.0}x", a / b),
         (Some(a), Some(b)) => format!("{:.2}x", a / b),
         _ => "n/a".into(),
     }
@@ -632,15 +633,15 @@ fn incremental(rep: &mut Report, runs: usize) {
     let _ = timed("nft", &["delete", "table", "inet", NFT_TABLE], None);
     let _ = timed("ipset", &["destroy", ipset_name(kind)], None);
 
-    rep.line("| contender | wall | (apply() only) | vs nft -f | vs ipset restore |");
+    rep.line("| contender | wall | (apply() only) | speed-up over nft -f | speed-up over ipset restore |");
     rep.line("|---|---:|---:|---:|---:|");
     let row = |name: &str, s: &Series| {
         format!(
             "| {name} | {} | {} | {} | {} |",
             s.wall().map_or_else(|| s.error.clone().unwrap_or_default(), |v| fmt_ms(Some(v))),
             if name.starts_with("allowsync") { fmt_ms(s.inner()) } else { "".into() },
-            fmt_ratio(s.wall(), nft.wall()),
-            fmt_ratio(s.wall(), ips.wall()),
+            fmt_ratio(nft.wall(), s.wall()),
+            fmt_ratio(ips.wall(), s.wall()),
         )
     };
     let lines = [
