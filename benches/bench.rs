@@ -816,7 +816,7 @@ fn once_section(rep: &mut Report, api: &Api, runs: usize, rss_runs: usize) {
         let (crss, wrss) = (median(&cold_rss) / 1024.0, median(&warm_rss) / 1024.0);
         let pct = |v: &[f64], p| if r >= 20 { fmt_ms(Some(percentile(v, p))) } else { "-".into() };
         rep.line(format!(
-            "| {n} | {} | {} | {} | {} | {crss:.1} MB | {wrss:.1} MB |",
+            "| {n} | {} | {} | {} | {} | {crss:.1} MiB | {wrss:.1} MiB |",
             fmt_ms(Some(percentile(&cold, 50.0))),
             pct(&cold, 99.0),
             fmt_ms(Some(percentile(&warm, 50.0))),
@@ -841,12 +841,12 @@ fn once_section(rep: &mut Report, api: &Api, runs: usize, rss_runs: usize) {
             let peak = crss.max(wrss);
             rep.target(
                 peak <= l,
-                format!("peak RSS of allowsync once at {n} entries: {peak:.1} MB (target <= {l} MB)"),
+                format!("peak RSS of allowsync once at {n} entries: {peak:.1} MiB (target <= {l} MB)"),
             );
         }
     }
     rep.line(format!(
-        "(cold: empty set and no state file; in sync: nothing to change, a fresh process dumps the set once; p99 is nearest-rank, the 100k row runs only for RSS; peak RSS = ru_maxrss via wait4 from a helper whose own VmHWM is {:.1} MB)",
+        "(cold: empty set and no state file; in sync: nothing to change, a fresh process dumps the set once; p99 is nearest-rank, the 100k row runs only for RSS; peak RSS = ru_maxrss via wait4 from a helper whose own VmHWM is {:.1} MiB)",
         HELPER_HWM_KIB.load(Ordering::Relaxed) as f64 / 1024.0
     ));
 }
