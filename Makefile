@@ -4,11 +4,12 @@
 #               the packaging checks
 #   make deb    builds target/debian/allowsync_*.deb (make rpm: target/generate-rpm/*.rpm)
 #   make fuzz   runs each fuzz target for FUZZ_SECONDS (default 60) on the stable toolchain
+#   make bench  (root) performance figures in a private network namespace -> target/bench/results.json
 SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all deps build lint test fuzz demo clean man deb rpm packages test-packaging
+.PHONY: all deps build lint test fuzz demo bench clean man deb rpm packages test-packaging
 
 all: build
 
@@ -51,6 +52,11 @@ fuzz: deps
 demo: deps
 	$(CARGO) build --release --locked --features mock --bin allowsync --example mock_chat_api
 	@scripts/demo.sh
+
+bench: deps
+	$(CARGO) build --release --locked --bin allowsync
+	mkdir -p target/bench && cp target/release/allowsync target/bench/allowsync
+	$(CARGO) bench --locked --features mock --bench bench
 
 clean:
 	$(CARGO) clean

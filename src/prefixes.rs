@@ -447,9 +447,54 @@ impl AllowSet {
 /// The state file and `fetch --json` store an allowlist as its CIDR prefixes, readable by people
 /// and by other tools: `["10.0.0.0/24", "2001:db8::/48"]`.
 impl Serialize for AllowSet {
+    /// The same strings as [`AllowSet::to_nets`] prints. The state file holds every entry of
+    /// every source and is written every cycle, so IPv4 prefixes (most of any list) are
+    /// formatted by hand rather than through `fmt` ([`format_v4_prefix`]; byte-identical).
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.to_nets())
+        use serde::ser::SerializeSeq;
+        let (v4, v6) = (self.v4.to_prefixes(), self.v6.to_prefixes());
+        let mut seq = s.serialize_seq(Some(v4.len() + v6.len()))?;
+        let mut buf = [0u8; V4_PREFIX_MAX];
+        for (a, l) in v4 {
+            seq.serialize_element(format_v4_prefix(a, l, &mut buf))?;
+        }
+        for (a, l) in v6 {
+            let net = Ipv6Net::new(Ipv6Addr::from(a), l).expect("prefix length within 0..=128");
+            seq.serialize_element(&IpNet::V6(net))?;
+        }
+        seq.end()
     }
+}
+
+/// `255.255.255.255/32`.
+const V4_PREFIX_MAX: usize = 18;
+
+/// `a.b.c.d/len`, as `Ipv4Net`'s `Display` writes it.
+fn format_v4_prefix(addr: u32, len: u8, buf: &mut [u8; V4_PREFIX_MAX]) -> &str {
+    fn push_dec(buf: &mut [u8], at: &mut usize, v: u8) {
+        if v >= 100 {
+            buf[*at] = b'0' + v / 100;
+            *at += 1;
+        }
+        if v >= 10 {
+            buf[*at] = b'0' + (v / 10) % 10;
+            *at += 1;
+        }
+        buf[*at] = b'0' + v % 10;
+        *at += 1;
+    }
+    let mut at = 0;
+    for (i, octet) in addr.to_be_bytes().into_iter().enumerate() {
+        if i > 0 {
+            buf[at] = b'.';
+            at += 1;
+        }
+        push_dec(buf, &mut at, octet);
+    }
+    buf[at] = b'/';
+    at += 1;
+    push_dec(buf, &mut at, len);
+    std::str::from_utf8(&buf[..at]).expect("ASCII digits, dots and a slash")
 }
 
 impl<'de> Deserialize<'de> for AllowSet {
@@ -700,6 +745,20 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn v4_prefixes_format_as_ipnet_does(addr in any::<u32>(), len in 0u8..=32) {
+            let net = Ipv4Net::new(Ipv4Addr::from(addr), len).unwrap().trunc();
+            let mut buf = [0u8; V4_PREFIX_MAX];
+            prop_assert_eq!(format_v4_prefix(u32::from(net.network()), len, &mut buf), net.to_string());
+        }
+
+        #[test]
+        fn serialized_sets_are_their_nets_printed(v4 in prop::collection::vec(range_v4(), 0..20), v6 in prop::collection::vec(range_v6(), 0..5)) {
+            let set = AllowSet { v4: Ranges::aggregate(v4), v6: Ranges::aggregate(v6) };
+            let want: Vec<String> = set.to_nets().iter().map(ToString::to_string).collect();
+            prop_assert_eq!(serde_json::to_string(&set).unwrap(), serde_json::to_string(&want).unwrap());
+        }
+
         #[test]
         fn v4_model(a in prop::collection::vec(range_v4(), 0..40), b in prop::collection::vec(range_v4(), 0..40)) {
             check_family(a, b)?;
