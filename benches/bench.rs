@@ -15,6 +15,8 @@
 //! runs per figure; `BENCH_ONCE_RUNS=N` (default 20) runs of `allowsync once`; `BENCH_ONLY=` a
 //! comma-separated subset of aggregation, binary, cycle, once, load, incremental.
 
+#[path = "../tests/common/daemon.rs"]
+mod daemon;
 #[path = "../tests/common/netns.rs"]
 mod netns;
 
@@ -747,16 +749,6 @@ log:
     }
 }
 
-fn daemon_backend() -> NftablesBackend {
-    NftablesBackend::new(&NftablesConfig {
-        table: "allowsync".into(),
-        set_v4: "allow_v4".into(),
-        set_v6: "allow_v6".into(),
-        enforce: None,
-    })
-    .unwrap()
-}
-
 fn allowsync_bin() -> PathBuf {
     // `make bench` copies the release daemon (built without the mock) there first.
     let copied = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench/allowsync");
@@ -776,7 +768,7 @@ fn once_runs(api: &Api, n: u32, runs: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>, V
     let args = ["-c", cfg.to_str().unwrap(), "once"];
     let (mut cold, mut warm, mut cold_rss, mut warm_rss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
-        let _ = daemon_backend().teardown();
+        let _ = daemon::backend().teardown();
         let _ = std::fs::remove_file(dir.path().join("state.json"));
         let (w, rss, code) = run_rusage(&bin, &args, &log);
         assert_eq!(
@@ -797,9 +789,9 @@ fn once_runs(api: &Api, n: u32, runs: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>, V
         warm.push(w);
         warm_rss.push(rss as f64);
     }
-    let held = daemon_backend().read().unwrap();
+    let held = daemon::backend().read().unwrap();
     assert_eq!(held.len(), n as usize, "the kernel holds what the API served");
-    let _ = daemon_backend().teardown();
+    let _ = daemon::backend().teardown();
     (cold, warm, cold_rss, warm_rss)
 }
 
@@ -886,17 +878,17 @@ fn no_change_cycle(rep: &mut Report, api: &Api, runs: usize) {
     let dir = tempfile::tempdir().unwrap();
     let cfg_path = api.config(dir.path());
     api.serve(&Kind::V4Host.entries(10, N));
-    let _ = daemon_backend().teardown();
+    let _ = daemon::backend().teardown();
     let cfg = Config::load(&cfg_path).unwrap();
     let applies = Arc::new(AtomicUsize::new(0));
-    let counting = Counting { inner: daemon_backend(), applies: applies.clone() };
+    let counting = Counting { inner: daemon::backend(), applies: applies.clone() };
     let mut syncer = Syncer::with_backend(cfg, Box::new(counting), true).unwrap();
     // The syncer's runtime on this thread only: the thread's CPU time is the cycle's.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(syncer.cycle(false)); // loads the set
     rt.block_on(syncer.cycle(false)); // warm
     let before_applies = applies.load(Ordering::Relaxed);
-    let gen_before = daemon_backend().generation().unwrap();
+    let gen_before = daemon::backend().generation().unwrap();
     let requests_before = api.mock.request_count();
     let (mut wall, mut cpu) = (Vec::new(), Vec::new());
     for _ in 0..runs {
@@ -907,10 +899,10 @@ fn no_change_cycle(rep: &mut Report, api: &Api, runs: usize) {
         assert!(report.outcome.is_ok(), "{:?}", report.outcome);
         assert_eq!(report.v4, N as usize);
     }
-    let gen_after = daemon_backend().generation().unwrap();
+    let gen_after = daemon::backend().generation().unwrap();
     let writes = applies.load(Ordering::Relaxed) - before_applies;
     let fetches = api.mock.request_count() - requests_before;
-    let _ = daemon_backend().teardown();
+    let _ = daemon::backend().teardown();
     let (w, c) = (median(&wall), median(&cpu));
     let gen_moved = gen_after != gen_before;
     rep.line(format!(
