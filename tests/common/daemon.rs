@@ -26,9 +26,28 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     pub cfg: PathBuf,
     pub key: String,
+    /// Daemons started by [`Env::spawn`]: a test that fails before stopping one must not leave it
+    /// running (see the `Drop` below).
+    spawned: std::cell::RefCell<Vec<u32>>,
     // Dropped last: the runtime serves the mock, the guard keeps us in the namespace.
     pub rt: tokio::runtime::Runtime,
     _ns: NetnsGuard,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for pid in self.spawned.borrow().iter() {
+            // Only a process that is still this test's daemon (not reaped, pid not reused by
+            // another test's): its command line names this test's own configuration file.
+            let cfg = self.cfg.as_os_str().as_encoded_bytes();
+            let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.windows(cfg.len()).any(|w| w == cfg));
+            if ours {
+                // SAFETY: kill(2) on a pid checked just above; at worst it is already gone.
+                unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+            }
+        }
+    }
 }
 
 pub fn set(v: &[&str]) -> AllowSet {
@@ -97,7 +116,7 @@ log:
     tweak(&mut yaml);
     let cfg = dir.path().join("config.yaml");
     std::fs::write(&cfg, yaml).unwrap();
-    Some(Env { mock, dir, cfg, key: s.key.to_owned(), rt, _ns: ns })
+    Some(Env { mock, dir, cfg, key: s.key.to_owned(), spawned: Default::default(), rt, _ns: ns })
 }
 
 /// How a finished `allowsync` command went.
@@ -124,14 +143,16 @@ impl Env {
     /// Starts `allowsync run`, its stderr appended to [`Env::log_path`].
     pub fn spawn(&self) -> Child {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
-        Command::new(env!("CARGO_BIN_EXE_allowsync"))
+        let child = Command::new(env!("CARGO_BIN_EXE_allowsync"))
             .args(["-c", self.cfg.to_str().unwrap(), "run"])
             .env_remove("NOTIFY_SOCKET")
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .unwrap()
+            .unwrap();
+        self.spawned.borrow_mut().push(child.id());
+        child
     }
 
     /// Runs `allowsync -c CFG <args>` to its end, killing it at `deadline` (see [`wait_child`]).
