@@ -14,7 +14,7 @@ use tracing::{error, info, warn};
 use crate::backend::{self, Backend, BackendError};
 use crate::config::Config;
 use crate::engine::{self, Desired, Outcome, Plan, SourceResult, SourceStatus};
-use crate::prefixes::{AllowSet, Diff};
+use crate::prefixes::AllowSet;
 use crate::source::{ErrorClass, Sources};
 use crate::state::{self, State, StateError, StateFile};
 
@@ -163,34 +163,34 @@ impl Syncer {
     pub fn restore(&mut self) -> Result<usize, SyncerError> {
         self.backend.ensure()?;
         let Some(applied) = self.state.applied.clone() else { return Ok(0) };
-        let current = self.backend.read()?;
-        if !current.is_empty() {
-            return Ok(0);
-        }
-        let target = AllowSet::union([&current, &applied]);
-        let diff = current.diff_to(&target);
-        if diff.is_empty() {
-            return Ok(0);
-        }
-        self.apply_with_retry(&diff, &applied)?;
-        info!(
-            added = diff.added(),
-            v4 = target.v4.len(),
-            v6 = target.v6.len(),
-            "restored the last good allowlist from the state file"
-        );
-        Ok(diff.added())
-    }
-
-    fn apply_with_retry(&mut self, diff: &Diff, applied: &AllowSet) -> Result<(), BackendError> {
-        match self.backend.apply(diff) {
-            Err(e) if e.is_conflict() => {
-                warn!(error = %e, "the set changed while restoring: reading it again and retrying once");
-                let current = self.backend.read()?;
-                let target = AllowSet::union([&current, applied]);
-                self.backend.apply(&current.diff_to(&target))
+        let mut retried = false;
+        loop {
+            let current = self.backend.read()?;
+            if !current.is_empty() {
+                return Ok(0);
             }
-            other => other,
+            let diff = current.diff_to(&applied);
+            if diff.is_empty() {
+                return Ok(0);
+            }
+            match self.backend.apply(&diff) {
+                Ok(()) => {
+                    info!(
+                        added = diff.added(),
+                        v4 = applied.v4.len(),
+                        v6 = applied.v6.len(),
+                        "restored the last good allowlist from the state file"
+                    );
+                    return Ok(diff.added());
+                }
+                // Someone filled the set meanwhile: read again; if it now holds anything, it
+                // is left alone like any non-empty set.
+                Err(e) if e.is_conflict() && !retried => {
+                    warn!(error = %e, "the set changed while restoring: reading it again");
+                    retried = true;
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
     }
 
