@@ -767,27 +767,25 @@ fn once_runs(api: &Api, n: u32, runs: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>, V
     let log = dir.path().join("once.log");
     let args = ["-c", cfg.to_str().unwrap(), "once"];
     let (mut cold, mut warm, mut cold_rss, mut warm_rss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let once = |what: &str| {
+        let (w, rss, code) = run_rusage(&bin, &args, &log);
+        assert_eq!(
+            code,
+            0,
+            "allowsync once ({what}) failed:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        (w, rss as f64)
+    };
     for _ in 0..runs {
         let _ = daemon::backend().teardown();
         let _ = std::fs::remove_file(dir.path().join("state.json"));
-        let (w, rss, code) = run_rusage(&bin, &args, &log);
-        assert_eq!(
-            code,
-            0,
-            "allowsync once (cold) failed:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
+        let (w, rss) = once("cold");
         cold.push(w);
-        cold_rss.push(rss as f64);
-        let (w, rss, code) = run_rusage(&bin, &args, &log);
-        assert_eq!(
-            code,
-            0,
-            "allowsync once (in sync) failed:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
+        cold_rss.push(rss);
+        let (w, rss) = once("in sync");
         warm.push(w);
-        warm_rss.push(rss as f64);
+        warm_rss.push(rss);
     }
     let held = daemon::backend().read().unwrap();
     assert_eq!(held.len(), n as usize, "the kernel holds what the API served");
