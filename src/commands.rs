@@ -6,12 +6,13 @@ use std::fmt::Write as _;
 
 use allowsync::backend;
 use allowsync::cli::{Cli, Command};
+use allowsync::clock;
 use allowsync::config::Config;
 use allowsync::engine::Verdict;
 use allowsync::exit;
 use allowsync::prefixes::{Delta, Range};
 use allowsync::source::{self, Sources};
-use allowsync::state::{self, StateFile};
+use allowsync::state::StateFile;
 use allowsync::syncer::Syncer;
 
 pub fn dispatch(cli: &Cli) -> i32 {
@@ -97,7 +98,7 @@ fn usersig(cli: &Cli, name: &str) -> anyhow::Result<i32> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    match source::mint_usersig(&cfg, name, allowsync::clock::now_unix()) {
+    match source::mint_usersig(&cfg, name, clock::now_unix()) {
         Ok(m) => {
             print!("{}", source::render_usersig(&m));
             Ok(exit::OK)
@@ -207,10 +208,10 @@ fn status(cli: &Cli, json: bool) -> anyhow::Result<i32> {
             Ok(None) => writeln!(out, "              none yet (never synced)")?,
             Ok(Some(_)) => {}
         }
-        let when = s.and_then(|s| s.last_sync).map_or("never".to_string(), state::fmt_time);
+        let when = s.and_then(|s| s.last_sync).map_or("never".to_string(), clock::rfc3339);
         writeln!(out, "last sync:    {when}")?;
         match s.and_then(|s| s.last_error.as_ref()) {
-            Some(e) => writeln!(out, "last error:   {} at {}", e.message, state::fmt_time(e.at))?,
+            Some(e) => writeln!(out, "last error:   {} at {}", e.message, clock::rfc3339(e.at))?,
             None => writeln!(out, "last error:   none")?,
         }
         if let Some(a) = &applied {

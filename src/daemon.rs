@@ -22,10 +22,10 @@ use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
+use crate::clock;
 use crate::config::Config;
 use crate::engine::Outcome;
 use crate::source::ErrorClass;
-use crate::state;
 use crate::syncer::{CycleReport, Syncer, SyncerError};
 
 /// First retry delay after a retryable failure.
@@ -90,19 +90,6 @@ impl Schedule {
     }
 }
 
-/// A random number in [0, 1) that needs no extra crate: the low bits of the clock mixed with
-/// the pid. Only for jitter, never for anything secret.
-fn weak_random() -> f64 {
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    let mut x = u64::from(nanos) ^ (u64::from(std::process::id()) << 32);
-    // splitmix64 finalizer
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d049bb133111eb);
-    x ^= x >> 31;
-    (x >> 11) as f64 / (1u64 << 53) as f64
-}
-
 fn notify(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {
         warn!(error = %e, "cannot notify systemd");
@@ -117,7 +104,7 @@ fn status_line(s: &Syncer) -> String {
         crate::config::BackendConfig::Ipset(i) => (i.set_v4.clone(), i.set_v6.clone()),
         crate::config::BackendConfig::DryRun => ("v4".into(), "v6".into()),
     };
-    let last = st.last_sync.map_or("never".into(), |t| state::fmt_time(t)[11..19].to_string());
+    let last = st.last_sync.map_or("never".into(), |t| clock::rfc3339(t)[11..19].to_string());
     format!("{} {v4}, {} {v6}, last sync {last}", names.0, names.1)
 }
 
@@ -150,7 +137,7 @@ pub async fn run(config_path: &Path, cfg: Config) -> Result<(), DaemonError> {
             _ = term.recv() => { info!("SIGTERM during a fetch: stopping; the sets stay in place"); return stop(); }
             _ = int.recv() => { info!("SIGINT during a fetch: stopping; the sets stay in place"); return stop(); }
         };
-        let delay = schedule.next(&report, weak_random());
+        let delay = schedule.next(&report, rand::random());
         if !matches!(report.outcome, Ok(Outcome::InSync | Outcome::Applied { .. })) {
             warn!(retry_in_s = delay.as_secs(), "next attempt scheduled");
         } else if report.worst_error_class().is_some() {
@@ -270,7 +257,7 @@ mod tests {
     #[test]
     fn jitter_stays_within_its_bound() {
         for _ in 0..100 {
-            let r = weak_random();
+            let r: f64 = rand::random();
             assert!((0.0..1.0).contains(&r));
         }
         let mut s = Schedule::new(Duration::from_secs(10), Duration::from_secs(4));

@@ -55,7 +55,7 @@ impl fmt::Display for SourceReport {
                 f,
                 "{}: {reason}; keeping its last good list ({ranges} ranges, fetched {})",
                 self.name,
-                crate::state::fmt_time(*since)
+                crate::clock::rfc3339(*since)
             ),
             SourceStatus::Missing { reason } => {
                 write!(f, "{}: {reason}; no last good list, so nothing is removed this cycle", self.name)
@@ -212,12 +212,6 @@ pub enum Outcome {
     Refused(Refusal),
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum SyncError {
-    #[error(transparent)]
-    Backend(#[from] BackendError),
-}
-
 /// Reads the live set, plans, and applies; on a conflict (the set changed under us) reads,
 /// plans and applies once more. Returns the outcome and the plan it acted on.
 pub fn sync(
@@ -225,7 +219,7 @@ pub fn sync(
     desired: &Desired,
     safety: &Safety,
     force: bool,
-) -> Result<(Outcome, Plan), SyncError> {
+) -> Result<(Outcome, Plan), BackendError> {
     let mut retried = false;
     loop {
         let current = backend.read()?;
@@ -243,7 +237,7 @@ pub fn sync(
                     retried = true;
                     continue;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             },
         };
         return Ok((outcome, p));
@@ -253,7 +247,12 @@ pub fn sync(
 /// Records a sync's result in the state: after a sync that reached the desired set, the fresh
 /// lists become the sources' last good lists; a refusal or failure only sets `last_error`
 /// (the last good lists stay those of the last applied sync).
-pub fn record(state: &mut State, desired: &Desired, result: &Result<(Outcome, Plan), SyncError>, now: u64) {
+pub fn record(
+    state: &mut State,
+    desired: &Desired,
+    result: &Result<(Outcome, Plan), BackendError>,
+    now: u64,
+) {
     match result {
         Ok((Outcome::InSync | Outcome::Applied { .. }, plan)) => {
             for (name, list) in &desired.fresh {

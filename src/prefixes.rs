@@ -109,11 +109,6 @@ impl<A: Addr> Range<A> {
         }
     }
 
-    /// Whether every address of `other` is in `self`.
-    pub fn contains_range(&self, other: &Range<A>) -> bool {
-        self.start <= other.start && other.end <= self.end
-    }
-
     /// The minimal list of CIDR prefixes `(network, length)` that covers exactly this range.
     pub fn to_prefixes(&self) -> Vec<(A, u8)> {
         let mut out = Vec::new();

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
+use crate::clock;
 use crate::prefixes::AllowSet;
 
 /// The only format version this build reads and writes.
@@ -62,8 +63,6 @@ pub struct LastError {
     pub at: u64,
     pub message: String,
 }
-
-pub use crate::clock::{now_unix, rfc3339 as fmt_time};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -131,7 +130,7 @@ impl StateFile {
 
     fn set_aside(&self) -> Result<PathBuf, StateError> {
         let mut aside = self.path.as_os_str().to_owned();
-        aside.push(format!(".corrupt-{}", now_unix()));
+        aside.push(format!(".corrupt-{}", clock::now_unix()));
         let mut aside = PathBuf::from(aside);
         // Two corrupt files in one second must not overwrite each other.
         let mut n = 1;

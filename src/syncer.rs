@@ -12,6 +12,7 @@ use std::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::backend::{self, Backend, BackendError};
+use crate::clock;
 use crate::config::Config;
 use crate::engine::{self, Desired, Outcome, Plan, SourceResult, SourceStatus};
 use crate::prefixes::AllowSet;
@@ -225,18 +226,17 @@ impl Syncer {
         let result = self
             .backend
             .ensure()
-            .map_err(engine::SyncError::from)
             .and_then(|()| engine::sync(self.backend.as_mut(), &desired, &self.cfg.safety, force));
         let drift = match (&result, &self.state.applied) {
             // dry-run keeps nothing: every cycle starts from an empty set by design.
-            _ if self.backend.name() == "dry-run" => None,
+            _ if !self.backend.persists() => None,
             (Ok((_, plan)), Some(applied)) => drift_of(plan, applied),
             _ => None,
         };
         if let Some(d) = &drift {
             error!(drift = %d, "drift: the kernel set differs from what allowsync last applied; repairing");
         }
-        let now = state::now_unix();
+        let now = clock::now_unix();
         engine::record(&mut self.state, &desired, &result, now);
         let mut outcome = result.map(|(o, _)| o).map_err(|e| e.to_string());
         if let Err(e) = self.state_file.save(&self.state) {
@@ -280,11 +280,6 @@ impl Syncer {
         };
         let p = engine::plan(current, &desired, &self.cfg.safety, false);
         Ok((desired, p))
-    }
-
-    /// What the kernel holds now.
-    pub fn read_kernel(&mut self) -> Result<AllowSet, BackendError> {
-        self.backend.read()
     }
 }
 

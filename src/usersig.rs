@@ -41,10 +41,6 @@ pub const MAX_USERSIG_LEN: usize = 16 * 1024;
 pub struct Usersig(String);
 
 impl Usersig {
-    /// Wraps a usersig received from elsewhere (the mock server, a test).
-    pub fn new(s: impl Into<String>) -> Self {
-        Usersig(s.into())
-    }
     /// The usersig itself, for the request's query string only.
     pub fn expose(&self) -> &str {
         &self.0

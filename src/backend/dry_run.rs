@@ -14,6 +14,10 @@ impl Backend for DryRun {
         "dry-run"
     }
 
+    fn persists(&self) -> bool {
+        false
+    }
+
     fn ensure(&mut self) -> Result<(), BackendError> {
         Ok(())
     }

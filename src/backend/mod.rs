@@ -30,6 +30,12 @@ pub trait Backend: Send {
     /// What the logs call this backend: `nftables`, `ipset`, `dry-run`, …
     fn name(&self) -> &'static str;
 
+    /// Whether what [`Backend::apply`] writes stays there to be read back. False for dry-run,
+    /// which keeps nothing: its set differing from the state file is not drift.
+    fn persists(&self) -> bool {
+        true
+    }
+
     /// Creates the table, sets and (with `enforce`) rules when missing. An existing object of
     /// the same name but another type or flags is [`BackendError::Foreign`]: never changed.
     fn ensure(&mut self) -> Result<(), BackendError>;
@@ -120,6 +126,10 @@ impl Cached {
 impl Backend for Cached {
     fn name(&self) -> &'static str {
         self.inner.name()
+    }
+
+    fn persists(&self) -> bool {
+        self.inner.persists()
     }
 
     fn ensure(&mut self) -> Result<(), BackendError> {

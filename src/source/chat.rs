@@ -81,11 +81,6 @@ impl ChatSource {
         &self.nettypes
     }
 
-    /// This source's usersig cache (for `allowsync usersig`).
-    pub fn usersigs(&self) -> &UsersigCache {
-        &self.sigs
-    }
-
     /// Fetches one nettype: the list, or why not. A usersig rejected as expired is re-minted
     /// and the request retried once; a primary domain that cannot be reached is replaced by the
     /// next endpoint once.

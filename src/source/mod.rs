@@ -313,11 +313,6 @@ impl Sources {
         Ok(Sources { sources })
     }
 
-    /// The source names, in configuration order.
-    pub fn names(&self) -> Vec<&str> {
-        self.sources.iter().map(Source::name).collect()
-    }
-
     /// Fetches every source concurrently; one result per source, in configuration order.
     /// Never panics: a panicking fetch becomes [`FetchError::Internal`].
     pub async fn fetch_all(&self) -> Vec<Fetched> {
@@ -352,15 +347,6 @@ impl Sources {
             });
         }
         out
-    }
-
-    /// The Chat source called `name`.
-    pub fn chat(&self, name: &str) -> Result<&ChatSource, SourceError> {
-        match self.sources.iter().find(|s| s.name() == name) {
-            Some(Source::Chat(c)) => Ok(c),
-            Some(Source::Static { .. }) => Err(SourceError::NotChat(name.to_owned())),
-            None => Err(SourceError::UnknownSource(name.to_owned())),
-        }
     }
 }
 
