@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use allowsync::backend::ipset::IpsetBackend;
 use allowsync::backend::nftables::NftablesBackend;
 use allowsync::backend::{self, Backend, BackendError};
 use allowsync::config::{BackendConfig, Config, IpsetConfig, NftablesConfig};
@@ -243,8 +244,14 @@ impl Which {
         }
     }
 
+    /// The backend itself, without the [`backend::Cached`] wrapper the daemon uses: a load
+    /// measures one `ensure` and one `apply`, nothing around them.
     fn backend(self) -> Result<Box<dyn Backend>, BackendError> {
-        backend::from_config(&self.config())
+        Ok(match self.config() {
+            BackendConfig::Nftables(n) => Box::new(NftablesBackend::new(&n)?),
+            BackendConfig::Ipset(i) => Box::new(IpsetBackend::new(&i)?),
+            BackendConfig::DryRun => unreachable!("the bench has no dry-run contender"),
+        })
     }
 }
 
@@ -880,7 +887,9 @@ fn no_change_cycle(rep: &mut Report, api: &Api, runs: usize) {
     let cfg = Config::load(&cfg_path).unwrap();
     let applies = Arc::new(AtomicUsize::new(0));
     let counting = Counting { inner: daemon::backend(), applies: applies.clone() };
-    let mut syncer = Syncer::with_backend(cfg, Box::new(counting), true).unwrap();
+    // Wrapped as `backend::from_config` wraps the daemon's backend.
+    let cached = backend::Cached::new(Box::new(counting));
+    let mut syncer = Syncer::with_backend(cfg, Box::new(cached), true).unwrap();
     // The syncer's runtime on this thread only: the thread's CPU time is the cycle's.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(syncer.cycle(false)); // loads the set

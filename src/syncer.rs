@@ -109,9 +109,8 @@ impl Syncer {
         Syncer::with_backend(cfg, backend, lock)
     }
 
-    /// As [`Syncer::new`], with a backend of the caller's (tests).
+    /// As [`Syncer::new`], with a backend of the caller's (tests, the bench), used as given.
     pub fn with_backend(cfg: Config, backend: Box<dyn Backend>, lock: bool) -> Result<Syncer, SyncerError> {
-        let backend: Box<dyn Backend> = Box::new(backend::Cached::new(backend));
         let state_file = StateFile::new(&cfg.state_file);
         let lock = if lock { Some(take_lock(&lock_path(&cfg.state_file))?) } else { None };
         let mut state = if lock.is_some() {
@@ -135,7 +134,7 @@ impl Syncer {
             );
             cfg.state_file = self.cfg.state_file.clone();
         }
-        let backend = Box::new(backend::Cached::new(backend::from_config(&cfg.backend)?));
+        let backend = backend::from_config(&cfg.backend)?;
         let sources = Sources::new(&cfg).map_err(|e| SyncerError::Sources(e.to_string()))?;
         state::forget_unknown_sources(&mut self.state, cfg.sources.iter().map(|s| s.name.as_str()));
         self.backend = backend;
