@@ -15,6 +15,8 @@
 //! [`config`] reads the YAML file, [`cli`] defines the command line; the binary in `main.rs`
 //! only wires them together.
 
+#![deny(unsafe_code)]
+
 pub mod backend;
 pub mod cli;
 pub mod clock;

@@ -5,7 +5,6 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -353,10 +352,8 @@ fn take_lock(path: &Path) -> Result<File, SyncerError> {
         .truncate(false)
         .open(path)
         .map_err(io)?;
-    // SAFETY: flock on a file descriptor we own; no memory is shared with the kernel.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
+    if let Err(errno) = rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        let err = std::io::Error::from(errno);
         if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
             let mut pid = String::new();
             let _ = f.read_to_string(&mut pid);

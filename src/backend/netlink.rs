@@ -2,7 +2,7 @@
 //! a batch sent in a single `sendmsg`, and request/reply exchanges (single objects and dumps).
 //!
 //! This module knows netlink framing (headers, `NLMSG_ERROR`, `NLMSG_DONE`) but nothing about
-//! nf_tables objects: building and parsing those messages is the business of `nftables.rs`.
+//! nf_tables objects: building and parsing those messages is the business of `nftables/`.
 //!
 //! Why the batch path looks the way it does (measured, see the project's kernel notes): a batch
 //! larger than one libnftnl page that is sent page by page is rejected with EINVAL, so every
@@ -12,6 +12,8 @@
 //! `NETLINK_CAP_ACK` keeps acknowledgements small (no copy of the request in each reply), and
 //! the replies are drained with `MSG_DONTWAIT` until `EAGAIN`: an aborted batch does not
 //! acknowledge every sequence number, so counting replies would wait forever.
+
+#![allow(unsafe_code)]
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -50,7 +52,7 @@ impl AlignedBuf {
         self.words.len() * 8
     }
 
-    fn as_slice(&self, len: usize) -> &[u8] {
+    pub(crate) fn as_slice(&self, len: usize) -> &[u8] {
         assert!(len <= self.len());
         // SAFETY: `words` owns `self.len()` initialised bytes and `len` is within them; u8 has
         // no alignment or validity requirements.
@@ -85,7 +87,10 @@ impl Message<'_> {
 
 /// Splits a buffer of received bytes into messages; a truncated or malformed header is an error
 /// (`EBADMSG`), never silently skipped.
-fn for_each_message<'a>(buf: &'a [u8], mut f: impl FnMut(Message<'a>) -> io::Result<()>) -> io::Result<()> {
+pub(crate) fn for_each_message<'a>(
+    buf: &'a [u8],
+    mut f: impl FnMut(Message<'a>) -> io::Result<()>,
+) -> io::Result<()> {
     let mut off = 0;
     while off + NLMSG_HDRLEN <= buf.len() {
         let h = &buf[off..];

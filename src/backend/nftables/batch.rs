@@ -1,0 +1,599 @@
+//! Every nf_tables transaction allowsync sends is built here, with the enforcement rules in it.
+//!
+//! A [`Transaction`] is one batch, committed in one `sendmsg`: the kernel applies all of it or
+//! none of it (EEXIST/ENOENT on any element abort the whole batch), which is what makes
+//! [`Backend::apply`](crate::backend::Backend::apply)'s "on error the set is as it was" true. It
+//! remembers which operation on which object each message is, so that a refusal names its
+//! cause; the tests read back what a transaction would send, message by message, without a
+//! kernel.
+
+use std::ffi::CString;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ::nftnl::expr::{
+    Cmp, CmpOp, Meta, Payload, TcpHeaderField, TransportHeaderField, UdpHeaderField, Verdict,
+};
+use ::nftnl::set::Set;
+use ::nftnl::{Batch, Chain, ChainType, Hook, MsgType, NlMsg, Policy, ProtoFamily, Rule, Table};
+use tracing::debug;
+
+use super::{ENFORCE_CHAIN, Family, NftablesBackend, SetKeyAddr, kernel, nftnl, open_socket};
+use crate::backend::BackendError;
+use crate::config::{Enforce, NftablesConfig};
+use crate::prefixes::{Diff, Range};
+
+/// Bytes one element takes in a message, roughly (nests, key, flags): sizes the batch pages.
+const ELEMENT_BYTES_ESTIMATE: usize = 40;
+
+/// Ranges turned into libnftnl element objects at a time (two elements each); the messages are
+/// the same transaction whatever the chunking, only split at chunk boundaries too.
+const ELEMENT_CHUNK_RANGES: usize = 4096;
+
+/// One nf_tables transaction under construction, remembering which operation on which object
+/// each message is, so that a refusal names its cause.
+pub(super) struct Transaction {
+    batch: Batch,
+    /// Messages added (without the batch begin/end markers).
+    pub(super) messages: usize,
+    /// `(index of the first message, operation, object)`, in message order.
+    labels: Vec<(usize, &'static str, String)>,
+    /// Bytes the caller expected to write (for logs).
+    pub(super) len_hint: usize,
+}
+
+impl Transaction {
+    fn new(expected_bytes: usize) -> Self {
+        // All pages go into one sendmsg, which takes at most UIO_MAXIOV (1024) of them: keep
+        // the page count well below that, whatever the batch size.
+        let page = (expected_bytes / 256).max(::nftnl::default_batch_page_size() as usize);
+        let page = u32::try_from(page.next_power_of_two()).unwrap_or(1 << 30);
+        Transaction {
+            batch: Batch::with_page_size(page),
+            messages: 0,
+            labels: Vec::new(),
+            len_hint: expected_bytes,
+        }
+    }
+
+    fn label(&mut self, op: &'static str, object: &str) {
+        if self.labels.last().is_none_or(|(_, o, obj)| *o != op || obj != object) {
+            self.labels.push((self.messages, op, object.to_string()));
+        }
+    }
+
+    fn push(&mut self, msg: &impl NlMsg, ty: MsgType, op: &'static str, object: &str) {
+        self.label(op, object);
+        self.batch.add(msg, ty);
+        self.messages += 1;
+    }
+
+    /// The element messages of `set`: libnftnl splits its element list into messages of at
+    /// most 64 KiB (a netlink attribute's length is 16 bits).
+    fn push_elements<K>(&mut self, set: &Set<'_, K>, ty: MsgType, op: &'static str, object: &str) {
+        self.label(op, object);
+        for msg in set.elems_iter() {
+            self.batch.add(&msg, ty);
+            self.messages += 1;
+        }
+    }
+
+    /// Sends the batch as one `sendmsg` and checks every reply. EEXIST/ENOENT (an element or
+    /// object appeared or vanished under us) are [`BackendError::Conflict`]; the kernel has then
+    /// aborted the whole transaction.
+    pub(super) fn commit(self) -> Result<(), BackendError> {
+        let messages = self.messages;
+        let labels = self.labels;
+        let finalized = self.batch.finalize();
+        let seqs = finalized.sequence_numbers();
+        // On kernels that acknowledge the batch begin/end markers they take a sequence number
+        // each (the first and the last); the messages are numbered in between.
+        let markers = (seqs.len() - messages) / 2;
+        let first_msg_seq = seqs.start + markers as u32;
+        let pages: Vec<&[u8]> = finalized.iter().collect();
+        let bytes: usize = pages.iter().map(|p| p.len()).sum();
+
+        let sock = open_socket()?;
+        let replies =
+            sock.send_batch(&pages, seqs.len()).map_err(|e| kernel("send batch", "nf_tables".into(), e))?;
+        debug!(messages, bytes, pages = pages.len(), acked = replies.acked, "nf_tables batch sent");
+
+        let Some(&(seq, errno)) = replies.errors.first() else {
+            // A committed batch acknowledges every message that asked for it (all of ours).
+            // Acknowledgements alone prove nothing (an aborted batch acknowledges the messages
+            // before the refused one too), but a missing one without any error means replies
+            // were lost and the outcome is unknown: say so, the caller re-reads.
+            if replies.acked != seqs.len() {
+                let why = format!("kernel acknowledged {} of {} messages", replies.acked, seqs.len());
+                return Err(kernel("commit batch", "nf_tables".into(), io::Error::other(why)));
+            }
+            return Ok(());
+        };
+        for &(seq, errno) in &replies.errors[1..] {
+            debug!(seq, errno, "further error in the same batch");
+        }
+        let index = seq.checked_sub(first_msg_seq).map(|i| i as usize).filter(|&i| i < messages);
+        let (op, object) = index
+            .and_then(|i| label_of(&labels, i))
+            .map_or(("batch", "nf_tables".to_string()), |(op, obj)| (op, obj.to_string()));
+        Err(refused(op, object, errno))
+    }
+}
+
+/// One message of a transaction as it would reach the kernel, read back from the batch.
+#[cfg(test)]
+#[derive(Debug)]
+pub(super) struct Sent {
+    pub(super) op: &'static str,
+    pub(super) object: String,
+    /// `NFT_MSG_*`.
+    pub(super) msg: i32,
+    /// `(key, is_interval_end)` of each element, for element messages.
+    pub(super) elements: Vec<(Vec<u8>, bool)>,
+}
+
+#[cfg(test)]
+impl Transaction {
+    /// Everything this transaction would send, in order, without the batch begin/end markers:
+    /// a test recorder in the manner of google/nftables', decoded from the finished batch.
+    pub(super) fn recorded(self) -> Vec<Sent> {
+        use crate::backend::netlink::for_each_message;
+        let labels = self.labels;
+        let finalized = self.batch.finalize();
+        let mut out = Vec::new();
+        for page in finalized.iter() {
+            for_each_message(page, |m| {
+                let ty = i32::from(m.ty);
+                if ty == libc::NFNL_MSG_BATCH_BEGIN || ty == libc::NFNL_MSG_BATCH_END {
+                    return Ok(());
+                }
+                assert_eq!(ty >> 8, libc::NFNL_SUBSYS_NFTABLES, "an nf_tables message");
+                let (op, object) = label_of(&labels, out.len()).expect("every message is labelled");
+                let msg = ty & 0xff;
+                let elements = if msg == libc::NFT_MSG_NEWSETELEM || msg == libc::NFT_MSG_DELSETELEM {
+                    elements_of(m.bytes)
+                } else {
+                    Vec::new()
+                };
+                out.push(Sent { op, object: object.to_string(), msg, elements });
+                Ok(())
+            })
+            .expect("the batch parses");
+        }
+        out
+    }
+}
+
+/// The netlink attributes `(type, payload)` in `b`, in order.
+#[cfg(test)]
+fn attributes(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while b.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([b[0], b[1]]));
+        // The top two bits are the nested and byte-order flags.
+        let ty = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
+        assert!((4..=b.len()).contains(&len), "attribute length {len} of {}", b.len());
+        out.push((ty, &b[4..len]));
+        b = &b[((len + 3) & !3).min(b.len())..];
+    }
+    out
+}
+
+/// `(key, is_interval_end)` of every element of a set element message, decoded from the bytes
+/// (libnftnl's own parser expects the kernel's numbering of the nested elements, not ours).
+#[cfg(test)]
+fn elements_of(message: &[u8]) -> Vec<(Vec<u8>, bool)> {
+    // From linux/netfilter/nf_tables.h (not in the libc crate).
+    const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+    const NFTA_SET_ELEM_KEY: u16 = 1;
+    const NFTA_SET_ELEM_FLAGS: u16 = 3;
+    const NFTA_DATA_VALUE: u16 = 1;
+    // `struct nlmsghdr`, then `struct nfgenmsg`.
+    let payload = &message[std::mem::size_of::<libc::nlmsghdr>() + 4..];
+    let mut out = Vec::new();
+    for (_, list) in attributes(payload).into_iter().filter(|(t, _)| *t == NFTA_SET_ELEM_LIST_ELEMENTS) {
+        for (_, element) in attributes(list) {
+            let (mut key, mut end) = (None, false);
+            for (t, value) in attributes(element) {
+                match t {
+                    NFTA_SET_ELEM_KEY => {
+                        key = attributes(value).into_iter().find(|(t, _)| *t == NFTA_DATA_VALUE);
+                    }
+                    NFTA_SET_ELEM_FLAGS => {
+                        let flags = u32::from_be_bytes(value.try_into().expect("a u32"));
+                        end = flags & libc::NFT_SET_ELEM_INTERVAL_END as u32 != 0;
+                    }
+                    _ => {}
+                }
+            }
+            out.push((key.expect("every element has a key").1.to_vec(), end));
+        }
+    }
+    out
+}
+
+/// The operation and object of message `index`: the last label that starts at or before it.
+fn label_of<'a>(
+    labels: &'a [(usize, &'static str, String)],
+    index: usize,
+) -> Option<(&'static str, &'a str)> {
+    let at = labels.partition_point(|(first, _, _)| *first <= index).checked_sub(1)?;
+    labels.get(at).map(|(_, op, obj)| (*op, obj.as_str()))
+}
+
+/// A refusal of the kernel as a [`BackendError`].
+fn refused(op: &'static str, object: String, errno: i32) -> BackendError {
+    let source = io::Error::from_raw_os_error(errno);
+    match errno {
+        libc::EEXIST | libc::ENOENT => BackendError::Conflict { op, object, detail: source.to_string() },
+        _ => kernel(op, object, source),
+    }
+}
+
+impl NftablesBackend {
+    fn nft_table(&self) -> Table {
+        Table::new(&self.table, ProtoFamily::Inet)
+    }
+
+    /// Creates what is missing: the table (a no-op when it exists), the missing sets, and
+    /// with `enforce` the chain with its rules (flushed and re-added, so a restart never
+    /// duplicates them); without `enforce` it deletes an enforcement chain left from before.
+    pub(super) fn ensure_transaction(&self, missing_sets: &[Family], chain_exists: bool) -> Transaction {
+        let mut tx = Transaction::new(0);
+        let table = self.nft_table();
+        tx.push(&table, MsgType::Add, "add table", &self.table_object());
+
+        for (id, &family) in (1u32..).zip(missing_sets) {
+            let (name, object) = (self.set_name(family), self.set_object(family));
+            match family {
+                Family::V4 => tx.push(
+                    &nftnl::interval_set::<Ipv4Addr>(name, id, &table),
+                    MsgType::Add,
+                    "add set",
+                    &object,
+                ),
+                Family::V6 => tx.push(
+                    &nftnl::interval_set::<Ipv6Addr>(name, id, &table),
+                    MsgType::Add,
+                    "add set",
+                    &object,
+                ),
+            }
+        }
+
+        let chain_name = CString::new(ENFORCE_CHAIN).expect("no NUL");
+        match &self.enforce {
+            Some(enforce) => {
+                let mut chain = Chain::new(&chain_name, &table);
+                chain.set_hook(Hook::In, 0);
+                chain.set_type(ChainType::Filter);
+                chain.set_policy(Policy::Accept);
+                tx.push(&chain, MsgType::Add, "add chain", &self.chain_object());
+                // A rule without a handle, deleted: the kernel flushes the chain.
+                tx.push(&Rule::new(&chain), MsgType::Del, "flush chain", &self.chain_object());
+                for rule in self.enforcement_rules(&chain, enforce) {
+                    tx.push(&rule, MsgType::Add, "add rule", &self.chain_object());
+                }
+            }
+            None if chain_exists => {
+                tx.push(&Chain::new(&chain_name, &table), MsgType::Del, "delete chain", &self.chain_object());
+            }
+            None => {}
+        }
+        tx
+    }
+
+    /// Applies a diff: all removals (IPv4, IPv6), then all additions, as interval elements.
+    pub(super) fn apply_transaction(&self, diff: &Diff) -> Transaction {
+        let elements = 2 * (diff.added() + diff.removed());
+        let mut tx = Transaction::new(elements * ELEMENT_BYTES_ESTIMATE);
+        let table = self.nft_table();
+        self.push_elements(&mut tx, &table, &diff.v4.remove, MsgType::Del);
+        self.push_elements(&mut tx, &table, &diff.v6.remove, MsgType::Del);
+        self.push_elements(&mut tx, &table, &diff.v4.add, MsgType::Add);
+        self.push_elements(&mut tx, &table, &diff.v6.add, MsgType::Add);
+        tx
+    }
+
+    /// Deletes allowsync's table with everything in it.
+    pub(super) fn teardown_transaction(&self) -> Transaction {
+        let mut tx = Transaction::new(0);
+        tx.push(&self.nft_table(), MsgType::Del, "delete table", &self.table_object());
+        tx
+    }
+
+    /// The element messages of `ranges` (one family) into `tx`.
+    fn push_elements<A: SetKeyAddr>(
+        &self,
+        tx: &mut Transaction,
+        table: &Table,
+        ranges: &[Range<A>],
+        ty: MsgType,
+    ) {
+        if ranges.is_empty() {
+            return;
+        }
+        let family = A::FAMILY;
+        let name = self.set_name(family);
+        let op = match ty {
+            MsgType::Add => "add elements",
+            MsgType::Del => "delete elements",
+        };
+        let object = self.set_object(family);
+        // The set object only carries table and name for the element messages; key type and
+        // flags are not sent with them. Built and serialized a chunk at a time: libnftnl takes
+        // about 300 bytes per element object, so holding all of a 100k-range diff at once cost
+        // 60 MB, while the serialized batch needs about 60 bytes per element.
+        for chunk in ranges.chunks(ELEMENT_CHUNK_RANGES) {
+            match family {
+                Family::V4 => {
+                    let set = Set::<Ipv4Addr>::new_named(name, 0, table, ProtoFamily::Inet);
+                    append_interval_elements(&set, chunk);
+                    tx.push_elements(&set, ty, op, &object);
+                }
+                Family::V6 => {
+                    let set = Set::<Ipv6Addr>::new_named(name, 0, table, ProtoFamily::Inet);
+                    append_interval_elements(&set, chunk);
+                    tx.push_elements(&set, ty, op, &object);
+                }
+            }
+        }
+    }
+
+    /// The enforcement rules, in the order [`enforce_rule_text`] prints them.
+    fn enforcement_rules<'a>(&self, chain: &'a Chain<'a>, enforce: &Enforce) -> Vec<Rule<'a>> {
+        let mut rules = Vec::new();
+
+        // iifname "lo" accept: nft compares the whole IFNAMSIZ buffer, so do the same.
+        let mut lo = Rule::new(chain);
+        let mut ifname = [0u8; libc::IFNAMSIZ];
+        ifname[..2].copy_from_slice(b"lo");
+        lo.add_expr(&Meta::IifName);
+        lo.add_expr(&Cmp::new(CmpOp::Eq, &ifname[..]));
+        lo.add_expr(&Verdict::Accept);
+        rules.push(lo);
+
+        for (l4proto, port) in enforced_ports(enforce) {
+            for family in Family::BOTH {
+                // The same expressions, in the same order, as nft generates for
+                // `tcp dport 443 ip saddr != @allow_v4 drop`: cheap port match first.
+                let mut r = Rule::new(chain);
+                r.add_expr(&Meta::L4Proto);
+                r.add_expr(&Cmp::new(CmpOp::Eq, l4proto.ipproto()));
+                r.add_expr(&Payload::Transport(l4proto.dport()));
+                r.add_expr(&Cmp::new(CmpOp::Eq, &port.to_be_bytes()[..]));
+                r.add_expr(&Meta::NfProto);
+                r.add_expr(&Cmp::new(CmpOp::Eq, family.nfproto()));
+                r.add_expr(&family.saddr());
+                r.add_expr(&nftnl::NotInSet { set: self.set_name(family) });
+                r.add_expr(&Verdict::Drop);
+                rules.push(r);
+            }
+        }
+        rules
+    }
+}
+
+/// The rules an operator would write by hand for `enforce`'s ports, as `nft` prints them (and as
+/// [`Backend::ensure`] installs them in [`ENFORCE_CHAIN`] when `enforce` is configured): loopback
+/// first, then one drop rule per port and family. nftables sets are per table, so such rules
+/// must live in a chain of `table inet <table>` to reference the sets.
+pub fn enforce_rule_text(config: &NftablesConfig, enforce: &Enforce) -> Vec<String> {
+    let mut out = vec![r#"iifname "lo" accept"#.to_string()];
+    for (l4proto, port) in enforced_ports(enforce) {
+        for family in Family::BOTH {
+            let set = match family {
+                Family::V4 => &config.set_v4,
+                Family::V6 => &config.set_v6,
+            };
+            out.push(format!("{} dport {port} {} saddr != @{set} drop", l4proto.name(), family.nft_proto()));
+        }
+    }
+    out
+}
+
+#[derive(Clone, Copy)]
+enum L4 {
+    Tcp,
+    Udp,
+}
+
+impl L4 {
+    fn name(self) -> &'static str {
+        match self {
+            L4::Tcp => "tcp",
+            L4::Udp => "udp",
+        }
+    }
+    fn ipproto(self) -> u8 {
+        match self {
+            L4::Tcp => libc::IPPROTO_TCP as u8,
+            L4::Udp => libc::IPPROTO_UDP as u8,
+        }
+    }
+    fn dport(self) -> TransportHeaderField {
+        match self {
+            L4::Tcp => TransportHeaderField::Tcp(TcpHeaderField::Dport),
+            L4::Udp => TransportHeaderField::Udp(UdpHeaderField::Dport),
+        }
+    }
+}
+
+/// TCP ports, then UDP ports, in configuration order.
+fn enforced_ports(e: &Enforce) -> impl Iterator<Item = (L4, u16)> + '_ {
+    e.tcp_ports.iter().map(|&p| (L4::Tcp, p)).chain(e.udp_ports.iter().map(|&p| (L4::Udp, p)))
+}
+
+/// Appends the interval elements of `ranges` to `set`'s element list: the start, and the end
+/// (`end + 1`, flagged `NFT_SET_ELEM_INTERVAL_END`) unless the range reaches the top.
+fn append_interval_elements<K, A: SetKeyAddr>(set: &Set<'_, K>, ranges: &[Range<A>]) {
+    let len = A::FAMILY.key_len() as usize;
+    for r in ranges {
+        nftnl::append_element(set, &r.start.key()[..len], 0);
+        if let Some(end) = r.interval_end() {
+            nftnl::append_element(set, &end.key()[..len], libc::NFT_SET_ELEM_INTERVAL_END as u32);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prefixes::Delta;
+
+    #[test]
+    fn rule_text_lists_loopback_then_each_port_and_family() {
+        let cfg = NftablesConfig {
+            table: "allowsync".into(),
+            set_v4: "allow_v4".into(),
+            set_v6: "allow_v6".into(),
+            enforce: None,
+        };
+        let e = Enforce { tcp_ports: vec![443], udp_ports: vec![53] };
+        assert_eq!(
+            enforce_rule_text(&cfg, &e),
+            [
+                r#"iifname "lo" accept"#,
+                "tcp dport 443 ip saddr != @allow_v4 drop",
+                "tcp dport 443 ip6 saddr != @allow_v6 drop",
+                "udp dport 53 ip saddr != @allow_v4 drop",
+                "udp dport 53 ip6 saddr != @allow_v6 drop",
+            ]
+        );
+    }
+
+    fn backend(enforce: Option<Enforce>) -> NftablesBackend {
+        NftablesBackend::new(&NftablesConfig {
+            table: "t".into(),
+            set_v4: "s4".into(),
+            set_v6: "s6".into(),
+            enforce,
+        })
+        .unwrap()
+    }
+
+    /// `(op, object, NFT_MSG_*)` of every message.
+    fn ops(sent: &[Sent]) -> Vec<(&str, &str, i32)> {
+        sent.iter().map(|s| (s.op, s.object.as_str(), s.msg)).collect()
+    }
+
+    fn v4(a: &str) -> u32 {
+        u32::from(a.parse::<Ipv4Addr>().unwrap())
+    }
+
+    /// The ranges of the element messages with `msg`, decoded as the kernel reads them.
+    fn ranges_in<A: SetKeyAddr>(sent: &[Sent], msg: i32, object: &str) -> Vec<Range<A>> {
+        let elements: Vec<(A, bool)> = sent
+            .iter()
+            .filter(|s| s.msg == msg && s.object == object)
+            .flat_map(|s| s.elements.iter().map(|(k, end)| (A::from_key(k).unwrap(), *end)))
+            .collect();
+        super::super::query::intervals_from_elements(elements).unwrap()
+    }
+
+    const CHAIN: &str = "chain inet t enforce";
+
+    #[test]
+    fn ensure_creates_the_missing_sets_and_rewrites_the_enforcement_chain_in_one_batch() {
+        let b = backend(Some(Enforce { tcp_ports: vec![443], udp_ports: vec![] }));
+        let sent = b.ensure_transaction(&[Family::V6], false).recorded();
+        assert_eq!(
+            ops(&sent),
+            [
+                ("add table", "table inet t", libc::NFT_MSG_NEWTABLE),
+                ("add set", "set inet t s6", libc::NFT_MSG_NEWSET),
+                ("add chain", CHAIN, libc::NFT_MSG_NEWCHAIN),
+                // A rule without a handle, deleted: the kernel flushes the chain first, so a
+                // restart never duplicates the rules.
+                ("flush chain", CHAIN, libc::NFT_MSG_DELRULE),
+                ("add rule", CHAIN, libc::NFT_MSG_NEWRULE),
+                ("add rule", CHAIN, libc::NFT_MSG_NEWRULE),
+                ("add rule", CHAIN, libc::NFT_MSG_NEWRULE),
+            ]
+        );
+    }
+
+    #[test]
+    fn without_enforce_an_existing_chain_is_deleted_and_nothing_else_is_sent() {
+        let b = backend(None);
+        let sent = b.ensure_transaction(&[], true).recorded();
+        assert_eq!(
+            ops(&sent),
+            [
+                ("add table", "table inet t", libc::NFT_MSG_NEWTABLE),
+                ("delete chain", CHAIN, libc::NFT_MSG_DELCHAIN)
+            ]
+        );
+        let sent = b.ensure_transaction(&[Family::V4, Family::V6], false).recorded();
+        assert_eq!(
+            ops(&sent),
+            [
+                ("add table", "table inet t", libc::NFT_MSG_NEWTABLE),
+                ("add set", "set inet t s4", libc::NFT_MSG_NEWSET),
+                ("add set", "set inet t s6", libc::NFT_MSG_NEWSET),
+            ]
+        );
+        let sent = b.teardown_transaction().recorded();
+        assert_eq!(ops(&sent), [("delete table", "table inet t", libc::NFT_MSG_DELTABLE)]);
+    }
+
+    #[test]
+    fn a_diff_is_all_removals_then_all_additions_as_interval_elements() {
+        let b = backend(None);
+        let r = |a: &str, z: &str| Range { start: v4(a), end: v4(z) };
+        let top = r("255.255.255.0", "255.255.255.255");
+        let six = Range { start: 1u128, end: 1 };
+        let diff = Diff {
+            v4: Delta {
+                remove: vec![r("10.0.0.0", "10.0.0.255")],
+                add: vec![r("10.1.0.0", "10.1.1.255"), top],
+            },
+            v6: Delta { remove: vec![six], add: vec![] },
+        };
+        let sent = b.apply_transaction(&diff).recorded();
+        assert_eq!(
+            ops(&sent),
+            [
+                ("delete elements", "set inet t s4", libc::NFT_MSG_DELSETELEM),
+                ("delete elements", "set inet t s6", libc::NFT_MSG_DELSETELEM),
+                ("add elements", "set inet t s4", libc::NFT_MSG_NEWSETELEM),
+            ]
+        );
+        // A range is its start plus an interval end one past it, network byte order; the
+        // range reaching the top of the address space has no end element.
+        assert_eq!(sent[0].elements, [(vec![10, 0, 0, 0], false), (vec![10, 0, 1, 0], true)]);
+        assert_eq!(
+            sent[2].elements,
+            [(vec![10, 1, 0, 0], false), (vec![10, 1, 2, 0], true), (vec![255, 255, 255, 0], false)]
+        );
+        assert_eq!(ranges_in::<u128>(&sent, libc::NFT_MSG_DELSETELEM, "set inet t s6"), [six]);
+        assert_eq!(
+            ranges_in::<u32>(&sent, libc::NFT_MSG_NEWSETELEM, "set inet t s4"),
+            [r("10.1.0.0", "10.1.1.255"), top]
+        );
+    }
+
+    #[test]
+    fn a_large_diff_is_one_transaction_of_many_messages_each_labelled() {
+        let b = backend(None);
+        // Every other /32: none adjacent, so each range is two elements.
+        let add: Vec<Range<u32>> = (0..10_000u32).map(|i| Range { start: 2 * i, end: 2 * i }).collect();
+        let diff = Diff { v4: Delta { remove: vec![], add: add.clone() }, v6: Delta::default() };
+        let tx = b.apply_transaction(&diff);
+        let messages = tx.messages;
+        let sent = tx.recorded();
+        assert_eq!(sent.len(), messages);
+        assert!(messages > 2, "split into messages of at most 64 KiB: {messages}");
+        assert!(sent.iter().all(|s| (s.op, s.object.as_str()) == ("add elements", "set inet t s4")));
+        assert_eq!(ranges_in::<u32>(&sent, libc::NFT_MSG_NEWSETELEM, "set inet t s4"), add);
+    }
+
+    #[test]
+    fn a_refused_message_is_named_by_its_label() {
+        let labels = vec![(0, "add table", "table".to_string()), (1, "add elements", "set".to_string())];
+        assert_eq!(label_of(&labels, 0), Some(("add table", "table")));
+        assert_eq!(label_of(&labels, 1), Some(("add elements", "set")));
+        assert_eq!(label_of(&labels, 7), Some(("add elements", "set")));
+        assert_eq!(label_of(&[], 0), None);
+    }
+}

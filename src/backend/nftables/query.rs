@@ -1,0 +1,224 @@
+//! Reading the kernel's state: whether allowsync's table exists, what its sets and its
+//! enforcement chain are ([`SetInfo`], [`ChainInfo`]), the ruleset generation, and the sets'
+//! elements.
+//!
+//! Reading dumps both sets (`NFT_MSG_GETSETELEM`) between two reads of the ruleset generation;
+//! a change in between, a dump the kernel flags as interrupted, or a missing table or set is a
+//! [`BackendError::Conflict`]: read again, or run `ensure` again, which recreates what is
+//! missing. A missing set is never read as empty. The ranges are rebuilt exactly as the kernel
+//! holds them (adjacent elements stay separate), because removals must name exact intervals.
+//!
+//! Interval encoding (kernel facts): a range `start..=end` is the element `start` plus the
+//! element `end + 1` flagged `NFT_SET_ELEM_INTERVAL_END`; a range reaching the top of the address
+//! space has no end element. Keys are in network byte order.
+
+use std::ffi::CString;
+use std::io;
+
+use tracing::debug;
+
+use super::{ENFORCE_CHAIN, Family, NftablesBackend, SetKeyAddr, kernel, nftnl};
+use crate::backend::BackendError;
+use crate::backend::netlink::{DumpInterrupted, NfSocket};
+use crate::prefixes::{Addr, Range, Ranges};
+
+/// What matters about an existing set.
+#[derive(Debug)]
+pub(super) struct SetInfo {
+    pub(super) key_type: u32,
+    pub(super) key_len: u32,
+    pub(super) flags: u32,
+}
+
+/// What matters about an existing chain.
+#[derive(Debug)]
+pub(super) struct ChainInfo {
+    /// `None` for a regular (non-base) chain.
+    pub(super) hook: Option<u32>,
+    pub(super) priority: i32,
+    pub(super) chain_type: String,
+}
+
+impl ChainInfo {
+    /// `type filter hook input priority filter`: the shape of allowsync's enforcement chain.
+    pub(super) fn is_enforcement_chain(&self) -> bool {
+        self.hook == Some(libc::NF_INET_LOCAL_IN as u32) && self.priority == 0 && self.chain_type == "filter"
+    }
+}
+
+impl std::fmt::Display for ChainInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.hook {
+            None => write!(f, "a regular chain"),
+            Some(h) => write!(f, "type {} hook {} priority {}", self.chain_type, h, self.priority),
+        }
+    }
+}
+
+impl NftablesBackend {
+    /// Whether the table exists.
+    pub(super) fn table_exists(&self, sock: &NfSocket) -> Result<bool, BackendError> {
+        let seq = sock.next_seq();
+        let request = nftnl::table_request(seq, &self.table);
+        match sock.request(request.bytes(), seq, |_| Ok(())) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(kernel("get table", self.table_object(), e)),
+        }
+    }
+
+    /// The kernel's description of one of our sets, `None` when it (or the table) is missing.
+    pub(super) fn get_set(&self, sock: &NfSocket, family: Family) -> Result<Option<SetInfo>, BackendError> {
+        let seq = sock.next_seq();
+        let request = nftnl::set_request(seq, &self.table, self.set_name(family));
+        let mut info = None;
+        let result = sock.request(request.bytes(), seq, |m| {
+            info = Some(nftnl::parse_set(m)?);
+            Ok(())
+        });
+        match result {
+            Ok(()) => Ok(info),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(kernel("get set", self.set_object(family), e)),
+        }
+    }
+
+    /// The kernel's description of the enforcement chain, `None` when it is missing.
+    pub(super) fn get_chain(&self, sock: &NfSocket) -> Result<Option<ChainInfo>, BackendError> {
+        let chain_name = CString::new(ENFORCE_CHAIN).expect("no NUL");
+        let seq = sock.next_seq();
+        let request = nftnl::chain_request(seq, &self.table, &chain_name);
+        let mut info = None;
+        let result = sock.request(request.bytes(), seq, |m| {
+            info = Some(nftnl::parse_chain(m)?);
+            Ok(())
+        });
+        match result {
+            Ok(()) => Ok(info),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(kernel("get chain", self.chain_object(), e)),
+        }
+    }
+
+    /// Dumps one set's elements and rebuilds its ranges, exactly as the kernel holds them.
+    pub(super) fn read_set<A: SetKeyAddr>(&self, sock: &NfSocket) -> Result<Ranges<A>, BackendError> {
+        let family = A::FAMILY;
+        let object = self.set_object(family);
+        let seq = sock.next_seq();
+        let request = nftnl::set_elements_request(seq, &self.table, self.set_name(family));
+        let mut elements: Vec<(A, bool)> = Vec::new();
+        let mut bad_key = None;
+        let result = sock.request(request.bytes(), seq, |m| {
+            nftnl::for_each_element(m, |key, end| match A::from_key(key) {
+                Some(a) => elements.push((a, end)),
+                None => bad_key = Some(key.len()),
+            })
+        });
+        match result {
+            Ok(()) => {}
+            // No table or no set: not something to read as "empty" (an apply against it could
+            // only fail); the caller runs `ensure` again, which recreates them.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                return Err(BackendError::Conflict {
+                    op: "list elements",
+                    object,
+                    detail: "the set or its table does not exist (ensure recreates it)".into(),
+                });
+            }
+            Err(e) if DumpInterrupted::is(&e) => {
+                return Err(BackendError::Conflict { op: "list elements", object, detail: e.to_string() });
+            }
+            Err(e) => return Err(kernel("list elements", object, e)),
+        }
+        if let Some(len) = bad_key {
+            return Err(BackendError::Foreign {
+                object,
+                why: format!("it holds {len}-byte keys, allowsync needs {}", family.type_name()),
+            });
+        }
+        let ranges = intervals_from_elements(elements)
+            .map_err(|why| BackendError::Foreign { object: object.clone(), why: why.clone() })?;
+        Ranges::from_disjoint(ranges)
+            .map_err(|e| BackendError::Foreign { object, why: format!("its elements overlap: {e}") })
+    }
+}
+
+/// The ruleset generation of the socket's network namespace (`NFT_MSG_GETGEN`).
+pub(super) fn get_generation(sock: &NfSocket) -> Result<u32, BackendError> {
+    let seq = sock.next_seq();
+    let request = nftnl::generation_request(seq);
+    let mut id = None;
+    sock.request(request.bytes(), seq, |m| {
+        id = Some(nftnl::parse_generation(m)?);
+        Ok(())
+    })
+    .map_err(|e| kernel("get generation", "nf_tables".into(), e))?;
+    id.ok_or_else(|| kernel("get generation", "nf_tables".into(), io::ErrorKind::UnexpectedEof.into()))
+}
+
+/// Rebuilds ranges from interval elements `(key, is_interval_end)` in any order (the kernel
+/// dumps its rbtree from the highest key down).
+///
+/// Sorted by key with an end before a start of the same key (adjacent intervals `[a, k)` and
+/// `[k, b)` hold both), each start pairs with the next end. A start with no end after it runs
+/// to the top of the address space (that is how such a range is stored). An end with no open
+/// start is skipped: older nft versions stored a lone "interval end" at `0.0.0.0`/`::` to mark
+/// the gap below the first range, and it carries no addresses.
+pub(super) fn intervals_from_elements<A: Addr>(
+    mut elements: Vec<(A, bool)>,
+) -> Result<Vec<Range<A>>, String> {
+    elements.sort_unstable_by_key(|&(key, end)| (key, !end));
+    let mut out = Vec::with_capacity(elements.len() / 2 + 1);
+    let mut open: Option<A> = None;
+    for (key, end) in elements {
+        match (open, end) {
+            (None, false) => open = Some(key),
+            (Some(start), true) => {
+                // `from_interval` is None only for an empty interval (end == start), which an
+                // end sorted after its start cannot be; skip it rather than invent addresses.
+                out.extend(Range::from_interval(start, Some(key)));
+                open = None;
+            }
+            (None, true) => debug!(key = ?key, "skipping interval end without a start"),
+            (Some(start), false) => {
+                return Err(format!(
+                    "element {:?} starts while the interval from {:?} is still open",
+                    key.to_ip(),
+                    start.to_ip()
+                ));
+            }
+        }
+    }
+    if let Some(start) = open {
+        out.extend(Range::from_interval(start, None));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(start: u32, end: u32) -> Range<u32> {
+        Range { start, end }
+    }
+
+    #[test]
+    fn intervals_pair_starts_with_ends_in_any_order() {
+        // [10, 20), [20, 30) adjacent, [40, top] without end, dumped highest first.
+        let elems = vec![(40, false), (30, true), (20, false), (20, true), (10, false)];
+        assert_eq!(intervals_from_elements(elems).unwrap(), [r(10, 19), r(20, 29), r(40, u32::MAX)]);
+    }
+
+    #[test]
+    fn lone_end_at_zero_is_skipped_and_zero_start_kept() {
+        let elems = vec![(0, true), (0, false), (256, true), (u32::MAX, false)];
+        assert_eq!(intervals_from_elements(elems).unwrap(), [r(0, 255), r(u32::MAX, u32::MAX)]);
+        assert_eq!(intervals_from_elements(vec![(0u32, true)]).unwrap(), []);
+    }
+
+    #[test]
+    fn two_open_starts_are_an_error() {
+        assert!(intervals_from_elements(vec![(1u32, false), (5, false), (9, true)]).is_err());
+    }
+}
