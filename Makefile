@@ -20,8 +20,8 @@ build: deps
 	$(CARGO) build --release --locked
 
 lint: deps
-	$(CARGO) fmt --check
-	$(CARGO) clippy --all-targets --all-features --locked -- -D warnings
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets --all-features --locked -- -D warnings
 
 test: lint
 	$(CARGO) test --all-features --locked
@@ -50,13 +50,13 @@ fuzz: deps
 	@scripts/fuzz.sh
 
 demo: deps
-	$(CARGO) build --release --locked --features mock --bin allowsync --example mock_chat_api
+	$(CARGO) build --release --locked --bin allowsync --example mock_chat_api
 	@scripts/demo.sh
 
 bench: deps
 	$(CARGO) build --release --locked --bin allowsync
 	mkdir -p target/bench && cp target/release/allowsync target/bench/allowsync
-	$(CARGO) bench --locked --features mock --bench bench
+	$(CARGO) bench --locked --bench bench
 
 clean:
 	$(CARGO) clean

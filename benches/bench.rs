@@ -15,18 +15,12 @@
 //! runs per figure; `BENCH_ONCE_RUNS=N` (default 20) runs of `allowsync once`; `BENCH_ONLY=` a
 //! comma-separated subset of aggregation, binary, cycle, once, load, incremental.
 
-#[path = "../tests/common/daemon.rs"]
-mod daemon;
-#[path = "../tests/common/netns.rs"]
-mod netns;
-
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -34,9 +28,11 @@ use allowsync::backend::ipset::IpsetBackend;
 use allowsync::backend::nftables::NftablesBackend;
 use allowsync::backend::{self, Backend, BackendError};
 use allowsync::config::{BackendConfig, Config, IpsetConfig, NftablesConfig};
-use allowsync::mock::{MockChatApi, MockConfig, MockHandle};
 use allowsync::prefixes::{AllowSet, Delta, Diff, parse_entry};
 use allowsync::syncer::Syncer;
+use allowsync_testkit::backends::Counting;
+use allowsync_testkit::mock::{MockChatApi, MockConfig, MockHandle};
+use allowsync_testkit::{daemon, netns};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -848,36 +844,6 @@ fn once_section(rep: &mut Report, api: &Api, runs: usize, rss_runs: usize) {
     ));
 }
 
-/// Counts what reaches the kernel through the backend.
-struct Counting {
-    inner: NftablesBackend,
-    applies: Arc<AtomicUsize>,
-}
-
-impl Backend for Counting {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    fn ensure(&mut self) -> Result<(), BackendError> {
-        self.inner.ensure()
-    }
-    fn read(&mut self) -> Result<AllowSet, BackendError> {
-        self.inner.read()
-    }
-    fn apply(&mut self, diff: &Diff) -> Result<(), BackendError> {
-        if !diff.is_empty() {
-            self.applies.fetch_add(1, Ordering::Relaxed);
-        }
-        self.inner.apply(diff)
-    }
-    fn teardown(&mut self) -> Result<(), BackendError> {
-        self.inner.teardown()
-    }
-    fn generation(&mut self) -> Result<Option<u64>, BackendError> {
-        self.inner.generation()
-    }
-}
-
 fn no_change_cycle(rep: &mut Report, api: &Api, runs: usize) {
     const N: u32 = 10_000;
     let dir = tempfile::tempdir().unwrap();
@@ -885,8 +851,8 @@ fn no_change_cycle(rep: &mut Report, api: &Api, runs: usize) {
     api.serve(&Kind::V4Host.entries(10, N));
     let _ = daemon::backend().teardown();
     let cfg = Config::load(&cfg_path).unwrap();
-    let applies = Arc::new(AtomicUsize::new(0));
-    let counting = Counting { inner: daemon::backend(), applies: applies.clone() };
+    let counting = Counting::new(daemon::backend());
+    let applies = counting.applies();
     // Wrapped as `backend::from_config` wraps the daemon's backend.
     let cached = backend::Cached::new(Box::new(counting));
     let mut syncer = Syncer::with_backend(cfg, Box::new(cached), true).unwrap();

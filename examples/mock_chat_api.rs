@@ -1,7 +1,7 @@
 //! A stand-alone mock of the Chat REST API's GetIPList, for `make demo` and manual tests:
 //!
 //! ```text
-//! cargo run --features mock --example mock_chat_api -- --listen 127.0.0.1:8089 \
+//! cargo run --example mock_chat_api -- --listen 127.0.0.1:8089 \
 //!     --sdkappid 1400000000 --identifier administrator --key-file config/demo.key \
 //!     --list 5=203.0.113.0/24,198.51.100.7 --list 6=2001:db8::/48
 //! ```
@@ -15,7 +15,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use allowsync::mock::{MockChatApi, MockConfig, parse_list_file, parse_list_spec};
+use allowsync_testkit::mock::{MockChatApi, MockConfig, parse_list_file, parse_list_spec};
 use clap::Parser;
 
 #[derive(Parser)]

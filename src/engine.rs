@@ -279,12 +279,10 @@ pub fn record(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::memory::MemoryBackend;
-    use crate::prefixes::parse_entry;
+    use allowsync_testkit::set;
 
-    fn set(v: &[&str]) -> AllowSet {
-        AllowSet::from_nets(v.iter().map(|s| parse_entry(s).unwrap().net))
-    }
+    use crate::backend::memory::MemoryBackend;
+
     fn ok(name: &str, v: &[&str]) -> SourceResult {
         SourceResult { name: name.into(), list: Ok(set(v)) }
     }
@@ -304,7 +302,7 @@ mod tests {
     fn a_failed_source_contributes_its_last_good_list() {
         let st = state_with("chat", &["10.0.0.0/24"]);
         let d = Desired::build(vec![failed("chat"), ok("office", &["192.0.2.1"])], &st);
-        assert_eq!(d.set, set(&["10.0.0.0/24", "192.0.2.1"]));
+        assert_eq!(d.set, set(["10.0.0.0/24", "192.0.2.1"]));
         assert!(!d.additive_only);
         assert!(matches!(d.sources[0].status, SourceStatus::Stale { since: 100, ranges: 1, .. }));
         assert!(!d.all_fresh());
@@ -314,7 +312,7 @@ mod tests {
     fn a_suspicious_empty_list_is_a_failure() {
         let st = state_with("chat", &["10.0.0.0/24"]);
         let d = Desired::build(vec![ok("chat", &[])], &st);
-        assert_eq!(d.set, set(&["10.0.0.0/24"]));
+        assert_eq!(d.set, set(["10.0.0.0/24"]));
         assert!(
             matches!(&d.sources[0].status, SourceStatus::Stale { reason, .. } if reason.contains("empty"))
         );
@@ -323,19 +321,19 @@ mod tests {
     #[test]
     fn a_failure_without_fallback_never_removes() {
         let mut be = MemoryBackend::new();
-        *be.shared().lock().unwrap() = set(&["10.0.0.0/24", "10.9.0.0/16"]);
+        *be.shared().lock().unwrap() = set(["10.0.0.0/24", "10.9.0.0/16"]);
         let d = Desired::build(vec![failed("chat"), ok("office", &["192.0.2.1"])], &State::default());
         assert!(d.additive_only);
         let (out, p) = sync(&mut be, &d, &safety(), false).unwrap();
         assert_eq!(out, Outcome::Applied { added: 1, removed: 0 });
-        assert_eq!(*be.shared().lock().unwrap(), set(&["10.0.0.0/24", "10.9.0.0/16", "192.0.2.1"]));
+        assert_eq!(*be.shared().lock().unwrap(), set(["10.0.0.0/24", "10.9.0.0/16", "192.0.2.1"]));
         assert_eq!(p.target, *be.shared().lock().unwrap());
     }
 
     #[test]
     fn empty_allowlist_is_refused_unless_allowed() {
         let mut be = MemoryBackend::new();
-        *be.shared().lock().unwrap() = set(&["10.0.0.1"]);
+        *be.shared().lock().unwrap() = set(["10.0.0.1"]);
         let d = Desired::build(vec![ok("office", &[])], &State::default());
         let (out, _) =
             sync(&mut be, &d, &Safety { allow_empty: false, max_removal_percent: 100 }, false).unwrap();
@@ -381,11 +379,11 @@ mod tests {
     #[test]
     fn merging_into_a_wider_prefix_is_not_a_removal() {
         let mut be = MemoryBackend::new();
-        *be.shared().lock().unwrap() = set(&["10.0.0.0/24"]);
+        *be.shared().lock().unwrap() = set(["10.0.0.0/24"]);
         let d = Desired::build(vec![ok("chat", &["10.0.0.0/23"])], &State::default());
         let (out, _) = sync(&mut be, &d, &safety(), false).unwrap();
         assert_eq!(out, Outcome::Applied { added: 1, removed: 1 });
-        assert_eq!(*be.shared().lock().unwrap(), set(&["10.0.0.0/23"]));
+        assert_eq!(*be.shared().lock().unwrap(), set(["10.0.0.0/23"]));
     }
 
     /// A backend that changes the set just before our first apply, as another process would.
@@ -406,7 +404,7 @@ mod tests {
         fn apply(&mut self, diff: &Diff) -> Result<(), BackendError> {
             if !self.raced {
                 self.raced = true;
-                *self.inner.shared().lock().unwrap() = set(&["10.0.0.0/24", "10.5.0.7"]);
+                *self.inner.shared().lock().unwrap() = set(["10.0.0.0/24", "10.5.0.7"]);
             }
             self.inner.apply(diff)
         }
@@ -418,24 +416,24 @@ mod tests {
     #[test]
     fn a_conflict_rereads_and_retries_once() {
         let mut be = Racy { inner: MemoryBackend::new(), raced: false };
-        *be.inner.shared().lock().unwrap() = set(&["10.0.0.0/24"]);
+        *be.inner.shared().lock().unwrap() = set(["10.0.0.0/24"]);
         // Our first diff adds 10.5.0.0/16, which now overlaps the stray 10.5.0.7: EEXIST.
         let d = Desired::build(vec![ok("chat", &["10.0.0.0/24", "10.5.0.0/16"])], &State::default());
         let (out, _) = sync(&mut be, &d, &safety(), false).unwrap();
         assert_eq!(out, Outcome::Applied { added: 1, removed: 1 });
-        assert_eq!(*be.inner.shared().lock().unwrap(), set(&["10.0.0.0/24", "10.5.0.0/16"]));
+        assert_eq!(*be.inner.shared().lock().unwrap(), set(["10.0.0.0/24", "10.5.0.0/16"]));
     }
 
     #[test]
     fn a_failed_apply_leaves_the_set_and_records_the_error() {
         let mut be = MemoryBackend::new();
-        *be.shared().lock().unwrap() = set(&["10.0.0.0/24"]);
+        *be.shared().lock().unwrap() = set(["10.0.0.0/24"]);
         be.fail_next_applies(1);
         let mut st = State::default();
         let d = Desired::build(vec![ok("chat", &["10.0.0.0/24", "10.2.0.0/24"])], &st);
         let r = sync(&mut be, &d, &safety(), false);
         assert!(r.is_err(), "{r:?}");
-        assert_eq!(*be.shared().lock().unwrap(), set(&["10.0.0.0/24"]));
+        assert_eq!(*be.shared().lock().unwrap(), set(["10.0.0.0/24"]));
         record(&mut st, &d, &r, 500);
         assert!(st.sources.is_empty(), "a list that was not applied is not 'last good'");
         assert_eq!(st.last_error.as_ref().unwrap().at, 500);
@@ -450,7 +448,7 @@ mod tests {
         record(&mut st, &d, &r, 900);
         assert_eq!(st.sources["chat"].fetched_at, 900);
         assert_eq!(st.sources["old"].fetched_at, 100, "the failed source keeps its old list");
-        assert_eq!(st.applied, Some(set(&["10.0.0.0/24", "10.1.0.0/24"])));
+        assert_eq!(st.applied, Some(set(["10.0.0.0/24", "10.1.0.0/24"])));
         assert_eq!(st.last_sync, Some(900));
         assert!(st.last_error.as_ref().unwrap().message.contains("old: network"));
         // A refused sync changes no last good list.
@@ -465,7 +463,7 @@ mod tests {
     #[test]
     fn nothing_to_do_writes_nothing() {
         let mut be = MemoryBackend::new();
-        *be.shared().lock().unwrap() = set(&["10.0.0.0/24"]);
+        *be.shared().lock().unwrap() = set(["10.0.0.0/24"]);
         let d = Desired::build(vec![ok("chat", &["10.0.0.0/24"])], &State::default());
         let (out, _) = sync(&mut be, &d, &safety(), false).unwrap();
         assert_eq!(out, Outcome::InSync);

@@ -30,10 +30,6 @@ pub mod state;
 pub mod syncer;
 pub mod usersig;
 
-/// A mock Chat REST API for tests, the example server and `make demo`.
-#[cfg(feature = "mock")]
-pub mod mock;
-
 /// The fuzz targets' entry functions, shared by `fuzz/` and the corpus replay test.
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]

@@ -376,6 +376,13 @@ impl Diff {
     }
 }
 
+impl FromIterator<IpNet> for AllowSet {
+    /// [`AllowSet::from_nets`].
+    fn from_iter<I: IntoIterator<Item = IpNet>>(nets: I) -> Self {
+        AllowSet::from_nets(nets)
+    }
+}
+
 impl AllowSet {
     /// The canonical allowlist of any prefixes of either family.
     pub fn from_nets(nets: impl IntoIterator<Item = IpNet>) -> Self {
@@ -572,18 +579,16 @@ fn unmap_v4(net: IpNet) -> IpNet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use allowsync_testkit::set;
     use proptest::prelude::*;
 
-    fn nets(v: &[&str]) -> AllowSet {
-        AllowSet::from_nets(v.iter().map(|s| parse_entry(s).unwrap().net))
-    }
     fn shown(s: &AllowSet) -> Vec<String> {
         s.to_nets().iter().map(ToString::to_string).collect()
     }
 
     #[test]
     fn aggregation_merges_overlaps_and_neighbours() {
-        let s = nets(&["10.0.0.0/25", "10.0.0.128/25", "10.0.0.5", "10.0.2.0/24", "10.0.1.0/24"]);
+        let s: AllowSet = set(["10.0.0.0/25", "10.0.0.128/25", "10.0.0.5", "10.0.2.0/24", "10.0.1.0/24"]);
         assert_eq!(s.v4.len(), 1);
         assert_eq!(shown(&s), ["10.0.0.0/23", "10.0.2.0/24"]);
         assert!(s.v4.is_canonical());
@@ -592,11 +597,11 @@ mod tests {
     #[test]
     fn edges_of_the_address_space() {
         let s =
-            nets(&["0.0.0.0/0", "255.255.255.255/32", "::/0", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128"]);
+            set(["0.0.0.0/0", "255.255.255.255/32", "::/0", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128"]);
         assert_eq!(shown(&s), ["0.0.0.0/0", "::/0"]);
         assert_eq!(s.v4.as_slice()[0].interval_end(), None);
         assert_eq!(s.v6.as_slice()[0].interval_end(), None);
-        let top = nets(&["255.255.255.255"]);
+        let top: AllowSet = set(["255.255.255.255"]);
         assert_eq!(top.v4.as_slice()[0], Range { start: u32::MAX, end: u32::MAX });
         assert_eq!(top.v4.as_slice()[0].interval_end(), None);
         assert_eq!(
@@ -608,8 +613,8 @@ mod tests {
 
     #[test]
     fn widening_a_prefix_replaces_the_interval() {
-        let cur = nets(&["10.0.0.0/24"]);
-        let want = nets(&["10.0.0.0/23"]);
+        let cur: AllowSet = set(["10.0.0.0/24"]);
+        let want = set(["10.0.0.0/23"]);
         let d = cur.diff_to(&want);
         assert_eq!(d.v4.remove, cur.v4.as_slice());
         assert_eq!(d.v4.add, want.v4.as_slice());
@@ -621,14 +626,14 @@ mod tests {
 
     #[test]
     fn kernel_rules_are_enforced_by_apply() {
-        let cur = nets(&["10.0.0.0/24"]);
+        let cur: AllowSet = set(["10.0.0.0/24"]);
         let bad_remove = Diff {
-            v4: Delta { remove: nets(&["10.0.0.0/25"]).v4.as_slice().to_vec(), add: vec![] },
+            v4: Delta { remove: set::<AllowSet>(["10.0.0.0/25"]).v4.as_slice().to_vec(), add: vec![] },
             ..Default::default()
         };
         assert!(matches!(cur.apply(&bad_remove), Err(ApplyError::NotFound(_))));
         let overlap = Diff {
-            v4: Delta { remove: vec![], add: nets(&["10.0.0.7"]).v4.as_slice().to_vec() },
+            v4: Delta { remove: vec![], add: set::<AllowSet>(["10.0.0.7"]).v4.as_slice().to_vec() },
             ..Default::default()
         };
         assert!(matches!(cur.apply(&overlap), Err(ApplyError::Overlap(_))));
@@ -667,7 +672,7 @@ mod tests {
 
     #[test]
     fn serializes_as_prefixes() {
-        let s = nets(&["10.0.0.0/24", "2001:db8::/48", "10.0.1.0/24"]);
+        let s = set(["10.0.0.0/24", "2001:db8::/48", "10.0.1.0/24"]);
         let j = serde_json::to_string(&s).unwrap();
         assert_eq!(j, r#"["10.0.0.0/23","2001:db8::/48"]"#);
         assert_eq!(serde_json::from_str::<AllowSet>(&j).unwrap(), s);

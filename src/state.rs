@@ -235,11 +235,9 @@ pub fn forget_unknown_sources<'a>(state: &mut State, configured: impl IntoIterat
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::prefixes::parse_entry;
 
     fn sample() -> State {
-        let set =
-            AllowSet::from_nets(["10.0.0.0/24", "2001:db8::/48"].iter().map(|s| parse_entry(s).unwrap().net));
+        let set: AllowSet = allowsync_testkit::set(["10.0.0.0/24", "2001:db8::/48"]);
         let mut s = State::default();
         s.sources.insert("chat".into(), SourceState { list: set.clone(), fetched_at: 1_700_000_000 });
         s.applied = Some(set);

@@ -394,9 +394,9 @@ mod tests {
     /// the mix A+B in the kernel.
     #[test]
     fn restore_fills_an_empty_set_only_never_mixes_into_a_newer_one() {
+        use allowsync_testkit::set;
+
         use crate::backend::memory::MemoryBackend;
-        use crate::prefixes::parse_entry;
-        let set = |v: &[&str]| AllowSet::from_nets(v.iter().map(|s| parse_entry(s).unwrap().net));
         let dir = tempfile::tempdir().unwrap();
         let cfg_path = dir.path().join("config.yaml");
         let cfg = Config::parse(
@@ -404,7 +404,7 @@ mod tests {
             &cfg_path,
         )
         .unwrap();
-        let (a, b) = (set(&["10.0.0.1", "10.0.0.3"]), set(&["10.1.0.1"]));
+        let (a, b): (AllowSet, AllowSet) = (set(["10.0.0.1", "10.0.0.3"]), set(["10.1.0.1"]));
         let st = State { applied: Some(a.clone()), ..State::default() };
         StateFile::new(&cfg.state_file).save(&st).unwrap();
 

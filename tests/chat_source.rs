@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use allowsync::clock;
 use allowsync::config::{SecretKey, SourceConfig, SourceKind, TencentChatConfig};
-use allowsync::mock::{Fault, MockChatApi, MockConfig, MockHandle};
 use allowsync::source::{ErrorClass, FetchError, Fetched, Sources};
 use allowsync::usersig;
+use allowsync_testkit::mock::{Fault, MockChatApi, MockConfig, MockHandle};
 
 const APP: u64 = 1400000000;
 const ADMIN: &str = "administrator";

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use allowsync::clock;
-use allowsync::mock::{Fault, MockChatApi, MockConfig};
 use allowsync::usersig;
+use allowsync_testkit::mock::{Fault, MockChatApi, MockConfig};
 
 const KEY: &str = "cli-test-secret-key-0123456789";
 

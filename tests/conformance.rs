@@ -4,8 +4,6 @@
 //! the CLI lists a set, how an operator causes drift, what a foreign object looks like, how an
 //! apply can honestly fail — is behind the [`Harness`] trait.
 
-mod common;
-
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::time::{Duration, Instant};
 
@@ -13,19 +11,9 @@ use allowsync::backend::ipset::IpsetBackend;
 use allowsync::backend::nftables::NftablesBackend;
 use allowsync::backend::{Backend, BackendError};
 use allowsync::config::{Enforce, IpsetConfig, NftablesConfig};
-use allowsync::prefixes::{AllowSet, Delta, Diff, Range, Ranges, parse_entry};
-use common::netns::{self, NamedNetns, enter_new_netns, nft_script, run, run_stdin};
-
-fn nets(entries: &[&str]) -> AllowSet {
-    AllowSet::from_nets(entries.iter().map(|e| parse_entry(e).unwrap().net))
-}
-
-/// Brings the kernel from whatever it holds to `desired`, the way the engine does.
-fn sync(b: &mut dyn Backend, desired: &AllowSet) -> Diff {
-    let diff = b.read().unwrap().diff_to(desired);
-    b.apply(&diff).unwrap();
-    diff
-}
+use allowsync::prefixes::{AllowSet, Delta, Diff, Range, Ranges};
+use allowsync_testkit::netns::{self, NamedNetns, enter_new_netns, nft_script, run, run_stdin};
+use allowsync_testkit::{set, sync};
 
 /// `count` IPv4 ranges of `2^(32-len)` addresses each, every other block (so none touch).
 fn spaced_blocks(base: u32, len: u8, count: u32) -> Ranges<u32> {
@@ -70,14 +58,13 @@ fn objects_are_created_and_changes_applied<H: Harness>() {
     H::assert_objects();
     assert_holds::<H>(&mut *b, &AllowSet::default());
 
-    let first = nets(&["10.0.0.0/24", "10.0.2.7", "192.0.2.16/28", "2001:db8::/48", "2001:db8:1::5"]);
+    let first = set(["10.0.0.0/24", "10.0.2.7", "192.0.2.16/28", "2001:db8::/48", "2001:db8:1::5"]);
     let d = sync(&mut *b, &first);
     assert_eq!((d.added(), d.removed()), (5, 0));
     assert_holds::<H>(&mut *b, &first);
 
     // Widen one prefix, drop one, add one, keep the rest.
-    let second =
-        nets(&["10.0.0.0/23", "192.0.2.16/28", "198.51.100.0/24", "2001:db8::/48", "2001:db8:2::/64"]);
+    let second = set(["10.0.0.0/23", "192.0.2.16/28", "198.51.100.0/24", "2001:db8::/48", "2001:db8:2::/64"]);
     let d = sync(&mut *b, &second);
     assert_eq!((d.added(), d.removed()), (3, 3));
     assert_holds::<H>(&mut *b, &second);
@@ -159,7 +146,7 @@ fn drift_is_read_and_repaired<H: Harness>() {
     let Some(_ns) = enter_new_netns() else { return };
     let mut b = H::backend(None);
     b.ensure().unwrap();
-    let desired = nets(&["10.1.0.0/24", "10.2.0.0/24", "10.3.0.1", "2001:db8::/64"]);
+    let desired = set(["10.1.0.0/24", "10.2.0.0/24", "10.3.0.1", "2001:db8::/64"]);
     sync(&mut *b, &desired);
 
     let want_seen = H::drift();
@@ -312,7 +299,7 @@ fn enforcement_filters_traffic_by_the_allowlist<H: Harness>() {
     let enforce = Enforce { tcp_ports: vec![TCP_PORT], udp_ports: vec![UDP_PORT] };
     let mut b = H::backend(Some(enforce));
     b.ensure().unwrap();
-    sync(&mut *b, &nets(&["10.200.0.2", "fd00:200::2"]));
+    sync(&mut *b, &set(["10.200.0.2", "fd00:200::2"]));
     let verdicts = |label: &str| {
         let v = [
             tcp_connects(&client, a2, tcp4),
@@ -332,7 +319,7 @@ fn enforcement_filters_traffic_by_the_allowlist<H: Harness>() {
     }
     assert_eq!(v, [true, false, true, false, true, false, true]);
 
-    sync(&mut *b, &nets(&["10.200.0.3", "fd00:200::3"]));
+    sync(&mut *b, &set(["10.200.0.3", "fd00:200::3"]));
     assert_eq!(verdicts("allow .3"), [false, true, false, true, false, true, true]);
 
     // Loopback is never filtered, allowlisted or not.
@@ -427,7 +414,7 @@ impl Harness for Nft {
     fn failing_apply() -> (Box<dyn Backend>, Diff) {
         let mut b = Self::backend(None);
         b.ensure().unwrap();
-        sync(&mut *b, &nets(&["10.0.0.0/24", "10.5.0.0/16", "2001:db8::/48"]));
+        sync(&mut *b, &set(["10.0.0.0/24", "10.5.0.0/16", "2001:db8::/48"]));
         // 5k valid additions, then one address inside the /24: EEXIST aborts the whole batch.
         let mut add: Vec<Range<u32>> = spaced_blocks(0x7000_0000, 32, 5_000).as_slice().to_vec();
         add.push(Range::from_prefix(0x0a00_0007, 32));
@@ -479,7 +466,7 @@ impl Harness for Ipset {
 
     fn cli_read() -> AllowSet {
         let entries = ipset_entries(SET_V4).into_iter().chain(ipset_entries(SET_V6));
-        AllowSet::from_nets(entries.map(|e| parse_entry(&e).unwrap().net))
+        set(entries)
     }
 
     fn snapshot() -> String {
@@ -499,14 +486,7 @@ impl Harness for Ipset {
              add allowsync_v4 10.9.0.0/25\nadd allowsync_v4 10.9.0.128/25\nadd allowsync_v6 2001:db8:ffff::1\n",
         );
         // ipset holds prefixes; the backend reads them aggregated.
-        nets(&[
-            "10.1.0.0/24",
-            "10.3.0.1",
-            "10.9.0.0/24",
-            "172.16.0.0/16",
-            "2001:db8::/64",
-            "2001:db8:ffff::1",
-        ])
+        set(["10.1.0.0/24", "10.3.0.1", "10.9.0.0/24", "172.16.0.0/16", "2001:db8::/64", "2001:db8:ffff::1"])
     }
 
     fn make_foreign() -> &'static str {
@@ -520,7 +500,7 @@ impl Harness for Ipset {
     fn failing_apply() -> (Box<dyn Backend>, Diff) {
         let mut b: Box<dyn Backend> = Box::new(IpsetBackend::new(&ipset_config(1024, None)).unwrap());
         b.ensure().unwrap();
-        let held = nets(&["10.0.0.0/24", "10.5.0.0/16", "2001:db8::/48"]);
+        let held = set(["10.0.0.0/24", "10.5.0.0/16", "2001:db8::/48"]);
         sync(&mut *b, &held);
         let mut stray = String::new();
         for i in 0..(1024 - 2 - 40) {

@@ -6,13 +6,11 @@
 //! is one nftables transaction), and the state file must parse (it is replaced atomically).
 //! At the end a clean start converges to the list being served.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use allowsync::prefixes::AllowSet;
 use allowsync::state::StateFile;
-use common::daemon::{Setup, setup_with, wait_child};
+use allowsync_testkit::daemon::{Setup, setup_with, wait_child};
+use allowsync_testkit::set;
 use rand::Rng;
 
 const KEY: &str = "crash-test-secret-key";
@@ -24,14 +22,10 @@ fn list(base: u32) -> Vec<String> {
     (0..SIZE).map(|i| std::net::Ipv4Addr::from(base + 2 * i).to_string()).collect()
 }
 
-fn as_set(v: &[String]) -> AllowSet {
-    AllowSet::from_nets(v.iter().map(|s| allowsync::prefixes::parse_entry(s).unwrap().net))
-}
-
 #[test]
 fn kill_9_at_random_moments_leaves_old_or_new_never_a_mix() {
     let (a, b) = (list(0x0a00_0000), list(0x0a80_0000));
-    let (set_a, set_b) = (as_set(&a), as_set(&b));
+    let (set_a, set_b) = (set(&a), set(&b));
     let lists = [(5, a.clone()), (6, Vec::new())].into();
     // Every sync replaces the whole list: the mass-removal guard would (rightly) refuse that.
     let Some(env) = setup_with(Setup::new(KEY, lists), |y| {
@@ -88,7 +82,7 @@ fn kill_9_at_random_moments_leaves_old_or_new_never_a_mix() {
     env.mock.set_list(5, a.clone());
     let d = env.spawn();
     env.wait_kernel(&set_a, Duration::from_secs(30));
-    common::daemon::stop(d);
+    allowsync_testkit::daemon::stop(d);
 }
 
 /// The end of a log that grows over 100 rounds.

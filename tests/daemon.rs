@@ -1,16 +1,14 @@
 //! `allowsync run` for real: the release-shaped binary, the mock Chat API and the kernel's
 //! nftables, each test in a network namespace of its own.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use allowsync::backend::Backend;
-use allowsync::mock::Fault;
 use allowsync::prefixes::AllowSet;
-use common::daemon::{Env, Setup, set, signal, stop, strings, wait_until};
-use common::netns;
+use allowsync_testkit::daemon::{Env, Setup, signal, stop, strings, wait_until};
+use allowsync_testkit::mock::Fault;
+use allowsync_testkit::{netns, set};
 
 const KEY: &str = "daemon-test-secret-key";
 
@@ -19,11 +17,11 @@ const LIST6: &[&str] = &["192.0.2.0/24", "2001:db8:6::/48"];
 
 fn setup() -> Option<Env> {
     let lists = [(5, strings(LIST5)), (6, strings(LIST6))].into();
-    common::daemon::setup_with(Setup::new(KEY, lists), |_| {})
+    allowsync_testkit::daemon::setup_with(Setup::new(KEY, lists), |_| {})
 }
 
 fn full_list() -> AllowSet {
-    set(&[LIST5, LIST6].concat())
+    set([LIST5, LIST6].concat())
 }
 
 #[test]
@@ -35,7 +33,7 @@ fn a_list_change_reaches_the_kernel_within_one_interval_and_sigusr1_syncs_at_onc
     // Changed at the API: reaches the kernel by the next interval (10 s), without a signal.
     env.mock.set_list(5, strings(&["203.0.113.0/24", "198.51.100.7", "198.51.100.9", "198.51.100.64/26"]));
     let t = Instant::now();
-    let want = set(&[
+    let want = set([
         "203.0.113.0/24",
         "198.51.100.7",
         "198.51.100.9",
@@ -50,7 +48,7 @@ fn a_list_change_reaches_the_kernel_within_one_interval_and_sigusr1_syncs_at_onc
     env.mock.set_list(6, strings(&["192.0.2.0/24", "2001:db8:6::/48", "2001:db8:7::/48"]));
     let t = Instant::now();
     signal(&d, libc::SIGUSR1);
-    let want = set(&[
+    let want = set([
         "203.0.113.0/24",
         "198.51.100.7",
         "198.51.100.9",
@@ -87,7 +85,7 @@ fn sighup_with_a_broken_config_keeps_the_old_one_and_keeps_syncing() {
     // Still alive, still syncing with the old configuration.
     env.mock.set_list(5, strings(&[LIST5, &["198.51.100.200"]].concat()));
     signal(&d, libc::SIGUSR1);
-    env.wait_kernel(&set(&[LIST5, LIST6, &["198.51.100.200"]].concat()), Duration::from_secs(3));
+    env.wait_kernel(&set([LIST5, LIST6, &["198.51.100.200"]].concat()), Duration::from_secs(3));
     // A good new configuration is taken: a static source appears.
     std::fs::write(
         &env.cfg,
@@ -95,10 +93,7 @@ fn sighup_with_a_broken_config_keeps_the_old_one_and_keeps_syncing() {
     )
     .unwrap();
     signal(&d, libc::SIGHUP);
-    env.wait_kernel(
-        &set(&[LIST5, LIST6, &["198.51.100.200", "100.64.0.1"]].concat()),
-        Duration::from_secs(3),
-    );
+    env.wait_kernel(&set([LIST5, LIST6, &["198.51.100.200", "100.64.0.1"]].concat()), Duration::from_secs(3));
     stop(d);
 }
 
@@ -193,7 +188,7 @@ fn kill_9_then_restart_converges_and_a_second_instance_refuses() {
     env.mock.set_list(5, strings(&["203.0.113.0/24", "198.51.100.7", "198.51.100.9", "198.51.100.11"]));
     let d = env.spawn();
     env.wait_kernel(
-        &set(&[
+        &set([
             "203.0.113.0/24",
             "198.51.100.7",
             "198.51.100.9",
@@ -228,7 +223,7 @@ fn status_reports_the_last_sync_and_drift() {
     stop(d);
 }
 
-fn output(f: &common::daemon::Finished) -> String {
+fn output(f: &allowsync_testkit::daemon::Finished) -> String {
     format!("{}{}", f.stdout, f.stderr)
 }
 
@@ -240,7 +235,7 @@ fn once_and_plan_exit_codes_and_plan_changes_nothing() {
     let o = env.command(&["plan"], t);
     assert_eq!(o.code, Some(0), "{}", output(&o));
     assert!(output(&o).contains("+ 203.0.113.0/24"), "{}", output(&o));
-    assert!(common::daemon::backend().read().is_err(), "plan must not create the set");
+    assert!(allowsync_testkit::daemon::backend().read().is_err(), "plan must not create the set");
     assert!(env.state().is_empty(), "plan must not write the state file");
 
     let o = env.once(t);
@@ -261,12 +256,12 @@ fn once_and_plan_exit_codes_and_plan_changes_nothing() {
     assert_eq!(env.kernel(), full_list());
     let o = env.command(&["once", "--force"], t);
     assert_eq!(o.code, Some(0), "{}", output(&o));
-    assert_eq!(env.kernel(), set(&["198.51.100.7"]));
+    assert_eq!(env.kernel(), set(["198.51.100.7"]));
 
     // A failing source: exit 1, its last good list stays applied.
     env.mock.inject(Fault::Status(502));
     let o = env.once(t);
     assert_eq!(o.code, Some(1), "{}", output(&o));
     assert!(output(&o).contains("kept last good"), "{}", output(&o));
-    assert_eq!(env.kernel(), set(&["198.51.100.7"]));
+    assert_eq!(env.kernel(), set(["198.51.100.7"]));
 }

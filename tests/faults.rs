@@ -12,12 +12,11 @@
 //! Cases run in parallel threads (each thread its own namespace): most of the time is spent
 //! waiting on timeouts and backoffs, not on the CPU.
 
-mod common;
-
 use std::time::Duration;
 
-use allowsync::mock::Fault;
-use common::daemon::{Env, Setup, lists_of, set, setup_with, stop, strings};
+use allowsync_testkit::daemon::{Env, Setup, lists_of, setup_with, stop, strings};
+use allowsync_testkit::mock::Fault;
+use allowsync_testkit::set;
 
 const KEY: &str = "faults-test-secret-key";
 const LIST5: &[&str] = &["203.0.113.0/24", "198.51.100.7"];
@@ -106,7 +105,7 @@ fn cases() -> Vec<Case> {
 }
 
 fn full_list() -> allowsync::prefixes::AllowSet {
-    set(&[LIST5, LIST6].concat())
+    set([LIST5, LIST6].concat())
 }
 
 /// A namespace with the mock, a set holding the full list and a state file recording it.

@@ -2,15 +2,14 @@
 //! `maxelem` growth, the iptables enforcement chain, teardown order). What every backend must do
 //! is in `conformance.rs`. Each test runs in a network namespace of its own.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 
 use allowsync::backend::ipset::{ENFORCE_CHAIN, IpsetBackend, enforce_rules};
 use allowsync::backend::{Backend, BackendError};
 use allowsync::config::{Enforce, IpsetConfig};
-use allowsync::prefixes::{AllowSet, Diff, Range, Ranges, parse_entry};
-use common::netns::{enter_new_netns, run};
+use allowsync::prefixes::{AllowSet, Range, Ranges};
+use allowsync_testkit::netns::{enter_new_netns, run};
+use allowsync_testkit::{set, sync};
 
 const SET_V4: &str = "allowsync_v4";
 const SET_V6: &str = "allowsync_v6";
@@ -18,16 +17,6 @@ const SET_V6: &str = "allowsync_v6";
 fn backend(maxelem: u32, enforce: Option<Enforce>) -> IpsetBackend {
     IpsetBackend::new(&IpsetConfig { set_v4: SET_V4.into(), set_v6: SET_V6.into(), maxelem, enforce })
         .unwrap()
-}
-
-fn nets(entries: &[&str]) -> AllowSet {
-    AllowSet::from_nets(entries.iter().map(|e| parse_entry(e).unwrap().net))
-}
-
-fn sync(b: &mut IpsetBackend, desired: &AllowSet) -> Diff {
-    let diff = b.read().unwrap().diff_to(desired);
-    b.apply(&diff).unwrap();
-    diff
 }
 
 fn entries(set: &str) -> Vec<String> {
@@ -70,14 +59,14 @@ fn the_whole_space_is_stored_as_two_halves_and_read_back_whole() {
     let Some(_ns) = enter_new_netns() else { return };
     let mut b = backend(65536, None);
     b.ensure().unwrap();
-    let all = nets(&["0.0.0.0/0", "::/0"]);
+    let all = set(["0.0.0.0/0", "::/0"]);
     sync(&mut b, &all);
     assert_eq!(entries(SET_V4), ["0.0.0.0/1", "128.0.0.0/1"]);
     assert_eq!(entries(SET_V6), ["8000::/1", "::/1"]);
     assert_eq!(b.read().unwrap(), all);
 
     // Narrowing to a part: the halves go, the part comes, and nothing in between is lost.
-    let part = nets(&["10.0.0.0/8", "0.0.0.0/32", "255.255.255.255", "2001:db8::/32"]);
+    let part = set(["10.0.0.0/8", "0.0.0.0/32", "255.255.255.255", "2001:db8::/32"]);
     sync(&mut b, &part);
     assert_eq!(entries(SET_V4), ["0.0.0.0", "10.0.0.0/8", "255.255.255.255"]);
     assert_eq!(b.read().unwrap(), part);
@@ -98,7 +87,7 @@ fn a_set_too_small_is_grown_by_swap_with_a_warning() {
     let mut b = backend(1024, None);
     b.ensure().unwrap();
     assert_eq!(maxelem(SET_V4), 1024);
-    let small = nets(&["192.0.2.0/24"]);
+    let small = set(["192.0.2.0/24"]);
     sync(&mut b, &small);
 
     let hosts: Vec<Range<u32>> = (0..2000u32).map(|i| Range::from_prefix(0x0a00_0000 + 2 * i, 32)).collect();
@@ -143,7 +132,7 @@ fn enforcement_chain_is_idempotent_and_teardown_goes_in_order() {
     for _ in 0..3 {
         b.ensure().unwrap();
     }
-    sync(&mut b, &nets(&["192.0.2.0/24", "2001:db8::/32"]));
+    sync(&mut b, &set(["192.0.2.0/24", "2001:db8::/32"]));
     for (prog, set) in [("iptables", SET_V4), ("ip6tables", SET_V6)] {
         let mut want = vec![format!("-N {ENFORCE_CHAIN}"), format!("-A INPUT -j {ENFORCE_CHAIN}")];
         want.extend(enforce_rules(set, &enforce).iter().map(|r| format!("-A {ENFORCE_CHAIN} {r}")));
@@ -202,9 +191,9 @@ fn a_missing_set_is_a_conflict_and_ensure_recreates_it() {
     let mut b = backend(65536, None);
     assert!(b.read().unwrap_err().is_conflict());
     b.ensure().unwrap();
-    sync(&mut b, &nets(&["192.0.2.1"]));
+    sync(&mut b, &set(["192.0.2.1"]));
     run("ipset", &["destroy", SET_V6]);
     assert!(b.read().unwrap_err().is_conflict());
     b.ensure().unwrap();
-    assert_eq!(b.read().unwrap(), nets(&["192.0.2.1"]));
+    assert_eq!(b.read().unwrap(), set(["192.0.2.1"]));
 }

@@ -6,15 +6,14 @@
 //! idempotency, the edges of the interval encoding); what every backend must do is in
 //! `conformance.rs`.
 
-mod common;
-
 use std::net::IpAddr;
 
 use allowsync::backend::nftables::{ENFORCE_CHAIN, NftablesBackend, enforce_rule_text};
 use allowsync::backend::{Backend, BackendError};
 use allowsync::config::{Enforce, NftablesConfig};
-use allowsync::prefixes::{AllowSet, Diff, Ranges, parse_entry};
-use common::netns::{self, current_netns_id, enter_new_netns, nft_script, run};
+use allowsync::prefixes::{AllowSet, Diff, Ranges};
+use allowsync_testkit::netns::{self, current_netns_id, enter_new_netns, nft_script, run};
+use allowsync_testkit::{set, sync};
 
 const TABLE: &str = "allowsync";
 
@@ -24,17 +23,6 @@ fn config(enforce: Option<Enforce>) -> NftablesConfig {
 
 fn backend(enforce: Option<Enforce>) -> NftablesBackend {
     NftablesBackend::new(&config(enforce)).unwrap()
-}
-
-fn nets(entries: &[&str]) -> AllowSet {
-    AllowSet::from_nets(entries.iter().map(|e| parse_entry(e).unwrap().net))
-}
-
-/// Brings the kernel from whatever it holds to `desired`, the way the engine does.
-fn sync(b: &mut NftablesBackend, desired: &AllowSet) -> Diff {
-    let diff = b.read().unwrap().diff_to(desired);
-    b.apply(&diff).unwrap();
-    diff
 }
 
 /// Inclusive address ranges, family-independent.
@@ -89,7 +77,7 @@ fn every_commit_changes_the_generation_and_an_empty_diff_sends_nothing() {
     let mut b = backend(None);
     b.ensure().unwrap();
     let gen_before = b.generation().unwrap().unwrap();
-    sync(&mut b, &nets(&["10.0.0.0/24", "2001:db8::/48"]));
+    sync(&mut b, &set(["10.0.0.0/24", "2001:db8::/48"]));
     let gen_after = b.generation().unwrap().unwrap();
     assert_ne!(gen_before, gen_after, "a commit changes the generation");
 
@@ -143,10 +131,10 @@ fn edges_of_the_address_space_round_trip() {
     let mut b = backend(None);
     b.ensure().unwrap();
     for desired in [
-        nets(&["0.0.0.0/0", "::/0"]),
-        nets(&["255.255.255.255/32", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128"]),
-        nets(&["0.0.0.0/32", "255.255.255.254/31", "::/128", "ffff::/16"]),
-        nets(&["0.0.0.0/1", "128.0.0.0/2", "::/1", "8000::/2"]), // canonical: 0.0.0.0-191.255.255.255
+        set(["0.0.0.0/0", "::/0"]),
+        set(["255.255.255.255/32", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128"]),
+        set(["0.0.0.0/32", "255.255.255.254/31", "::/128", "ffff::/16"]),
+        set(["0.0.0.0/1", "128.0.0.0/2", "::/1", "8000::/2"]), // canonical: 0.0.0.0-191.255.255.255
         AllowSet::default(),
     ] {
         sync(&mut b, &desired);
@@ -160,7 +148,7 @@ fn ensure_is_idempotent_and_teardown_removes_the_table() {
     let enforce = Enforce { tcp_ports: vec![443, 8443], udp_ports: vec![53] };
     let mut b = backend(Some(enforce.clone()));
     b.ensure().unwrap();
-    sync(&mut b, &nets(&["192.0.2.0/24"]));
+    sync(&mut b, &set(["192.0.2.0/24"]));
 
     let rules = |listing: &str| -> Vec<String> {
         listing
@@ -186,7 +174,7 @@ fn ensure_is_idempotent_and_teardown_removes_the_table() {
     assert_eq!(items.iter().filter(|i| i.get("rule").is_some()).count(), 1 + 2 * 3);
     assert_eq!(rules(&run("nft", &["list", "chain", "inet", TABLE, ENFORCE_CHAIN])), rules(&first));
     // Ensure never touches the elements.
-    assert_eq!(b.read().unwrap(), nets(&["192.0.2.0/24"]));
+    assert_eq!(b.read().unwrap(), set(["192.0.2.0/24"]));
 
     // Nothing to do: ensure commits nothing.
     let mut plain = backend(None);
@@ -195,7 +183,7 @@ fn ensure_is_idempotent_and_teardown_removes_the_table() {
     let generation = plain.generation().unwrap();
     plain.ensure().unwrap();
     assert_eq!(plain.generation().unwrap(), generation);
-    assert_eq!(plain.read().unwrap(), nets(&["192.0.2.0/24"]));
+    assert_eq!(plain.read().unwrap(), set(["192.0.2.0/24"]));
 
     b.teardown().unwrap();
     assert!(!run("nft", &["list", "tables"]).contains(TABLE));

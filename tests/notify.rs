@@ -2,13 +2,11 @@
 //! READY=1 after the first sync, STATUS=, WATCHDOG=1, RELOADING=1/READY=1 around SIGHUP,
 //! STOPPING=1; and the one JSON line per sync with its fields.
 
-mod common;
-
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::daemon::{Env, Setup, signal, stop, strings};
+use allowsync_testkit::daemon::{Env, Setup, signal, stop, strings};
 
 const KEY: &str = "notify-test-secret-key";
 
@@ -17,7 +15,7 @@ fn setup(log_format: &str) -> Option<Env> {
         [(5, strings(&["203.0.113.0/24", "198.51.100.7"])), (6, strings(&["2001:db8:6::/48"]))].into();
     let mut s = Setup::new(KEY, lists);
     s.log_format = log_format;
-    common::daemon::setup_with(s, |_| {})
+    allowsync_testkit::daemon::setup_with(s, |_| {})
 }
 
 /// Collects notification datagrams until `until` holds for what was received, or `within`.

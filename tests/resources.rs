@@ -7,13 +7,12 @@
 //! them at the door), stays linear: run in a child process of its own so that the peak memory
 //! it reads is its alone.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use allowsync::mock::Fault;
 use allowsync::source::chat;
-use common::daemon::{Setup, set, setup_with, strings, wait_child};
+use allowsync_testkit::daemon::{Setup, setup_with, strings, wait_child};
+use allowsync_testkit::mock::Fault;
+use allowsync_testkit::set;
 
 const KEY: &str = "resources-test-secret-key";
 const LIST5: &[&str] = &["203.0.113.0/24", "198.51.100.7"];
@@ -42,12 +41,12 @@ fn many(n: u32) -> Vec<String> {
 
 /// Populates the set, applies `prepare` to the mock, runs `allowsync once` and checks it fails
 /// in bounded time and memory, naming `class` and leaving the kernel as it was.
-fn bounded(name: &str, prepare: impl FnOnce(&allowsync::mock::MockHandle), class: &str) {
+fn bounded(name: &str, prepare: impl FnOnce(&allowsync_testkit::mock::MockHandle), class: &str) {
     let lists = [(5, strings(LIST5)), (6, strings(LIST6))].into();
     let Some(env) = setup_with(Setup::new(KEY, lists), |_| {}) else { return };
     let first = env.once(Duration::from_secs(20));
     assert_eq!(first.code, Some(0), "{}", first.stderr);
-    let full = set(&[LIST5, LIST6].concat());
+    let full = set([LIST5, LIST6].concat());
     assert_eq!(env.kernel(), full);
     let baseline = first.max_rss_kib;
 
@@ -108,7 +107,7 @@ fn million_entry_parse_child() {
     assert_eq!((got.entries, got.list.len()), (n as usize, 1));
     // This process's own peak: exact, as it is read from inside.
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let peak = common::daemon::vm_hwm_kib(&status).unwrap();
+    let peak = allowsync_testkit::daemon::vm_hwm_kib(&status).unwrap();
     eprintln!("peak RSS of the 1M-entry parse: {} MiB", peak / 1024);
     // Two ~15 MB bodies, their parsed JSON and the lists: a few hundred bytes per entry at
     // most. Linear in the input, no blow-up.

@@ -10,13 +10,11 @@
 //! usersig, its `TLS.sig` and the key (once padded so that the parser's 200-character cut lands
 //! inside the secret).
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use allowsync::mock::{Fault, MockHandle};
-use common::daemon::{Env, Setup, setup_with, signal, stop, strings, wait_until};
+use allowsync_testkit::daemon::{Env, Setup, setup_with, signal, stop, strings, wait_until};
+use allowsync_testkit::mock::{Fault, MockHandle};
 
 /// Distinctive, and long enough that a match cannot be chance.
 const KEY: &str = "K3y-0f-th3-s3cr3ts-t3st-5e1f0c2d9a8b7e6f";

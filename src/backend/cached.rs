@@ -100,33 +100,30 @@ impl Backend for Cached {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::memory::MemoryBackend;
-    use crate::prefixes::parse_entry;
+    use allowsync_testkit::set;
 
-    fn set(v: &[&str]) -> AllowSet {
-        AllowSet::from_nets(v.iter().map(|s| parse_entry(s).unwrap().net))
-    }
+    use crate::backend::memory::MemoryBackend;
 
     #[test]
     fn an_unchanged_generation_skips_the_dump() {
         let mem = MemoryBackend::new();
         mem.enable_generation();
-        mem.foreign_write(|s| *s = set(&["10.0.0.0/24"]));
+        mem.foreign_write(|s| *s = set(["10.0.0.0/24"]));
         let mut c = Cached::new(Box::new(mem.clone()));
-        assert_eq!(c.read().unwrap(), set(&["10.0.0.0/24"]));
-        assert_eq!(c.read().unwrap(), set(&["10.0.0.0/24"]));
+        assert_eq!(c.read().unwrap(), set(["10.0.0.0/24"]));
+        assert_eq!(c.read().unwrap(), set(["10.0.0.0/24"]));
         assert_eq!(mem.reads(), 1, "second read served from the copy");
 
         // Our own write keeps the copy valid, and up to date.
-        let want = set(&["10.0.0.0/24", "10.1.0.0/24"]);
+        let want = set(["10.0.0.0/24", "10.1.0.0/24"]);
         let d = c.read().unwrap().diff_to(&want);
         c.apply(&d).unwrap();
         assert_eq!(c.read().unwrap(), want);
         assert_eq!(mem.reads(), 1);
 
         // Someone else's write moves the generation: dump again and see it.
-        mem.foreign_write(|s| *s = set(&["192.0.2.1"]));
-        assert_eq!(c.read().unwrap(), set(&["192.0.2.1"]));
+        mem.foreign_write(|s| *s = set(["192.0.2.1"]));
+        assert_eq!(c.read().unwrap(), set(["192.0.2.1"]));
         assert_eq!(mem.reads(), 2);
     }
 
@@ -165,7 +162,7 @@ mod tests {
         c.ensure().unwrap();
         assert_eq!(*count.lock().unwrap(), 1);
         // Our own apply does not make the objects suspect...
-        let d = c.read().unwrap().diff_to(&set(&["10.0.0.1"]));
+        let d = c.read().unwrap().diff_to(&set(["10.0.0.1"]));
         c.apply(&d).unwrap();
         c.ensure().unwrap();
         assert_eq!(*count.lock().unwrap(), 1);
@@ -176,7 +173,7 @@ mod tests {
         // A steady state reads from the copy and writes nothing.
         let (reads, writes) = (mem.reads(), mem.writes());
         c.ensure().unwrap();
-        assert_eq!(c.read().unwrap(), set(&["10.0.0.1"]));
+        assert_eq!(c.read().unwrap(), set(["10.0.0.1"]));
         assert_eq!((mem.reads(), mem.writes()), (reads + 1, writes), "one dump after the foreign commit");
         c.ensure().unwrap();
         c.read().unwrap();
@@ -199,7 +196,7 @@ mod tests {
         let mut c = Cached::new(Box::new(mem.clone()));
         c.read().unwrap();
         mem.fail_next_applies(1);
-        assert!(c.apply(&AllowSet::default().diff_to(&set(&["10.0.0.1"]))).is_err());
+        assert!(c.apply(&AllowSet::default().diff_to(&set(["10.0.0.1"]))).is_err());
         c.read().unwrap();
         assert_eq!(mem.reads(), 2);
     }

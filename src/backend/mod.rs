@@ -13,13 +13,16 @@
 //!   docs say how a failed apply still leaves the sets as they were (swap, or roll back).
 //! - [`Cached`]: wraps any backend and skips the costly read while the kernel's ruleset
 //!   generation says nothing changed since we last looked; [`from_config`] wraps every backend
-//!   in it;
-//! - [`memory`]: an in-memory set with the kernel's rules, for the engine's tests.
+//!   in it.
+//!
+//! The engine's unit tests use an in-memory backend with the kernel's rules (`memory.rs`,
+//! compiled for tests only).
 
 mod cached;
 pub mod dry_run;
 pub mod ipset;
-pub mod memory;
+#[cfg(test)]
+pub(crate) mod memory;
 mod netlink;
 pub mod nftables;
 

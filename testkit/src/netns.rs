@@ -1,13 +1,12 @@
-//! Test helper: run a test inside a fresh network namespace of its own, so that tests can
-//! change nftables rulesets, links and addresses without touching the host's (or each other's).
+//! Running a test inside a fresh network namespace of its own, so that tests can change
+//! nftables rulesets, links and addresses without touching the host's (or each other's), and
+//! the commands they use to set up and inspect it.
 //!
 //! Network namespaces belong to a thread, not a process: `unshare(CLONE_NEWNET)` moves only the
 //! calling thread, and processes it spawns afterwards (`nft`, `ip`) start in the new namespace.
 //! Every cargo test runs on a thread of its own, so each test gets a private namespace. The
 //! guard moves the thread back to where it was when dropped; the namespace disappears with its
 //! last user.
-
-#![allow(dead_code)] // each test file uses a different part of this module
 
 use std::fs::File;
 use std::os::fd::AsRawFd;

@@ -1,5 +1,5 @@
-//! A mock of the Chat REST API's `GetIPList`, for the integration tests, the
-//! `mock_chat_api` example and `make demo` (cargo feature `mock`; never in the daemon).
+//! A mock of the Chat REST API's `GetIPList`, for the integration tests, the bench, the
+//! `mock_chat_api` example and `make demo` (never in the daemon).
 //!
 //! It behaves like the real service where allowsync can tell: it checks the method, the query
 //! string (`sdkappid`, `identifier`, `usersig`, `random` as a u32, `contenttype=json`,
@@ -23,8 +23,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::clock;
-use crate::usersig::{self, UsersigError};
+use allowsync::clock;
+use allowsync::usersig::{self, UsersigError};
 
 /// The only path served.
 pub const PATH: &str = "/v4/ConfigSvc/GetIPList";

@@ -1,8 +1,6 @@
 //! Driving the real binary against the mock Chat API and the kernel's nftables, each test (or
-//! each thread of a test) in a network namespace of its own: the setup `tests/daemon.rs`
-//! started with, shared by the reliability tests (faults, crash, resources, secrets).
-
-#![allow(dead_code)] // each test file uses a different part of this module
+//! each thread of a test) in a network namespace of its own: the setup of `tests/daemon.rs`,
+//! shared by the reliability tests (faults, crash, resources, secrets) and the bench.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -12,11 +10,11 @@ use std::time::{Duration, Instant};
 use allowsync::backend::Backend;
 use allowsync::backend::nftables::NftablesBackend;
 use allowsync::config::NftablesConfig;
-use allowsync::mock::{MockChatApi, MockConfig, MockHandle};
-use allowsync::prefixes::{AllowSet, parse_entry};
+use allowsync::prefixes::AllowSet;
 use allowsync::state::{State, StateFile};
 
-use super::netns::{self, NetnsGuard};
+use crate::mock::{MockChatApi, MockConfig, MockHandle};
+use crate::netns::{self, NetnsGuard};
 
 pub const SDKAPPID: u64 = 1400000000;
 pub const IDENTIFIER: &str = "administrator";
@@ -50,12 +48,22 @@ impl Drop for Env {
     }
 }
 
-pub fn set(v: &[&str]) -> AllowSet {
-    AllowSet::from_nets(v.iter().map(|s| parse_entry(s).unwrap().net))
-}
-
 pub fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(ToString::to_string).collect()
+}
+
+/// The `allowsync` binary cargo built next to the running test (or bench): its executable
+/// sits in `target/<profile>/deps/`, the binary one level up. (`CARGO_BIN_EXE_allowsync` only
+/// exists while the root package's own tests compile, not in this crate.)
+pub fn allowsync_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let mut dir = exe.parent().expect("a directory").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join("allowsync");
+    assert!(bin.is_file(), "{} is missing: build it with `cargo build` (cargo test does)", bin.display());
+    bin
 }
 
 /// What [`setup_with`] builds. `yaml` may be changed (`tweak`) before it is written.
@@ -143,7 +151,7 @@ impl Env {
     /// Starts `allowsync run`, its stderr appended to [`Env::log_path`].
     pub fn spawn(&self) -> Child {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_allowsync"))
+        let child = Command::new(allowsync_bin())
             .args(["-c", self.cfg.to_str().unwrap(), "run"])
             .env_remove("NOTIFY_SOCKET")
             .env_remove("RUST_LOG")
@@ -159,7 +167,7 @@ impl Env {
     pub fn command(&self, args: &[&str], deadline: Duration) -> Finished {
         let dir = self.dir.path();
         let (out, err) = (dir.join("cmd.stdout"), dir.join("cmd.stderr"));
-        let child = Command::new(env!("CARGO_BIN_EXE_allowsync"))
+        let child = Command::new(allowsync_bin())
             .arg("-c")
             .arg(&self.cfg)
             .args(args)

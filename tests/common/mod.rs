@@ -1,4 +1,0 @@
-//! Helpers shared by the integration tests.
-
-pub mod daemon;
-pub mod netns;
