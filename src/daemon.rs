@@ -110,13 +110,16 @@ fn status_line(s: &Syncer) -> String {
 
 /// Runs the daemon until SIGTERM or SIGINT. `config_path` is re-read on SIGHUP.
 pub async fn run(config_path: &Path, cfg: Config) -> Result<(), DaemonError> {
-    let mut syncer = Syncer::new(cfg, true)?;
-    info!(config = %config_path.display(), pid = std::process::id(), "allowsync starting");
-
+    // The handlers come first: a SIGTERM during start-up is then a clean stop (exit 0, sets in
+    // place) rather than the default action, and "allowsync starting" (logged after them) tells
+    // a supervisor or a test that signals are handled from now on.
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
     let mut usr1 = signal(SignalKind::user_defined1()).map_err(DaemonError::Signals)?;
+
+    let mut syncer = Syncer::new(cfg, true)?;
+    info!(config = %config_path.display(), pid = std::process::id(), "allowsync starting");
 
     match syncer.restore() {
         Ok(_) => {}

@@ -150,6 +150,7 @@ impl Env {
 
     /// Starts `allowsync run`, its stderr appended to [`Env::log_path`].
     pub fn spawn(&self) -> Child {
+        let starts = self.log().matches("allowsync starting").count();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
         let child = Command::new(allowsync_bin())
             .args(["-c", self.cfg.to_str().unwrap(), "run"])
@@ -160,7 +161,18 @@ impl Env {
             .spawn()
             .unwrap();
         self.spawned.borrow_mut().push(child.id());
+        self.wait_started(&child, starts);
         child
+    }
+
+    /// Waits (bounded) until the daemon has logged one more "allowsync starting" than before it
+    /// was spawned, or has exited: from then on it handles SIGTERM, so a test that stops it at
+    /// once cannot hit the default action (death by signal) in the first milliseconds.
+    fn wait_started(&self, child: &Child, before: usize) {
+        let started = wait_until(Duration::from_secs(10), || {
+            self.log().matches("allowsync starting").count() > before || exited(child)
+        });
+        assert!(started, "the daemon neither started nor exited within 10 s; log:\n{}", self.log());
     }
 
     /// Runs `allowsync -c CFG <args>` to its end, killing it at `deadline` (see [`wait_child`]).
@@ -288,6 +300,19 @@ pub fn wait_child(child: Child, deadline: Duration) -> (Option<i32>, Duration, i
             killed = true;
         }
         std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Whether `child` has exited, without reaping it: [`wait_child`] and [`stop`] still see its
+/// status.
+fn exited(child: &Child) -> bool {
+    // SAFETY: waitid with WNOWAIT on our own child only peeks at its state; siginfo is zeroed
+    // and written by the kernel.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let rc =
+            libc::waitid(libc::P_PID, child.id(), &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT);
+        rc == 0 && info.si_pid() != 0
     }
 }
 
