@@ -1,76 +1,33 @@
 //! The ipset backend: the allowlist lives in two `hash:net` ipsets, `<set_v4>` (`family inet`)
-//! and `<set_v6>` (`family inet6`), driven through the `ipset` program (and, with `enforce`,
-//! `iptables`/`ip6tables`). For hosts whose firewall is iptables rules rather than nftables.
+//! and `<set_v6>` (`family inet6`), for hosts whose firewall is iptables rules rather than
+//! nftables. `cmd.rs` runs the programs and maps their errors; `iptables.rs` keeps the optional
+//! enforcement chain.
 //!
-//! # Ranges and prefixes
-//!
-//! The engine thinks in ranges ([`AllowSet`]); a `hash:net` set holds CIDR prefixes, possibly
-//! overlapping, and cannot hold a `/0` (ipset refuses prefix length 0), so `0.0.0.0/0` and `::/0`
-//! are stored as their two `/1` halves. [`Backend::read`] therefore returns the *aggregated*
-//! ranges of whatever prefixes the set holds (`AllowSet::from_nets`), and remembers the exact
-//! prefixes it saw. [`Backend::apply`] does not send the range diff as such: it applies the diff
-//! to the ranges it read, turns the result into prefixes ([`Ranges::to_prefixes`], `/0` split)
-//! and sends the *prefix-level* difference between what the set holds and that target. A diff
-//! that does not apply to what was last read (an exact removal missing) means the engine diffed
-//! against another picture: the set is read again, and if it still does not apply the result is
-//! [`BackendError::Conflict`].
-//!
-//! # Atomicity, as far as ipset allows
-//!
-//! `ipset restore` is not atomic: a failure leaves the lines before it applied. Each family's
-//! change takes one of two paths:
-//!
-//! - **full replace** (the set's `maxelem` must grow or change, the change is big —
-//!   more than [`FULL_REPLACE_OPS`] prefix operations, e.g. a first sync — or adds would pass
-//!   `maxelem` before the removals free room): a temporary set [`temp_name`] is created and
-//!   filled by one `ipset restore`, then `ipset swap`ped with the live set (atomic in the kernel:
-//!   packets see either the old or the new set, never a half-filled one), and the old contents
-//!   (now in the temporary set) are destroyed. A failure before the swap destroys the temporary
-//!   set and leaves the live set untouched;
-//! - **incremental** (everything else): one `ipset restore -exist` with the **additions first,
-//!   then the removals**. A `hash:net` set may hold overlapping prefixes, so adding first means
-//!   an address allowed before and after the change (say `10.0.0.0/24` widened to `/23`) is never
-//!   dropped in between, and the additions are checked against `maxelem` before sending. Every
-//!   line is generated from typed addresses, so only the kernel can refuse one (set full because
-//!   someone filled it behind our back, set destroyed, out of memory). If it does, the exact
-//!   inverse script is sent (delete what we added, re-add what we removed; `-exist` makes lines
-//!   that never took effect no-ops, and every added prefix was absent before, every removed one
-//!   present), which restores the previous contents, and the original error is returned. Only if
-//!   that rollback fails too is the set left partly changed; the error says so and the next read
-//!   shows the truth.
-//!
-//! The two families are two sets, so one apply is up to two kernel operations. When the second
-//! fails, the first is undone (inverse script, or swapping the old set back in: the old set is
-//! only destroyed once both families are done), so an apply is all-or-nothing across families
-//! too, except when an undo itself fails.
-//!
-//! # Enforcement
-//!
-//! With `enforce`, the chain [`ENFORCE_CHAIN`] in the `filter` table of iptables (with
-//! `<set_v4>`) and ip6tables (with `<set_v6>`) holds `-i lo -j RETURN`, then per port
-//! `-p tcp --dport P -m set ! --match-set <set> src -j DROP` (udp likewise), and INPUT jumps to
-//! it first. The chain is declared and refilled with one `iptables-restore --noflush` (one
-//! commit: never a moment with the chain empty), and the jump is added only when `-S` does not
-//! list it, so restarts add nothing. A chain of that name whose rules are not all of that form is
-//! [`BackendError::Foreign`] (never changed). Teardown removes the jump and the chain before
-//! destroying the sets: the kernel refuses to destroy a set a rule references.
+//! A `hash:net` set holds CIDR prefixes, possibly overlapping, and no `/0`; the engine thinks in
+//! ranges. So a read aggregates what the set holds and remembers the exact prefixes, and an
+//! apply sends the prefix-level difference to its target (`/0` as two `/1`). `ipset restore` is
+//! not atomic: each family's change is a temporary set swapped in, or one incremental restore
+//! with its exact inverse at hand, and a failure in the second family takes the first one's
+//! change back (see `change`).
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::io::{self, Write as _};
+use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use tracing::{debug, info, warn};
 
+mod cmd;
+mod iptables;
+
+pub use iptables::{ENFORCE_CHAIN, enforce_rules};
+
+use cmd::{Output, Tools, run};
+
 use super::{Backend, BackendError};
 use crate::config::{Enforce, IpsetConfig};
 use crate::prefixes::{Addr, AllowSet, Delta, Diff, Range, Ranges};
-
-/// Name of the iptables/ip6tables chain allowsync fills with its enforcement rules. Reserved.
-pub const ENFORCE_CHAIN: &str = "ALLOWSYNC";
 
 /// Above this many prefix operations in one family, a change is made by filling a temporary set
 /// and swapping it in rather than line by line in the live set: a failure then costs nothing
@@ -246,106 +203,6 @@ impl<A: Addr> Live<A> {
     }
 }
 
-/// The programs the backend runs, resolved to absolute paths once.
-#[derive(Debug, Clone)]
-struct Tools {
-    ipset: PathBuf,
-    /// `iptables`, `iptables-restore`, `ip6tables`, `ip6tables-restore`; `None` when any is
-    /// missing (an error only with `enforce`).
-    iptables: Option<[PathBuf; 4]>,
-}
-
-/// Finds `program` in `PATH` (then `/usr/sbin`, `/sbin`, which a non-login root shell may lack).
-fn which(program: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .filter(|d| d.is_absolute())
-        .map(|d| d.join(program))
-        .find(|p| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
-}
-
-/// A finished helper program run.
-struct Output {
-    stdout: String,
-}
-
-/// Runs `program args` (no shell, `LC_ALL=C` so messages are the ones parsed here), feeding
-/// `stdin` when given; a non-zero exit is mapped by [`classify`] with the captured stderr.
-fn run(
-    program: &Path,
-    args: &[&str],
-    stdin: Option<&[u8]>,
-    op: &'static str,
-    object: &str,
-) -> Result<Output, BackendError> {
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .env("LC_ALL", "C")
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| BackendError::Kernel {
-        op,
-        object: object.to_string(),
-        source: io::Error::new(e.kind(), format!("cannot run {}: {e}", program.display())),
-    })?;
-    let output = std::thread::scope(|s| {
-        // Write from another thread: a program that fails early stops reading its stdin, and
-        // its stderr must still be drained.
-        let writer = child.stdin.take().map(|mut pipe| {
-            let data = stdin.unwrap_or_default();
-            s.spawn(move || match pipe.write_all(data) {
-                Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e),
-                _ => Ok(()),
-            })
-        });
-        let out = child.wait_with_output();
-        let written = writer.map_or(Ok(()), |w| w.join().unwrap_or_else(|_| Err(io::Error::other("panic"))));
-        out.and_then(|o| written.map(|()| o))
-    });
-    let output = output.map_err(|source| BackendError::Kernel { op, object: object.to_string(), source })?;
-    if output.status.success() {
-        return Ok(Output { stdout: String::from_utf8_lossy(&output.stdout).into_owned() });
-    }
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let msg = stderr.lines().filter(|l| !l.trim().is_empty() && !l.starts_with("Try `")).collect::<Vec<_>>();
-    let msg = if msg.is_empty() { output.status.to_string() } else { msg.join("; ") };
-    Err(classify(op, object, &msg))
-}
-
-/// Maps a helper program's error message to a [`BackendError`].
-fn classify(op: &'static str, object: &str, msg: &str) -> BackendError {
-    let object = object.to_string();
-    let lower = msg.to_ascii_lowercase();
-    let kernel = |kind: io::ErrorKind| BackendError::Kernel {
-        op,
-        object: object.clone(),
-        source: io::Error::new(kind, msg),
-    };
-    if lower.contains("set with the given name does not exist") {
-        // Like a missing nftables set: not "empty"; `ensure` recreates it.
-        BackendError::Conflict { op, object, detail: format!("{msg} (ensure recreates it)") }
-    } else if lower.contains("already added") || lower.contains("it's not added") {
-        // Cannot happen with `-exist`; if it does, someone changed the set under us.
-        BackendError::Conflict { op, object, detail: msg.to_string() }
-    } else if lower.contains("hash is full") || lower.contains("set is full") {
-        kernel(io::ErrorKind::StorageFull)
-    } else if lower.contains("in use by a kernel component") {
-        kernel(io::ErrorKind::ResourceBusy)
-    } else if lower.contains("operation not permitted")
-        || lower.contains("permission denied")
-        || lower.contains("must be root")
-    {
-        BackendError::Unavailable(format!("{op} on {object}: {msg} (needs CAP_NET_ADMIN)"))
-    } else if lower.contains("cannot open session to kernel") || lower.contains("kernel support protocol") {
-        BackendError::Unavailable(format!("{op} on {object}: {msg} (no ip_set support in this kernel?)"))
-    } else {
-        kernel(io::ErrorKind::Other)
-    }
-}
-
 /// A change already made to one family's set during an apply, and how to take it back.
 enum Done {
     /// Lines sent to the live set; `undo` is the inverse script.
@@ -371,30 +228,13 @@ impl IpsetBackend {
     /// iptables programs) now, so a missing one is reported at start with the package to
     /// install. Nothing is sent to the kernel before [`Backend::ensure`].
     pub fn new(config: &IpsetConfig) -> Result<Self, BackendError> {
-        let ipset = which("ipset").ok_or_else(|| {
-            BackendError::Unavailable(
-                "the ipset backend needs the `ipset` program, which is not in PATH: install the Debian package `ipset` (apt-get install ipset)".into(),
-            )
-        })?;
-        let found: Vec<Option<PathBuf>> = ["iptables", "iptables-restore", "ip6tables", "ip6tables-restore"]
-            .iter()
-            .map(|p| which(p))
-            .collect();
-        let iptables = match found.as_slice() {
-            [Some(a), Some(b), Some(c), Some(d)] => Some([a.clone(), b.clone(), c.clone(), d.clone()]),
-            _ => None,
-        };
-        if config.enforce.is_some() && iptables.is_none() {
-            return Err(BackendError::Unavailable(
-                "ipset enforcement needs iptables, iptables-restore, ip6tables and ip6tables-restore, which are not all in PATH: install the Debian package `iptables` (apt-get install iptables)".into(),
-            ));
-        }
+        let tools = Tools::find(config.enforce.is_some())?;
         Ok(IpsetBackend {
             set_v4: config.set_v4.clone(),
             set_v6: config.set_v6.clone(),
             maxelem: config.maxelem,
             enforce: config.enforce.clone(),
-            tools: Tools { ipset, iptables },
+            tools,
             known: None,
         })
     }
@@ -549,8 +389,28 @@ impl IpsetBackend {
         Ok(Done::Edited { set, undo })
     }
 
-    /// Changes one family's set from `live` to `target` prefixes, choosing the path (module
-    /// docs). Returns `None` when nothing changes.
+    /// Changes one family's set from `live` to `target` prefixes. Returns `None` when nothing
+    /// changes. `ipset restore` is not atomic (a failure leaves the lines before it applied),
+    /// so the change takes one of two paths:
+    ///
+    /// - **full replace** (the set's `maxelem` must grow or change, the change is big — more
+    ///   than [`FULL_REPLACE_OPS`] prefix operations, e.g. a first sync — or adds would pass
+    ///   `maxelem` before the removals free room): a temporary set [`temp_name`] is created and
+    ///   filled by one `ipset restore`, then `ipset swap`ped with the live set (atomic in the
+    ///   kernel: packets see either the old or the new set, never a half-filled one), and the
+    ///   old contents (now in the temporary set) are destroyed. A failure before the swap
+    ///   destroys the temporary set and leaves the live set untouched;
+    /// - **incremental** (everything else): one `ipset restore -exist` with the **additions
+    ///   first, then the removals**. A `hash:net` set may hold overlapping prefixes, so adding
+    ///   first means an address allowed before and after the change (say `10.0.0.0/24` widened
+    ///   to `/23`) is never dropped in between, and the additions are checked against `maxelem`
+    ///   before sending. Every line is generated from typed addresses, so only the kernel can
+    ///   refuse one (set full because someone filled it behind our back, set destroyed, out of
+    ///   memory). If it does, the exact inverse script is sent (delete what we added, re-add
+    ///   what we removed; `-exist` makes lines that never took effect no-ops, and every added
+    ///   prefix was absent before, every removed one present), which restores the previous
+    ///   contents, and the original error is returned. Only if that rollback fails too is the
+    ///   set left partly changed; the error says so and the next read shows the truth.
     fn change<A: IpsetAddr>(
         &self,
         live: &Live<A>,
@@ -671,81 +531,6 @@ impl IpsetBackend {
         }
         Ok(None)
     }
-
-    // ---- enforcement ---------------------------------------------------------------------
-
-    /// `(iptables, iptables-restore, set)` for `family`.
-    fn firewall(&self, family: Family) -> Option<(&Path, &Path, &str)> {
-        let t = self.tools.iptables.as_ref()?;
-        Some(match family {
-            Family::V4 => (&t[0], &t[1], &self.set_v4),
-            Family::V6 => (&t[2], &t[3], &self.set_v6),
-        })
-    }
-
-    /// What `-S` shows of the filter table: whether our chain exists, its rules, and how many
-    /// jumps INPUT has to it.
-    fn chain_state(&self, iptables: &Path) -> Result<ChainState, BackendError> {
-        let out = run(iptables, &["-w", "-t", "filter", "-S"], None, "list rules", &chain_object(iptables))?;
-        Ok(ChainState::parse(&out.stdout))
-    }
-
-    fn ensure_enforcement(&self) -> Result<(), BackendError> {
-        for family in Family::BOTH {
-            let Some((iptables, restore, set)) = self.firewall(family) else {
-                if self.enforce.is_some() {
-                    return Err(BackendError::Unavailable(
-                        "iptables programs missing: install the Debian package `iptables`".into(),
-                    ));
-                }
-                continue;
-            };
-            let object = chain_object(iptables);
-            let state = self.chain_state(iptables)?;
-            let ours = state.is_ours(set);
-            match &self.enforce {
-                Some(enforce) => {
-                    if state.exists && !ours {
-                        return Err(BackendError::Foreign {
-                            object,
-                            why: format!(
-                                "it holds rules allowsync did not write ({}); the name is reserved for allowsync's enforcement",
-                                state.rules.join(" | ")
-                            ),
-                        });
-                    }
-                    // Declaring the chain in a --noflush restore flushes it; the rules follow in
-                    // the same commit, so the chain is never seen empty.
-                    let mut script = format!("*filter\n:{ENFORCE_CHAIN} - [0:0]\n");
-                    for rule in enforce_rules(set, enforce) {
-                        let _ = writeln!(script, "-A {ENFORCE_CHAIN} {rule}");
-                    }
-                    if state.jumps == 0 {
-                        let _ = writeln!(script, "-I INPUT 1 -j {ENFORCE_CHAIN}");
-                    }
-                    script.push_str("COMMIT\n");
-                    run(restore, &["-w", "--noflush"], Some(script.as_bytes()), "install rules", &object)?;
-                    debug!(chain = %object, jump_added = state.jumps == 0, "enforcement rules installed");
-                }
-                None if state.exists && ours => {
-                    warn!(chain = %object, "enforcement is not configured: removing the enforcement chain");
-                    self.remove_chain(restore, &state, &object)?;
-                }
-                None => {}
-            }
-        }
-        Ok(())
-    }
-
-    /// Removes INPUT's jumps to the chain and the chain, in one commit.
-    fn remove_chain(&self, restore: &Path, state: &ChainState, object: &str) -> Result<(), BackendError> {
-        let mut script = String::from("*filter\n");
-        for _ in 0..state.jumps {
-            let _ = writeln!(script, "-D INPUT -j {ENFORCE_CHAIN}");
-        }
-        let _ = writeln!(script, "-F {ENFORCE_CHAIN}\n-X {ENFORCE_CHAIN}\nCOMMIT");
-        run(restore, &["-w", "--noflush"], Some(script.as_bytes()), "remove rules", object).map(drop)
-    }
 }
 
 /// A refused change whose rollback failed too: the set holds part of it.
@@ -761,57 +546,6 @@ fn partly_changed(object: &str, first: &BackendError, rollback: &BackendError) -
 
 fn set_object(name: &str) -> String {
     format!("ipset {name}")
-}
-
-fn chain_object(iptables: &Path) -> String {
-    let prog = iptables
-        .file_name()
-        .map_or_else(|| iptables.display().to_string(), |n| n.to_string_lossy().into_owned());
-    format!("{prog} chain filter {ENFORCE_CHAIN}")
-}
-
-/// What `iptables -S` shows about [`ENFORCE_CHAIN`].
-#[derive(Debug, Default)]
-struct ChainState {
-    exists: bool,
-    rules: Vec<String>,
-    jumps: usize,
-}
-
-impl ChainState {
-    fn parse(listing: &str) -> Self {
-        let mut s = ChainState::default();
-        let rule_prefix = format!("-A {ENFORCE_CHAIN} ");
-        for line in listing.lines().map(str::trim) {
-            if line == format!("-N {ENFORCE_CHAIN}") {
-                s.exists = true;
-            } else if let Some(rule) = line.strip_prefix(&rule_prefix) {
-                s.rules.push(rule.to_string());
-            } else if line == format!("-A INPUT -j {ENFORCE_CHAIN}") {
-                s.jumps += 1;
-            }
-        }
-        s
-    }
-
-    /// Every rule is one allowsync writes (for any ports): loopback, or a drop of sources not
-    /// in `set`.
-    fn is_ours(&self, set: &str) -> bool {
-        let drop = format!("-m set ! --match-set {set} src -j DROP");
-        self.rules.iter().all(|r| r == "-i lo -j RETURN" || r.ends_with(&drop))
-    }
-}
-
-/// The rules of [`ENFORCE_CHAIN`] for one family, as `iptables` arguments: loopback first, then
-/// TCP ports, then UDP ports.
-pub fn enforce_rules(set: &str, enforce: &Enforce) -> Vec<String> {
-    let mut out = vec!["-i lo -j RETURN".to_string()];
-    let ports =
-        enforce.tcp_ports.iter().map(|p| ("tcp", p)).chain(enforce.udp_ports.iter().map(|p| ("udp", p)));
-    for (proto, port) in ports {
-        out.push(format!("-p {proto} -m {proto} --dport {port} -m set ! --match-set {set} src -j DROP"));
-    }
-    out
 }
 
 /// `(to add, to delete)` turning sorted, unique `current` into sorted, unique `target`.
@@ -856,6 +590,8 @@ impl Backend for IpsetBackend {
         Ok(())
     }
 
+    /// The *aggregated* ranges of whatever prefixes the sets hold (`Ranges::aggregate`); the
+    /// exact prefixes are remembered for the next apply.
     fn read(&mut self) -> Result<AllowSet, BackendError> {
         let started = Instant::now();
         let (v4, v6) = self.read_both()?;
@@ -870,6 +606,15 @@ impl Backend for IpsetBackend {
         Ok(set)
     }
 
+    /// Does not send the range diff as such: applies it to the ranges last read, turns the
+    /// result into prefixes ([`Ranges::to_prefixes`], `/0` split) and sends the prefix-level
+    /// difference between what the set holds and that target. A diff that does not apply to what
+    /// was last read (an exact removal missing) means the engine diffed against another picture:
+    /// the sets are read again, and if it still does not apply the result is
+    /// [`BackendError::Conflict`]. The two families are two sets, so an apply is up to two kernel
+    /// operations; when the second fails, the first is undone (inverse script, or swapping the
+    /// old set back in: the old set is only destroyed once both families are done), so an apply
+    /// is all-or-nothing across families too, except when an undo itself fails.
     fn apply(&mut self, diff: &Diff) -> Result<(), BackendError> {
         if diff.is_empty() {
             return Ok(());
@@ -923,16 +668,7 @@ impl Backend for IpsetBackend {
     /// kernel reports as in use).
     fn teardown(&mut self) -> Result<(), BackendError> {
         self.known = None;
-        for family in Family::BOTH {
-            let Some((iptables, restore, set)) = self.firewall(family) else { continue };
-            let object = chain_object(iptables);
-            let state = self.chain_state(iptables)?;
-            if state.exists && state.is_ours(set) {
-                self.remove_chain(restore, &state, &object)?;
-            } else if state.exists {
-                warn!(chain = %object, "not removing a chain allowsync did not write");
-            }
-        }
+        self.teardown_enforcement()?;
         for family in Family::BOTH {
             let name = self.set_name(family);
             for set in [name.to_string(), temp_name(name, family)] {
@@ -993,30 +729,5 @@ mod tests {
         let long = "a".repeat(31);
         assert_eq!(temp_name(&long, Family::V6).len(), 31);
         assert_ne!(temp_name(&long, Family::V6), temp_name(&long, Family::V4));
-    }
-
-    #[test]
-    fn chain_listing_is_recognised() {
-        let s = ChainState::parse(
-            "-P INPUT ACCEPT\n-N ALLOWSYNC\n-A INPUT -j ALLOWSYNC\n-A ALLOWSYNC -i lo -j RETURN\n\
-             -A ALLOWSYNC -p tcp -m tcp --dport 443 -m set ! --match-set v4 src -j DROP\n",
-        );
-        assert!(s.exists && s.jumps == 1 && s.is_ours("v4"));
-        assert!(!s.is_ours("other"));
-        let e = Enforce { tcp_ports: vec![443], udp_ports: vec![53] };
-        assert_eq!(
-            enforce_rules("v4", &e)[1],
-            "-p tcp -m tcp --dport 443 -m set ! --match-set v4 src -j DROP"
-        );
-    }
-
-    #[test]
-    fn errors_are_classified() {
-        assert!(classify("x", "s", "ipset v7.17: The set with the given name does not exist").is_conflict());
-        assert!(matches!(
-            classify("x", "s", "Error in line 3: Hash is full, cannot add more elements"),
-            BackendError::Kernel { source, .. } if source.kind() == io::ErrorKind::StorageFull
-        ));
-        assert!(matches!(classify("x", "s", "Operation not permitted"), BackendError::Unavailable(_)));
     }
 }
