@@ -383,7 +383,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
-fn fmt_duration(d: Duration) -> String {
+/// A duration as [`parse_duration`] reads it: `30s`, `5m`, `1h`, `250ms`.
+pub fn fmt_duration(d: Duration) -> String {
     let ms = d.as_millis();
     for (unit, size) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
         if ms >= size && ms % size == 0 {
@@ -832,82 +833,6 @@ fn resolve_chat(
     })
 }
 
-impl Config {
-    /// A human summary for `check-config`: sources, nettypes, backend and sets. Never the key.
-    pub fn summary(&self) -> String {
-        use std::fmt::Write;
-        let mut s = String::new();
-        let _ = writeln!(s, "configuration {} is valid", self.path.display());
-        let _ = writeln!(
-            s,
-            "  interval {} (+ up to {} jitter)",
-            fmt_duration(self.interval),
-            fmt_duration(self.jitter)
-        );
-        let _ = writeln!(s, "  state file {}", self.state_file.display());
-        let _ = writeln!(s, "  sources:");
-        for src in &self.sources {
-            match &src.kind {
-                SourceKind::TencentChat(c) => {
-                    let nettypes: Vec<String> = c.nettypes.iter().map(u8::to_string).collect();
-                    let _ = writeln!(
-                        s,
-                        "    {}: tencent_chat sdkappid {} as {} via {}, nettypes [{}], key from {}",
-                        src.name,
-                        c.sdkappid,
-                        c.identifier,
-                        c.endpoints.join(" then "),
-                        nettypes.join(", "),
-                        c.secret_key.origin()
-                    );
-                }
-                SourceKind::Static(list) => {
-                    let _ = writeln!(s, "    {}: static, {} entries", src.name, list.len());
-                }
-            }
-        }
-        match &self.backend {
-            BackendConfig::Nftables(n) => {
-                let _ = writeln!(
-                    s,
-                    "  backend nftables: table inet {}, sets {} and {}{}",
-                    n.table,
-                    n.set_v4,
-                    n.set_v6,
-                    enforce_text(&n.enforce)
-                );
-            }
-            BackendConfig::Ipset(i) => {
-                let _ = writeln!(
-                    s,
-                    "  backend ipset: sets {} and {}, maxelem {}{}",
-                    i.set_v4,
-                    i.set_v6,
-                    i.maxelem,
-                    enforce_text(&i.enforce)
-                );
-            }
-            BackendConfig::DryRun => {
-                let _ = writeln!(s, "  backend dry_run: nothing is written to the firewall");
-            }
-        }
-        let _ = writeln!(
-            s,
-            "  safety: allow_empty {}, max_removal_percent {}",
-            self.safety.allow_empty, self.safety.max_removal_percent
-        );
-        let _ = write!(s, "  log: {:?} at {}", self.log.format, self.log.level);
-        s
-    }
-}
-
-fn enforce_text(e: &Option<Enforce>) -> String {
-    match e {
-        None => ", not enforcing (add your own rule)".into(),
-        Some(e) => format!(", enforcing tcp {:?} udp {:?}", e.tcp_ports, e.udp_ports),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1005,7 +930,7 @@ sources:
         let SourceKind::TencentChat(t) = &c.sources[0].kind else { panic!() };
         assert_eq!(t.secret_key.expose(), "s3cr3t-value");
         assert_eq!(t.endpoints, ["https://adminapisgp.im.qcloud.com", "https://adminapisgp.my-imcloud.com"]);
-        for shown in [format!("{c:?}"), c.summary(), format!("{}", t.secret_key)] {
+        for shown in [format!("{c:?}"), format!("{}", t.secret_key)] {
             assert!(!shown.contains("s3cr3t-value"), "{shown}");
         }
     }

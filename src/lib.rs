@@ -34,15 +34,3 @@ pub mod usersig;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
-
-/// Process exit codes, the same for every command.
-pub mod exit {
-    /// Success.
-    pub const OK: i32 = 0;
-    /// A runtime failure (network, kernel, state file).
-    pub const FAILURE: i32 = 1;
-    /// Bad usage or an invalid configuration.
-    pub const USAGE: i32 = 2;
-    /// A safety guard refused the sync (mass removal, empty allowlist).
-    pub const REFUSED: i32 = 3;
-}

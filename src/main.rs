@@ -12,5 +12,5 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    ExitCode::from(commands::dispatch(&cli) as u8)
+    ExitCode::from(commands::dispatch(&cli))
 }

@@ -75,18 +75,6 @@ impl CycleReport {
         };
         self.sources.iter().filter_map(|s| s.error_class).min_by_key(rank)
     }
-
-    /// `once`'s exit code: 3 refused, 1 failed or a source failed, 0 otherwise.
-    pub fn exit_code(&self) -> i32 {
-        match &self.outcome {
-            Ok(Outcome::Refused(_)) => crate::exit::REFUSED,
-            Err(_) => crate::exit::FAILURE,
-            Ok(_) if self.sources.iter().any(|s| !matches!(s.status, SourceStatus::Fresh { .. })) => {
-                crate::exit::FAILURE
-            }
-            Ok(_) => crate::exit::OK,
-        }
-    }
 }
 
 /// Holds what a cycle needs between cycles: the sources (connection pool, usersig caches), the

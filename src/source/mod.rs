@@ -18,7 +18,6 @@ use tracing::warn;
 
 pub use chat::{ChatSource, NettypeList};
 
-use crate::clock;
 use crate::config::{Config, SourceConfig, SourceKind, TencentChatConfig};
 use crate::prefixes::AllowSet;
 use crate::usersig::{self, Minted};
@@ -422,67 +421,6 @@ pub fn mint_usersig(cfg: &Config, name: &str, now_unix: u64) -> Result<Minted, S
         }
         Some(SourceKind::Static(_)) => Err(SourceError::NotChat(name.to_owned())),
         None => Err(SourceError::UnknownSource(name.to_owned())),
-    }
-}
-
-/// `allowsync usersig` output: the usersig and when it expires. This is the one place a
-/// usersig is printed, on purpose, to stdout.
-pub fn render_usersig(m: &Minted) -> String {
-    format!(
-        "usersig: {}\nexpires: {} ({} Unix seconds)\n",
-        m.usersig.expose(),
-        clock::rfc3339(m.expires_at()),
-        m.expires_at()
-    )
-}
-
-/// `allowsync fetch` output: per source and nettype, the normalized list (CIDR prefixes) and
-/// counts.
-pub fn render_fetched(fetched: &[Fetched]) -> String {
-    let mut out = String::new();
-    for f in fetched {
-        let status = match &f.result {
-            Ok(set) => {
-                format!("ok, {} entries, {} skipped, {} prefixes", f.entries, f.skipped, set.to_nets().len())
-            }
-            Err(e) => format!("FAILED ({}): {e}", e.class()),
-        };
-        let _ = writeln!(out, "source {}: {status}", f.name);
-        if f.nettypes.is_empty() {
-            if let Ok(set) = &f.result {
-                write_nets(&mut out, set, "  ");
-            }
-            continue;
-        }
-        for n in &f.nettypes {
-            match &n.result {
-                Ok(l) => {
-                    let _ = writeln!(
-                        out,
-                        "  nettype {}: {} entries, {} skipped, {} prefixes",
-                        n.nettype,
-                        l.entries,
-                        l.skipped,
-                        l.list.to_nets().len()
-                    );
-                    write_nets(&mut out, &l.list, "    ");
-                }
-                Err(e) => {
-                    let _ = writeln!(out, "  nettype {}: FAILED ({}): {e}", n.nettype, e.class());
-                }
-            }
-        }
-        if let (Ok(set), true) = (&f.result, f.nettypes.len() > 1) {
-            let _ = writeln!(out, "  union: {} prefixes", set.to_nets().len());
-            write_nets(&mut out, set, "    ");
-        }
-    }
-    out
-}
-
-fn write_nets(out: &mut String, set: &AllowSet, indent: &str) {
-    for n in set.to_nets() {
-        let _ = writeln!(out, "{indent}{n}");
     }
 }
 

@@ -1,0 +1,107 @@
+//! `allowsync check-config`: validate the configuration and print a summary of it (never the
+//! secret key). Exit 2 when it is invalid.
+
+use allowsync::cli::Cli;
+use allowsync::config::{BackendConfig, Config, Enforce, SourceKind, fmt_duration};
+
+use super::{CmdResult, Failure};
+
+pub fn run(cli: &Cli) -> CmdResult {
+    // No logging: warnings go to stderr as such, the summary to stdout.
+    let cfg = Config::load(&cli.config).map_err(Failure::usage)?;
+    for w in &cfg.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!("{}", summary(&cfg));
+    Ok(())
+}
+
+/// A human summary of `cfg`: sources, nettypes, backend and sets. Never the key.
+fn summary(cfg: &Config) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "configuration {} is valid", cfg.path.display());
+    let _ = writeln!(
+        s,
+        "  interval {} (+ up to {} jitter)",
+        fmt_duration(cfg.interval),
+        fmt_duration(cfg.jitter)
+    );
+    let _ = writeln!(s, "  state file {}", cfg.state_file.display());
+    let _ = writeln!(s, "  sources:");
+    for src in &cfg.sources {
+        match &src.kind {
+            SourceKind::TencentChat(c) => {
+                let nettypes: Vec<String> = c.nettypes.iter().map(u8::to_string).collect();
+                let _ = writeln!(
+                    s,
+                    "    {}: tencent_chat sdkappid {} as {} via {}, nettypes [{}], key from {}",
+                    src.name,
+                    c.sdkappid,
+                    c.identifier,
+                    c.endpoints.join(" then "),
+                    nettypes.join(", "),
+                    c.secret_key.origin()
+                );
+            }
+            SourceKind::Static(list) => {
+                let _ = writeln!(s, "    {}: static, {} entries", src.name, list.len());
+            }
+        }
+    }
+    match &cfg.backend {
+        BackendConfig::Nftables(n) => {
+            let _ = writeln!(
+                s,
+                "  backend nftables: table inet {}, sets {} and {}{}",
+                n.table,
+                n.set_v4,
+                n.set_v6,
+                enforce_text(&n.enforce)
+            );
+        }
+        BackendConfig::Ipset(i) => {
+            let _ = writeln!(
+                s,
+                "  backend ipset: sets {} and {}, maxelem {}{}",
+                i.set_v4,
+                i.set_v6,
+                i.maxelem,
+                enforce_text(&i.enforce)
+            );
+        }
+        BackendConfig::DryRun => {
+            let _ = writeln!(s, "  backend dry_run: nothing is written to the firewall");
+        }
+    }
+    let _ = writeln!(
+        s,
+        "  safety: allow_empty {}, max_removal_percent {}",
+        cfg.safety.allow_empty, cfg.safety.max_removal_percent
+    );
+    let _ = write!(s, "  log: {:?} at {}", cfg.log.format, cfg.log.level);
+    s
+}
+
+fn enforce_text(e: &Option<Enforce>) -> String {
+    match e {
+        None => ", not enforcing (add your own rule)".into(),
+        Some(e) => format!(", enforcing tcp {:?} udp {:?}", e.tcp_ports, e.udp_ports),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn the_summary_never_shows_the_key() {
+        let text = "sources:\n  - name: sgp\n    tencent_chat:\n      region: singapore\n      sdkappid: 1400000000\n      identifier: administrator\n      secret_key: s3cr3t-value\n";
+        let cfg = Config::parse(text, Path::new("/etc/allowsync/config.yaml")).unwrap();
+        let shown = summary(&cfg);
+        assert!(shown.contains("sgp: tencent_chat sdkappid 1400000000 as administrator"), "{shown}");
+        assert!(!shown.contains("s3cr3t-value"), "{shown}");
+    }
+}
