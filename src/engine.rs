@@ -338,12 +338,11 @@ mod tests {
         let mut be = MemoryBackend::new();
         *be.shared().lock().unwrap() = set(&["10.0.0.1"]);
         let d = Desired::build(vec![ok("office", &[])], &State::default());
-        let (out, _) =
-            sync(&mut be, &d, &Safety { allow_empty: false, max_removal_percent: 100 }, false).unwrap();
+        let allow = |allow_empty| Safety { allow_empty, max_removal_percent: 100, ..Safety::default() };
+        let (out, _) = sync(&mut be, &d, &allow(false), false).unwrap();
         assert!(matches!(out, Outcome::Refused(Refusal::Empty { current: 1 })));
         assert_eq!(be.writes(), 0);
-        let (out, _) =
-            sync(&mut be, &d, &Safety { allow_empty: true, max_removal_percent: 100 }, false).unwrap();
+        let (out, _) = sync(&mut be, &d, &allow(true), false).unwrap();
         assert_eq!(out, Outcome::Applied { added: 0, removed: 1 });
         assert!(be.shared().lock().unwrap().is_empty());
     }
