@@ -217,6 +217,12 @@ pub struct Safety {
     pub min_prefix_v4: u8,
     #[serde(default = "default_min_prefix_v6", deserialize_with = "min_prefix_v6")]
     pub min_prefix_v6: u8,
+    /// The widening guard: IPv4 addresses one sync may add to what the kernel holds.
+    #[serde(default = "default_max_added")]
+    pub max_added_addresses_v4: u64,
+    /// The same in IPv6, counted in /64 networks.
+    #[serde(default = "default_max_added")]
+    pub max_added_addresses_v6: u64,
 }
 
 impl Default for Safety {
@@ -226,6 +232,8 @@ impl Default for Safety {
             max_removal_percent: default_max_removal(),
             min_prefix_v4: default_min_prefix_v4(),
             min_prefix_v6: default_min_prefix_v6(),
+            max_added_addresses_v4: default_max_added(),
+            max_added_addresses_v6: default_max_added(),
         }
     }
 }
@@ -358,6 +366,11 @@ fn default_min_prefix_v4() -> u8 {
 }
 fn default_min_prefix_v6() -> u8 {
     admission::DEFAULT_MIN_PREFIX_V6
+}
+/// A /16 of IPv4, 65536 /64s of IPv6: far more than any GetIPList answer adds (tens of /24s and
+/// /25s), far less than a stray /8.
+fn default_max_added() -> u64 {
+    65536
 }
 fn default_level() -> String {
     "info".into()
@@ -961,8 +974,14 @@ impl Config {
         let sf = &self.safety;
         let _ = writeln!(
             s,
-            "  safety: allow_empty {}, max_removal_percent {}, min_prefix_v4 {}, min_prefix_v6 {}",
-            sf.allow_empty, sf.max_removal_percent, sf.min_prefix_v4, sf.min_prefix_v6
+            "  safety: allow_empty {}, max_removal_percent {}, min_prefix_v4 {}, min_prefix_v6 {}, \
+             max_added_addresses_v4 {}, max_added_addresses_v6 {} (/64s)",
+            sf.allow_empty,
+            sf.max_removal_percent,
+            sf.min_prefix_v4,
+            sf.min_prefix_v6,
+            sf.max_added_addresses_v4,
+            sf.max_added_addresses_v6
         );
         let _ = write!(s, "  log: {:?} at {}", self.log.format, self.log.level);
         s
@@ -1008,7 +1027,14 @@ sources:
         assert_eq!(c.state_file, Path::new(DEFAULT_STATE_FILE));
         assert_eq!(
             c.safety,
-            Safety { allow_empty: false, max_removal_percent: 50, min_prefix_v4: 8, min_prefix_v6: 32 }
+            Safety {
+                allow_empty: false,
+                max_removal_percent: 50,
+                min_prefix_v4: 8,
+                min_prefix_v6: 32,
+                max_added_addresses_v4: 65536,
+                max_added_addresses_v6: 65536,
+            }
         );
         assert!(
             matches!(&c.backend, BackendConfig::Nftables(n) if n.table == "allowsync" && n.set_v4 == "allow_v4" && n.set_v6 == "allow_v6")
@@ -1221,13 +1247,18 @@ sources:
     #[test]
     fn safety_keys_are_range_checked() {
         let hosts = "sources:\n  - name: office\n    static: [203.0.113.7, \"2001:db8:1::7\"]\n";
-        let c = parse(&format!("{hosts}safety:\n  min_prefix_v4: 32\n  min_prefix_v6: 128\n")).unwrap();
+        let c = parse(&format!(
+            "{hosts}safety:\n  min_prefix_v4: 32\n  min_prefix_v6: 128\n  max_added_addresses_v4: 0\n  max_added_addresses_v6: 18446744073709551615\n"
+        )).unwrap();
         assert_eq!((c.safety.min_prefix_v4, c.safety.min_prefix_v6), (32, 128));
+        assert_eq!((c.safety.max_added_addresses_v4, c.safety.max_added_addresses_v6), (0, u64::MAX));
         let (line, key, msg) = invalid(&format!("{BASE}safety:\n  min_prefix_v4: 33\n"));
         assert_eq!((line, key.as_str()), (6, "safety.min_prefix_v4"));
         assert!(msg.contains("0..=32"), "{msg}");
         let (_, key, _) = invalid(&format!("{BASE}safety:\n  min_prefix_v6: 129\n"));
         assert_eq!(key, "safety.min_prefix_v6");
+        let (_, key, _) = invalid(&format!("{BASE}safety:\n  max_added_addresses_v4: -1\n"));
+        assert_eq!(key, "safety.max_added_addresses_v4");
     }
 
     #[test]
