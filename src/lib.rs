@@ -6,6 +6,7 @@
 //! ```text
 //! source/ (GetIPList per app and nettype, static entries)
 //!   -> prefixes (validate, both families, aggregate)      -> the desired set
+//!      admission (refuse what must never be allowed)
 //!   -> backend/ (read the live set, diff, apply in one transaction)
 //!   -> state (last good list, written atomically)
 //! ```
@@ -15,6 +16,7 @@
 //! [`config`] reads the YAML file, [`cli`] defines the command line; the binary in `main.rs`
 //! only wires them together.
 
+pub mod admission;
 pub mod backend;
 pub mod cli;
 pub mod clock;
@@ -45,6 +47,6 @@ pub mod exit {
     pub const FAILURE: i32 = 1;
     /// Bad usage or an invalid configuration.
     pub const USAGE: i32 = 2;
-    /// A safety guard refused the sync (mass removal, empty allowlist).
+    /// A safety guard refused the sync (mass removal, mass widening, empty allowlist).
     pub const REFUSED: i32 = 3;
 }
