@@ -852,7 +852,8 @@ fn resolve_chat(
     let secret_key = if let Some(f) = &c.secret_key_file {
         let configured = absolute(base, &f.value);
         let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-        let file = systemd_credential(&configured, credentials.as_deref()).unwrap_or(configured);
+        let credential = systemd_credential(&configured, credentials.as_deref());
+        let file = credential.clone().unwrap_or_else(|| configured.clone());
         let k = format!("{key}.secret_key_file");
         let text = std::fs::read_to_string(&file).map_err(|e| {
             at(path, f, &k, format!("cannot read the secret key file {}: {e}", file.display()))
@@ -869,6 +870,19 @@ fn resolve_chat(
             }
         }
         let key_text = text.trim();
+        if key_text.is_empty() && credential.is_some() {
+            // The unit's SetCredential= fallback: LoadCredential= found no file to copy.
+            return Err(at(
+                path,
+                f,
+                &k,
+                format!(
+                    "the secret key file {} is missing or empty (systemd handed the service an empty credential {})",
+                    configured.display(),
+                    file.display()
+                ),
+            ));
+        }
         if key_text.is_empty() {
             return Err(at(path, f, &k, format!("the secret key file {} is empty", file.display())));
         }

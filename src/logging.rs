@@ -5,9 +5,19 @@
 //! Text from outside (API entries, the server's `ErrorInfo`) reaches a log line or an error
 //! message only through [`Untrusted`]: escaped and capped, whatever the format.
 
-use std::fmt::{self, Write as _};
+//!
+//! Under systemd, stderr is usually a stream to journald, which stores every line at the unit's
+//! default priority (info) unless the line starts with an sd-daemon `<N>` prefix. So when
+//! `JOURNAL_STREAM` names stderr (its `device:inode`), each text or JSON line gets the prefix of
+//! its level, and `journalctl -p warning` shows allowsync's warnings and errors. journald strips
+//! the prefix; on a terminal or in a file there is none.
 
+use std::fmt::{self, Write as _};
+use std::io::{self, Write};
+
+use tracing::{Level, Metadata};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -19,8 +29,8 @@ pub fn init(cfg: &LogConfig) -> Option<String> {
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level));
     // Colours only for a person at a terminal, never into the journal or a file.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let text =
-        || tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).with_ansi(ansi);
+    let stderr = Prioritized { inner: std::io::stderr, enabled: stderr_is_journal() };
+    let text = || tracing_subscriber::fmt::layer().with_writer(stderr).with_target(false).with_ansi(ansi);
     let mut warning = None;
     let result = match cfg.format {
         LogFormat::Text => tracing_subscriber::registry().with(filter()).with(text()).try_init(),
@@ -32,7 +42,7 @@ pub fn init(cfg: &LogConfig) -> Option<String> {
                     .flatten_event(true)
                     .with_current_span(false)
                     .with_span_list(false)
-                    .with_writer(std::io::stderr),
+                    .with_writer(stderr),
             )
             .try_init(),
         LogFormat::Journald => match tracing_journald::layer() {
@@ -83,6 +93,75 @@ impl fmt::Display for Untrusted<'_> {
     }
 }
 
+/// True when `JOURNAL_STREAM` (`device:inode`, set by systemd) is the stream stderr is.
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else { return false };
+    let meta =
+        std::io::stderr().as_fd().try_clone_to_owned().map(std::fs::File::from).and_then(|f| f.metadata());
+    meta.is_ok_and(|m| journal_stream_is(&value.to_string_lossy(), m.dev(), m.ino()))
+}
+
+fn journal_stream_is(value: &str, dev: u64, ino: u64) -> bool {
+    let parsed =
+        value.split_once(':').and_then(|(d, i)| Some((d.parse::<u64>().ok()?, i.parse::<u64>().ok()?)));
+    parsed == Some((dev, ino))
+}
+
+/// The sd-daemon prefix of a level (syslog priorities: err, warning, info, debug).
+fn prefix(level: &Level) -> &'static [u8] {
+    match *level {
+        Level::ERROR => b"<3>",
+        Level::WARN => b"<4>",
+        Level::INFO => b"<6>",
+        Level::DEBUG | Level::TRACE => b"<7>",
+    }
+}
+
+/// A [`MakeWriter`] that, when `enabled`, starts each event's line with its level's prefix.
+#[derive(Clone, Copy)]
+struct Prioritized<M> {
+    inner: M,
+    enabled: bool,
+}
+
+impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for Prioritized<M> {
+    type Writer = PrefixedWriter<M::Writer>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        PrefixedWriter { inner: self.inner.make_writer(), prefix: None }
+    }
+
+    fn make_writer_for(&'a self, meta: &Metadata<'_>) -> Self::Writer {
+        let prefix = self.enabled.then(|| prefix(meta.level()));
+        PrefixedWriter { inner: self.inner.make_writer_for(meta), prefix }
+    }
+}
+
+/// Writes `prefix` in front of the first write (fmt writes one event with one `write_all`),
+/// in the same write, so that lines of concurrent events cannot interleave with it.
+struct PrefixedWriter<W> {
+    inner: W,
+    prefix: Option<&'static [u8]>,
+}
+
+impl<W: Write> Write for PrefixedWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self.prefix.take() {
+            Some(p) => {
+                self.inner.write_all(&[p, buf].concat())?;
+                Ok(buf.len())
+            }
+            None => self.inner.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,5 +190,73 @@ mod tests {
         let shown = Untrusted(&escapes).to_string();
         assert!(shown.chars().count() <= MAX_UNTRUSTED);
         assert!(shown.ends_with("\\u{1b}…\""), "{shown}");
+    }
+
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn lines(enabled: bool, json: bool) -> Vec<String> {
+        let buf = Buf::default();
+        let sink = buf.clone();
+        let writer = Prioritized { inner: move || sink.clone(), enabled };
+        let layer = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(false);
+        let emit = || {
+            tracing::error!(key = 1, "an error");
+            tracing::warn!("a warning");
+            tracing::info!("news");
+            tracing::debug!("detail");
+        };
+        let filter = EnvFilter::new("debug");
+        if json {
+            tracing::subscriber::with_default(
+                tracing_subscriber::registry().with(filter).with(layer.json()),
+                emit,
+            );
+        } else {
+            tracing::subscriber::with_default(tracing_subscriber::registry().with(filter).with(layer), emit);
+        }
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        out.lines().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn into_the_journal_each_line_starts_with_its_priority() {
+        for json in [false, true] {
+            let got = lines(true, json);
+            let prefixes: Vec<&str> = got.iter().map(|l| &l[..3]).collect();
+            assert_eq!(prefixes, ["<3>", "<4>", "<6>", "<7>"], "{got:?}");
+            assert!(got[0].contains("an error") && got[1].contains("a warning"), "{got:?}");
+            if json {
+                assert!(got.iter().all(|l| l[3..].starts_with('{')), "JSON after the prefix: {got:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn elsewhere_no_line_has_a_prefix() {
+        let got = lines(false, false);
+        assert_eq!(got.len(), 4);
+        assert!(got.iter().all(|l| !l.starts_with('<')), "{got:?}");
+    }
+
+    #[test]
+    fn journal_stream_must_name_this_device_and_inode() {
+        assert!(journal_stream_is("8:123456", 8, 123456));
+        assert!(!journal_stream_is("8:123456", 8, 123457));
+        assert!(!journal_stream_is("9:123456", 8, 123456));
+        for bad in ["", "8", "8:", ":1", "a:b", "8:123456:1"] {
+            assert!(!journal_stream_is(bad, 8, 123456), "{bad:?}");
+        }
     }
 }

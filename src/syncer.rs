@@ -222,11 +222,17 @@ impl Syncer {
             });
         }
 
-        let result = self
-            .backend
-            .ensure()
+        let ensured = self.backend.ensure();
+        let enforced = ensured.is_ok();
+        let result = ensured
             .map_err(engine::SyncError::from)
             .and_then(|()| engine::sync(self.backend.as_mut(), &desired, &self.cfg.safety, force));
+        // The enforcement rules after the sets: one that cannot be installed fails this cycle,
+        // but the sets were synced (and are recorded as such).
+        let enforce_error = if enforced { self.backend.enforce().err() } else { None };
+        if let Some(e) = &enforce_error {
+            error!(error = %e, "cannot install the enforcement rules; the sets are in place");
+        }
         let drift = match (&result, &self.state.applied) {
             // dry-run keeps nothing: every cycle starts from an empty set by design.
             _ if self.backend.name() == "dry-run" => None,
@@ -239,6 +245,9 @@ impl Syncer {
         let now = state::now_unix();
         engine::record(&mut self.state, &desired, &result, now);
         let mut outcome = result.map(|(o, _)| o).map_err(|e| e.to_string());
+        if let (Some(e), Ok(Outcome::InSync | Outcome::Applied { .. })) = (&enforce_error, &outcome) {
+            outcome = Err(format!("enforcement: {e}"));
+        }
         if let Err(e) = self.state_file.save(&self.state) {
             error!(error = %e, "cannot write the state file");
             if outcome.is_ok() {

@@ -243,6 +243,7 @@ fn enforcement_filters_traffic_by_the_allowlist<H: Harness>() {
     let mut b = H::backend(Some(enforce));
     b.ensure().unwrap();
     sync(&mut *b, &nets(&["10.200.0.2", "fd00:200::2"]));
+    b.enforce().unwrap();
     let verdicts = |label: &str| {
         let v = [
             tcp_connects(&client, a2, tcp4),

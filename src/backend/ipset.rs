@@ -51,7 +51,10 @@
 //! `-p tcp --dport P -m set ! --match-set <set> src -j DROP` (udp likewise), and INPUT jumps to
 //! it first. The chain is declared and refilled with one `iptables-restore --noflush` (one
 //! commit: never a moment with the chain empty), and the jump is added only when `-S` does not
-//! list it, so restarts add nothing. A chain of that name whose rules are not all of that form is
+//! list it, so restarts add nothing. The rules are installed by [`Backend::enforce`], after the
+//! sets are synced, not by [`Backend::ensure`]: a rule iptables refuses (say, without
+//! CAP_NET_RAW, which `--match-set` needs) is an error of its own and never keeps the sets
+//! empty. A chain of that name whose rules are not all of that form is
 //! [`BackendError::Foreign`] (never changed). Teardown removes the jump and the chain before
 //! destroying the sets: the kernel refuses to destroy a set a rule references.
 
@@ -832,8 +835,8 @@ impl Backend for IpsetBackend {
         "ipset"
     }
 
-    /// Creates missing sets (and rebuilds one whose `maxelem` the configuration changed), then
-    /// installs or removes the enforcement chain. An existing set of another type, family or
+    /// Creates missing sets (and rebuilds one whose `maxelem` the configuration changed); the
+    /// enforcement chain is [`Backend::enforce`]'s. An existing set of another type, family or
     /// options is [`BackendError::Foreign`] and never changed; both sets are checked before the
     /// first change.
     fn ensure(&mut self) -> Result<(), BackendError> {
@@ -846,7 +849,6 @@ impl Backend for IpsetBackend {
             }
         }
         let created = [self.ensure_set::<u32>()?, self.ensure_set::<u128>()?];
-        self.ensure_enforcement()?;
         let created: Vec<String> = created.into_iter().flatten().collect();
         if !created.is_empty() {
             info!(created = ?created, enforce = self.enforce.is_some(), "ipsets ensured");
@@ -915,6 +917,11 @@ impl Backend for IpsetBackend {
             self.known = Some((Live::new(t4, known.0.maxelem), Live::new(t6, known.1.maxelem)));
         }
         Ok(())
+    }
+
+    /// Installs (or, without `enforce`, removes) the enforcement chain, once the sets are there.
+    fn enforce(&mut self) -> Result<(), BackendError> {
+        self.ensure_enforcement()
     }
 
     /// Removes INPUT's jumps and the enforcement chain (iptables and ip6tables) first, then the
