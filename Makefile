@@ -1,7 +1,7 @@
 # allowsync: every entry point a developer or CI needs. See README.md.
 #   make demo   installs what it needs, builds, runs the daemon against the mock Chat API
-#   make test   installs what it needs, then fmt, clippy, every test (the fuzz corpora too) and
-#               the packaging checks
+#   make test   installs what it needs, then fmt, clippy, every test (the fuzz corpora too), the
+#               packaging checks and the packages under a real systemd (tests/systemd.sh)
 #   make deb    builds target/debian/allowsync_*.deb (make rpm: target/generate-rpm/*.rpm)
 #   make fuzz   runs each fuzz target for FUZZ_SECONDS (default 60) on the stable toolchain
 #   make bench  (root) performance figures in a private network namespace -> target/bench/results.json
@@ -9,7 +9,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all deps build lint test fuzz demo bench clean man deb rpm packages test-packaging
+.PHONY: all deps build lint test fuzz demo bench clean man deb rpm packages test-packaging test-systemd
 
 all: build
 
@@ -26,6 +26,7 @@ lint: deps
 test: lint
 	$(CARGO) test --all-features --locked
 	$(MAKE) test-packaging
+	$(MAKE) test-systemd
 
 # Packaging. `build` (one release build) also generates the man page and completions into
 # $(ASSETS) (build.rs); the packages are made from that build, never a second one.
@@ -45,6 +46,13 @@ packages: deb rpm
 # The unit's hardening score and verify, the packages' contents, lintian: tests/packaging.sh.
 test-packaging: packages
 	tests/packaging.sh
+
+# The .deb installed and run under systemd 252 as PID 1 in a Debian 12 container (root; the root
+# filesystem is built once and cached under target/), against the mock Chat API: tests/systemd.sh.
+# The mock is the debug build `cargo test --all-features` already made.
+test-systemd: deb
+	$(CARGO) build --all-features --locked --example mock_chat_api
+	tests/systemd.sh
 
 fuzz: deps
 	@scripts/fuzz.sh

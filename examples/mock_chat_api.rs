@@ -10,8 +10,14 @@
 //! (one `NETTYPE=ENTRY,ENTRY,…` per line, `#` comments) is read again on every request. An
 //! unreadable or malformed file makes the mock answer error 70500, like a server fault.
 //!
-//! Prints `listening on http://ADDR` on stdout once it accepts connections; runs until killed.
+//! With `--record FILE`, every usersig it was sent and the `TLS.sig` inside each are appended
+//! to FILE, one per line, when it stops (SIGINT or SIGTERM): for tests that check that no log
+//! holds them.
+//!
+//! Prints `listening on http://ADDR` on stdout once it accepts connections; runs until
+//! SIGINT or SIGTERM.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -38,6 +44,9 @@ struct Args {
     /// Serve the lists of this file, re-read on every request (overrides --list).
     #[arg(long)]
     list_file: Option<PathBuf>,
+    /// On exit, append every usersig received and its TLS.sig to this file, one per line.
+    #[arg(long)]
+    record: Option<PathBuf>,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -57,7 +66,20 @@ async fn main() -> anyhow::Result<()> {
     }
     let mock = MockChatApi::start(cfg).await?;
     println!("listening on {}", mock.url());
-    tokio::signal::ctrl_c().await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    if let Some(path) = &args.record {
+        let mut out = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        for sig in mock.requests().iter().filter_map(|r| r.param("usersig")) {
+            writeln!(out, "{sig}")?;
+            if let Ok(doc) = allowsync::usersig::decode(sig) {
+                writeln!(out, "{}", doc.sig)?;
+            }
+        }
+    }
     mock.shutdown().await;
     Ok(())
 }

@@ -47,7 +47,7 @@ say "starting the mock Chat API (GetIPList) on 127.0.0.1:8089 inside network nam
 cat > "$work/lists" <<'LISTS'
 # nettype=ENTRY,... : what the mock serves; edited below while everything runs
 5=203.0.113.0/25,203.0.113.128/25,198.51.100.7
-6=192.0.2.0/24,2001:db8:6::/48
+6=192.0.2.0/24,2001:db8:6::/56
 LISTS
 cat "$work/lists"
 # `ip netns exec` execs the program: $! is the program's own pid, so signals reach it.

@@ -4,9 +4,10 @@
 set -euo pipefail
 
 # lintian, rpm (to inspect the .rpm), binutils (readelf, strip) and man-db: the packaging checks
-# (tests/packaging.sh).
+# (tests/packaging.sh). debootstrap, debian-archive-keyring, systemd-container (systemd-nspawn)
+# and util-linux (nsenter): the packages under a real systemd (tests/systemd.sh).
 packages=(pkg-config libnftnl-dev libmnl-dev nftables ipset iptables iproute2 util-linux procps
-  lintian rpm binutils man-db)
+  lintian rpm binutils man-db debootstrap debian-archive-keyring systemd-container)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

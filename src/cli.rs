@@ -35,7 +35,9 @@ pub enum Command {
     Run,
     /// Sync once (fetch, check the safety guards, apply), then exit.
     Once {
-        /// Apply even when a safety guard (mass removal, empty list) would refuse.
+        /// Apply even when the mass removal or mass widening guard would refuse. Never applies an
+        /// empty list (see safety.allow_empty), an entry wider than the minimum prefix length or
+        /// a special range.
         #[arg(long)]
         force: bool,
     },

@@ -22,6 +22,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 use serde_saphyr::Spanned;
 
+use crate::admission::{self, MinPrefix};
 use crate::prefixes;
 
 /// Where the daemon looks when `-c` and `ALLOWSYNC_CONFIG` are not given.
@@ -211,11 +212,36 @@ pub struct Safety {
     pub allow_empty: bool,
     #[serde(default = "default_max_removal", deserialize_with = "percent")]
     pub max_removal_percent: u8,
+    /// Entries wider than this are never applied (see [`crate::admission`]).
+    #[serde(default = "default_min_prefix_v4", deserialize_with = "min_prefix_v4")]
+    pub min_prefix_v4: u8,
+    #[serde(default = "default_min_prefix_v6", deserialize_with = "min_prefix_v6")]
+    pub min_prefix_v6: u8,
+    /// The widening guard: IPv4 addresses one sync may add to what the kernel holds.
+    #[serde(default = "default_max_added")]
+    pub max_added_addresses_v4: u64,
+    /// The same in IPv6, counted in /64 networks.
+    #[serde(default = "default_max_added")]
+    pub max_added_addresses_v6: u64,
 }
 
 impl Default for Safety {
     fn default() -> Self {
-        Safety { allow_empty: false, max_removal_percent: default_max_removal() }
+        Safety {
+            allow_empty: false,
+            max_removal_percent: default_max_removal(),
+            min_prefix_v4: default_min_prefix_v4(),
+            min_prefix_v6: default_min_prefix_v6(),
+            max_added_addresses_v4: default_max_added(),
+            max_added_addresses_v6: default_max_added(),
+        }
+    }
+}
+
+impl Safety {
+    /// The minimum prefix lengths, for [`crate::admission::check`].
+    pub fn min_prefix(&self) -> MinPrefix {
+        MinPrefix { v4: self.min_prefix_v4, v6: self.min_prefix_v6 }
     }
 }
 
@@ -270,7 +296,7 @@ struct RawSource {
     #[serde(default)]
     tencent_chat: Option<Spanned<RawChat>>,
     #[serde(default, rename = "static", deserialize_with = "static_entries")]
-    static_entries: Option<Vec<IpNet>>,
+    static_entries: Option<Vec<Spanned<IpNet>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -334,6 +360,17 @@ fn default_maxelem() -> u32 {
 }
 fn default_max_removal() -> u8 {
     50
+}
+fn default_min_prefix_v4() -> u8 {
+    admission::DEFAULT_MIN_PREFIX_V4
+}
+fn default_min_prefix_v6() -> u8 {
+    admission::DEFAULT_MIN_PREFIX_V6
+}
+/// A /16 of IPv4, 65536 /64s of IPv6: far more than any GetIPList answer adds (tens of /24s and
+/// /25s), far less than a stray /8.
+fn default_max_added() -> u64 {
+    65536
 }
 fn default_level() -> String {
     "info".into()
@@ -487,10 +524,13 @@ pub fn check_endpoint(s: &str) -> Result<(), String> {
     }
 }
 
-fn static_entries<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<IpNet>>, D::Error> {
-    let v = Vec::<String>::deserialize(d)?;
+/// The syntax of static entries; whether they may be allowed depends on `safety`, so
+/// [`admit_static`] judges them once the whole file is read (each keeps its location for that).
+fn static_entries<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Spanned<IpNet>>>, D::Error> {
+    let v = Vec::<Spanned<String>>::deserialize(d)?;
     let mut out = Vec::with_capacity(v.len());
-    for s in &v {
+    for spanned in v {
+        let s = &spanned.value;
         let e = prefixes::parse_entry(s)
             .map_err(|e| serde::de::Error::custom(format!("static entry `{s}`: {e}")))?;
         if let Some(orig) = e.masked_from {
@@ -499,9 +539,33 @@ fn static_entries<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<IpNet>>,
                 e.net
             )));
         }
-        out.push(e.net);
+        out.push(Spanned::new(e.net, spanned.referenced, spanned.defined));
     }
     Ok(Some(out))
+}
+
+/// Static entries must pass the same rules as the API's: a refused one is a configuration error
+/// at its own line and column.
+fn admit_static(
+    list: Vec<Spanned<IpNet>>,
+    path: &Path,
+    key: &str,
+    min: &MinPrefix,
+) -> Result<Vec<IpNet>, ConfigError> {
+    let mut out = Vec::with_capacity(list.len());
+    for (j, e) in list.into_iter().enumerate() {
+        if let Err(r) = admission::check(e.value, min) {
+            let message = match &r {
+                admission::Refused::TooShort { family, .. } => {
+                    format!("static entry {r}: lower safety.min_prefix_{family} if that is really meant")
+                }
+                admission::Refused::Special { .. } => format!("static entry {r}"),
+            };
+            return Err(at(path, &e, format!("{key}[{j}]"), message));
+        }
+        out.push(e.value);
+    }
+    Ok(out)
 }
 
 fn ports<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u16>, D::Error> {
@@ -520,6 +584,20 @@ fn percent<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
         return Err(serde::de::Error::custom(format!("{v} is not a percentage: use 0..=100")));
     }
     Ok(v)
+}
+
+fn prefix_length<'de, D: Deserializer<'de>>(d: D, max: u8) -> Result<u8, D::Error> {
+    let v = u8::deserialize(d)?;
+    if v > max {
+        return Err(serde::de::Error::custom(format!("/{v} is not a prefix length: use 0..={max}")));
+    }
+    Ok(v)
+}
+fn min_prefix_v4<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
+    prefix_length(d, 32)
+}
+fn min_prefix_v6<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
+    prefix_length(d, 128)
 }
 
 fn maxelem<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
@@ -668,7 +746,9 @@ fn resolve(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
                 let c = resolve_chat(chat, path, base, &key("tencent_chat"), &name, &mut warnings)?;
                 SourceKind::TencentChat(Box::new(c))
             }
-            (None, Some(list)) => SourceKind::Static(list),
+            (None, Some(list)) => {
+                SourceKind::Static(admit_static(list, path, &key("static"), &raw.safety.min_prefix())?)
+            }
             (Some(chat), Some(_)) => {
                 return Err(at(
                     path,
@@ -773,7 +853,8 @@ fn resolve_chat(
     let secret_key = if let Some(f) = &c.secret_key_file {
         let configured = absolute(base, &f.value);
         let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-        let file = systemd_credential(&configured, credentials.as_deref()).unwrap_or(configured);
+        let credential = systemd_credential(&configured, credentials.as_deref());
+        let file = credential.clone().unwrap_or_else(|| configured.clone());
         let k = format!("{key}.secret_key_file");
         let text = std::fs::read_to_string(&file).map_err(|e| {
             at(path, f, &k, format!("cannot read the secret key file {}: {e}", file.display()))
@@ -790,6 +871,19 @@ fn resolve_chat(
             }
         }
         let key_text = text.trim();
+        if key_text.is_empty() && credential.is_some() {
+            // The unit's SetCredential= fallback: LoadCredential= found no file to copy.
+            return Err(at(
+                path,
+                f,
+                &k,
+                format!(
+                    "the secret key file {} is missing or empty (systemd handed the service an empty credential {})",
+                    configured.display(),
+                    file.display()
+                ),
+            ));
+        }
         if key_text.is_empty() {
             return Err(at(path, f, &k, format!("the secret key file {} is empty", file.display())));
         }
@@ -863,7 +957,17 @@ sources:
         assert_eq!(c.interval, secs(300));
         assert_eq!(c.jitter, secs(30));
         assert_eq!(c.state_file, Path::new(DEFAULT_STATE_FILE));
-        assert_eq!(c.safety, Safety { allow_empty: false, max_removal_percent: 50 });
+        assert_eq!(
+            c.safety,
+            Safety {
+                allow_empty: false,
+                max_removal_percent: 50,
+                min_prefix_v4: 8,
+                min_prefix_v6: 32,
+                max_added_addresses_v4: 65536,
+                max_added_addresses_v6: 65536,
+            }
+        );
         assert!(
             matches!(&c.backend, BackendConfig::Nftables(n) if n.table == "allowsync" && n.set_v4 == "allow_v4" && n.set_v6 == "allow_v6")
         );
@@ -1014,6 +1118,79 @@ sources:
         assert!(msg.contains("`10.0.0.300`"), "{msg}");
         let (_, _, msg) = invalid("sources:\n  - name: a\n    static: [10.0.0.1/24]\n");
         assert!(msg.contains("did you mean `10.0.0.0/24`"), "{msg}");
+    }
+
+    #[test]
+    fn static_entries_must_pass_the_admission_rules() {
+        // Too wide: at the entry's own line and column, with its key.
+        let e = parse("sources:\n  - name: a\n    static:\n      - 10.0.0.0/8\n      - 0.0.0.0/0\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "/etc/allowsync/config.yaml:5:9: sources[0].static[1]: static entry 0.0.0.0/0 is wider than /8 \
+             (safety.min_prefix_v4): lower safety.min_prefix_v4 if that is really meant"
+        );
+        // The edges, both families, mapped IPv6 judged as IPv4.
+        let one = |entry: &str, safety: &str| {
+            parse(&format!("sources:\n  - name: a\n    static: [\"{entry}\"]\n{safety}"))
+        };
+        for bad in ["10.0.0.0/7", "2001:db8::/31", "::ffff:0.0.0.0/96", "::/0"] {
+            let (line, key, msg) = invalid(&format!("sources:\n  - name: a\n    static: [\"{bad}\"]\n"));
+            assert_eq!((line, key.as_str()), (3, "sources[0].static[0]"), "{bad}");
+            assert!(msg.contains("is wider than"), "{bad}: {msg}");
+        }
+        for good in [
+            "10.0.0.0/8",
+            "2001:db8::/32",
+            "192.0.2.0/24",
+            "198.51.100.7",
+            "203.0.113.0/24",
+            "2001:db8:1::/48",
+        ] {
+            assert!(one(good, "").is_ok(), "{good}");
+        }
+        // Special ranges, whatever the minimum.
+        for bad in [
+            "127.0.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "169.254.1.1",
+            "240.0.0.1",
+            "::1",
+            "::",
+            "ff02::1",
+            "fe80::1",
+        ] {
+            let (_, key, msg) = invalid(&format!("sources:\n  - name: a\n    static: [\"{bad}\"]\n"));
+            assert_eq!(key, "sources[0].static[0]");
+            assert!(msg.contains("which is never allowed"), "{bad}: {msg}");
+        }
+        let e = one("0.0.0.0/0", "safety: { min_prefix_v4: 0 }\n").unwrap_err().to_string();
+        assert!(e.contains("static entry 0.0.0.0/0 contains the unspecified range 0.0.0.0/8"), "{e}");
+        // Lowering the minimum is the operator's opt-in, wherever safety is written.
+        assert!(one("16.0.0.0/4", "safety: { min_prefix_v4: 4 }\n").is_ok());
+        let c = parse("safety: { min_prefix_v6: 16 }\nsources:\n  - name: a\n    static: [\"2001::/16\"]\n")
+            .unwrap();
+        assert_eq!(c.safety.min_prefix(), MinPrefix { v4: 8, v6: 16 });
+    }
+
+    #[test]
+    fn safety_keys_are_range_checked() {
+        let hosts = "sources:\n  - name: office\n    static: [203.0.113.7, \"2001:db8:1::7\"]\n";
+        let c = parse(&format!(
+            "{hosts}safety:\n  min_prefix_v4: 32\n  min_prefix_v6: 128\n  max_added_addresses_v4: 0\n  max_added_addresses_v6: 18446744073709551615\n"
+        )).unwrap();
+        assert_eq!((c.safety.min_prefix_v4, c.safety.min_prefix_v6), (32, 128));
+        assert_eq!((c.safety.max_added_addresses_v4, c.safety.max_added_addresses_v6), (0, u64::MAX));
+        let (line, key, msg) = invalid(&format!("{BASE}safety:\n  min_prefix_v4: 33\n"));
+        assert_eq!((line, key.as_str()), (6, "safety.min_prefix_v4"));
+        assert!(msg.contains("0..=32"), "{msg}");
+        let (_, key, _) = invalid(&format!("{BASE}safety:\n  min_prefix_v6: 129\n"));
+        assert_eq!(key, "safety.min_prefix_v6");
+        let (_, key, _) = invalid(&format!("{BASE}safety:\n  max_added_addresses_v4: -1\n"));
+        assert_eq!(key, "safety.max_added_addresses_v4");
     }
 
     #[test]

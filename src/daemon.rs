@@ -96,16 +96,27 @@ fn notify(states: &[NotifyState]) {
     }
 }
 
-fn status_line(s: &Syncer) -> String {
-    let st = s.state();
-    let (v4, v6) = st.applied.as_ref().map_or((0, 0), |a| (a.v4.len(), a.v6.len()));
+/// `STATUS=`: what the kernel holds after the cycle (read back, not the state file's last
+/// applied list: the two differ whenever an apply failed or someone changed the set), when the
+/// last sync succeeded, and whether this cycle failed, was refused or lost a source.
+fn status_line(s: &mut Syncer, report: &CycleReport) -> String {
     let names = match &s.config().backend {
         crate::config::BackendConfig::Nftables(n) => (n.set_v4.clone(), n.set_v6.clone()),
         crate::config::BackendConfig::Ipset(i) => (i.set_v4.clone(), i.set_v6.clone()),
         crate::config::BackendConfig::DryRun => ("v4".into(), "v6".into()),
     };
-    let last = st.last_sync.map_or("never".into(), |t| clock::rfc3339(t)[11..19].to_string());
-    format!("{} {v4}, {} {v6}, last sync {last}", names.0, names.1)
+    let held = match s.read_kernel() {
+        Ok(k) => format!("{} {}, {} {}", names.0, k.v4.len(), names.1, k.v6.len()),
+        Err(_) => format!("{} and {} unreadable", names.0, names.1),
+    };
+    let last = s.state().last_sync.map_or("never".into(), |t| clock::rfc3339(t)[11..19].to_string());
+    let cycle = match &report.outcome {
+        Err(_) => ", last cycle failed (see the journal)",
+        Ok(Outcome::Refused(_)) => ", last cycle refused by a safety guard",
+        Ok(_) if report.worst_error_class().is_some() => ", a source failed (see the journal)",
+        Ok(_) => "",
+    };
+    format!("{held}, last sync {last}{cycle}")
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. `config_path` is re-read on SIGHUP.
@@ -146,7 +157,7 @@ pub async fn run(config_path: &Path, cfg: Config) -> Result<(), DaemonError> {
         } else if report.worst_error_class().is_some() {
             warn!(retry_in_s = delay.as_secs(), "a source failed: backing off");
         }
-        let status = status_line(&syncer);
+        let status = status_line(&mut syncer, &report);
         if ready {
             notify(&[NotifyState::Status(&status)]);
         } else {

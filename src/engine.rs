@@ -7,8 +7,11 @@
 //!    never removes anything: when a source has failed and has no last good list, the sync only
 //!    adds ([`Desired::additive_only`]).
 //! 2. [`plan`]: diff the desired set against what the kernel holds *now*, and judge it: an
-//!    empty allowlist is refused unless `allow_empty`, a sync that takes away more than
-//!    `max_removal_percent` of the current entries is refused unless forced.
+//!    empty allowlist is refused unless `allow_empty`; a sync that takes away more than
+//!    `max_removal_percent` of the current entries, or adds more than `max_added_addresses_v4`
+//!    IPv4 addresses or `max_added_addresses_v6` IPv6 /64 networks ([`Widening`]), is refused
+//!    unless forced. (What no entry may ever be, forced or not, was settled before: see
+//!    [`crate::admission`].)
 //! 3. [`sync`]: apply the diff; when the set changed under us (EEXIST/ENOENT), read again, plan
 //!    again, retry once.
 
@@ -19,7 +22,7 @@ use tracing::{error, warn};
 
 use crate::backend::{Backend, BackendError};
 use crate::config::Safety;
-use crate::prefixes::{AllowSet, Diff};
+use crate::prefixes::{AllowSet, Diff, Range};
 use crate::state::{LastError, SourceState, State};
 
 /// What one source gave this cycle.
@@ -127,6 +130,64 @@ impl Desired {
     }
 }
 
+/// What a sync adds to the allowlist, in the widening guard's units. Only addresses the kernel
+/// does not hold already count: widening a /25 to its /24 adds 128.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Widening {
+    /// IPv4 addresses added.
+    pub v4_addresses: u128,
+    /// IPv6 /64 networks that gain at least one address: an added /128 counts as its /64, a
+    /// /64 the kernel holds part of counts when the rest of it is added, and several added
+    /// ranges in one /64 count it once.
+    pub v6_nets: u128,
+}
+
+impl Widening {
+    /// From `current` (what the kernel holds) to `target`, with the added ranges per family.
+    pub fn between(current: &AllowSet, target: &AllowSet) -> (Widening, Added) {
+        let added = Added { v4: target.v4.difference(&current.v4), v6: target.v6.difference(&current.v6) };
+        let widening = Widening {
+            v4_addresses: added.v4.iter().map(Range::size).sum(),
+            v6_nets: count_v6_nets(&added.v6),
+        };
+        (widening, added)
+    }
+
+    fn over_v4(&self, safety: &Safety) -> bool {
+        self.v4_addresses > u128::from(safety.max_added_addresses_v4)
+    }
+
+    fn over_v6(&self, safety: &Safety) -> bool {
+        self.v6_nets > u128::from(safety.max_added_addresses_v6)
+    }
+}
+
+/// The ranges a sync adds, per family.
+#[derive(Debug, Clone, Default)]
+pub struct Added {
+    pub v4: Vec<Range<u32>>,
+    pub v6: Vec<Range<u128>>,
+}
+
+/// The /64 networks that sorted, disjoint ranges touch, each counted once.
+fn count_v6_nets(ranges: &[Range<u128>]) -> u128 {
+    let mut count = 0;
+    // The highest /64 counted so far: the next range may start in it.
+    let mut counted: Option<u128> = None;
+    for r in ranges {
+        let (first, last) = (r.start >> 64, r.end >> 64);
+        let first = match counted {
+            Some(c) if c >= first => c + 1,
+            _ => first,
+        };
+        if last >= first {
+            count += last - first + 1;
+            counted = Some(last);
+        }
+    }
+    count
+}
+
 /// Why a sync was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
@@ -134,6 +195,8 @@ pub enum Refusal {
     Empty { current: usize },
     /// More than `max_percent` of the current entries would go.
     MassRemoval { lost: usize, current: usize, max_percent: u8, sample: Vec<String> },
+    /// More would be added than `max_added_addresses_v4` / `_v6` allow.
+    MassWidening { added: Widening, max_v4: u64, max_v6: u64, sample: Vec<String> },
 }
 
 impl fmt::Display for Refusal {
@@ -149,11 +212,33 @@ impl fmt::Display for Refusal {
                  use `allowsync once --force` if this is expected",
                 sample.join(", ")
             ),
+            Refusal::MassWidening { added, max_v4, max_v6, sample } => {
+                let mut over = Vec::new();
+                if added.v4_addresses > u128::from(*max_v4) {
+                    over.push(format!(
+                        "{} IPv4 addresses (more than safety.max_added_addresses_v4 {max_v4})",
+                        added.v4_addresses
+                    ));
+                }
+                if added.v6_nets > u128::from(*max_v6) {
+                    over.push(format!(
+                        "{} IPv6 /64 networks (more than safety.max_added_addresses_v6 {max_v6})",
+                        added.v6_nets
+                    ));
+                }
+                write!(
+                    f,
+                    "refusing to add {} to the allowlist at once, e.g. {}; \
+                     use `allowsync once --force` if this is expected",
+                    over.join(" and "),
+                    sample.join(", ")
+                )
+            }
         }
     }
 }
 
-/// How many removed entries a refusal names.
+/// How many removed or added entries a refusal names.
 const SAMPLE: usize = 5;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,20 +258,24 @@ pub struct Plan {
     /// What it will hold after the diff (the desired set, plus the current one when additive).
     pub target: AllowSet,
     pub diff: Diff,
+    /// What the diff adds to the allowlist, as the widening guard counts it.
+    pub widening: Widening,
     pub verdict: Verdict,
 }
 
-/// Diffs `desired` against `current` and applies the safety guards (`force` overrides them).
+/// Diffs `desired` against `current` and applies the safety guards. `force` overrides the
+/// removal and widening guards; only `allow_empty` lets the allowlist become empty.
 pub fn plan(current: AllowSet, desired: &Desired, safety: &Safety, force: bool) -> Plan {
     let target =
         if desired.additive_only { AllowSet::union([&current, &desired.set]) } else { desired.set.clone() };
     let diff = current.diff_to(&target);
+    let (widening, added) = Widening::between(&current, &target);
     let verdict = if diff.is_empty() {
         Verdict::InSync
-    } else if force {
-        Verdict::Apply
     } else if target.is_empty() && !safety.allow_empty {
         Verdict::Refused(Refusal::Empty { current: current.len() })
+    } else if force {
+        Verdict::Apply
     } else {
         let lost = current.lost_in(&target);
         // lost / current > max / 100, in integers.
@@ -197,11 +286,21 @@ pub fn plan(current: AllowSet, desired: &Desired, safety: &Safety, force: bool) 
                 max_percent: safety.max_removal_percent,
                 sample: lost.into_iter().take(SAMPLE).collect(),
             })
+        } else if widening.over_v4(safety) || widening.over_v6(safety) {
+            // Named: the additions of the family (or families) over its limit.
+            let v4 = added.v4.iter().filter(|_| widening.over_v4(safety)).map(ToString::to_string);
+            let v6 = added.v6.iter().filter(|_| widening.over_v6(safety)).map(ToString::to_string);
+            Verdict::Refused(Refusal::MassWidening {
+                added: widening,
+                max_v4: safety.max_added_addresses_v4,
+                max_v6: safety.max_added_addresses_v6,
+                sample: v4.chain(v6).take(SAMPLE).collect(),
+            })
         } else {
             Verdict::Apply
         }
     };
-    Plan { current, target, diff, verdict }
+    Plan { current, target, diff, widening, verdict }
 }
 
 /// How a sync ended.
@@ -335,12 +434,11 @@ mod tests {
         let mut be = MemoryBackend::new();
         *be.shared().lock().unwrap() = set(["10.0.0.1"]);
         let d = Desired::build(vec![ok("office", &[])], &State::default());
-        let (out, _) =
-            sync(&mut be, &d, &Safety { allow_empty: false, max_removal_percent: 100 }, false).unwrap();
+        let allow = |allow_empty| Safety { allow_empty, max_removal_percent: 100, ..Safety::default() };
+        let (out, _) = sync(&mut be, &d, &allow(false), false).unwrap();
         assert!(matches!(out, Outcome::Refused(Refusal::Empty { current: 1 })));
         assert_eq!(be.writes(), 0);
-        let (out, _) =
-            sync(&mut be, &d, &Safety { allow_empty: true, max_removal_percent: 100 }, false).unwrap();
+        let (out, _) = sync(&mut be, &d, &allow(true), false).unwrap();
         assert_eq!(out, Outcome::Applied { added: 0, removed: 1 });
         assert!(be.shared().lock().unwrap().is_empty());
     }
@@ -460,6 +558,123 @@ mod tests {
         assert!(st.last_error.unwrap().message.contains("refusing"));
     }
 
+    fn widening_verdict(current: &[&str], desired: &[&str], safety: &Safety, force: bool) -> Plan {
+        plan(set(current), &Desired::build(vec![ok("chat", desired)], &State::default()), safety, force)
+    }
+    fn refused_widening(p: &Plan) -> bool {
+        matches!(p.verdict, Verdict::Refused(Refusal::MassWidening { .. }))
+    }
+
+    #[test]
+    fn widening_is_counted_in_addresses_not_already_held() {
+        // Merging a /25 into its /24 adds 128 addresses.
+        let p = widening_verdict(&["10.0.0.0/25"], &["10.0.0.0/24"], &safety(), false);
+        assert_eq!(p.widening, Widening { v4_addresses: 128, v6_nets: 0 });
+        // The first sync into an empty set counts too.
+        let p = widening_verdict(&[], &["10.0.0.0/24", "10.0.1.0/25"], &safety(), false);
+        assert_eq!(p.widening.v4_addresses, 384);
+        // A realistic GetIPList answer passes the defaults: tens of /24s and /25s.
+        let answer: Vec<String> = (0..40)
+            .map(|i| format!("203.{i}.113.0/24"))
+            .chain((0..40).map(|i| format!("198.{i}.100.128/25")))
+            .collect();
+        let answer: Vec<&str> = answer.iter().map(String::as_str).collect();
+        let p = widening_verdict(&[], &answer, &safety(), false);
+        assert_eq!(p.widening.v4_addresses, 40 * 256 + 40 * 128);
+        assert_eq!(p.verdict, Verdict::Apply);
+    }
+
+    #[test]
+    fn ipv6_widening_is_counted_in_64s() {
+        let v6 = |current: &[&str], desired: &[&str]| {
+            widening_verdict(current, desired, &safety(), false).widening.v6_nets
+        };
+        assert_eq!(v6(&[], &["2001:db8::1"]), 1, "a /128 counts as its /64");
+        assert_eq!(v6(&[], &["2001:db8::1", "2001:db8::ffff:0:0:1"]), 1, "one /64, counted once");
+        assert_eq!(v6(&[], &["2001:db8::/63"]), 2);
+        assert_eq!(v6(&[], &["2001:db8::/48"]), 65536);
+        assert_eq!(v6(&["2001:db8::1"], &["2001:db8::/64"]), 1, "the rest of a /64 held in part");
+        assert_eq!(v6(&["2001:db8::/64"], &["2001:db8::1"]), 0, "already held");
+        assert_eq!(v6(&["2001:db8::/64"], &["2001:db8::/63"]), 1);
+        // A range across a /64 boundary touches both.
+        assert_eq!(v6(&[], &["2001:db8:0:0:ffff:ffff:ffff:ffff", "2001:db8:0:1::"]), 2);
+        assert_eq!(v6(&[], &["::/0"]), 1 << 64);
+    }
+
+    #[test]
+    fn widening_past_the_limit_is_refused_at_the_edge_and_force_overrides() {
+        let s = safety();
+        // IPv4: exactly 65536 (a /16) passes, one more address is refused.
+        let p = widening_verdict(&[], &["10.1.0.0/16"], &s, false);
+        assert_eq!((p.widening.v4_addresses, &p.verdict), (65536, &Verdict::Apply));
+        let p = widening_verdict(&[], &["10.1.0.0/16", "10.3.0.1"], &s, false);
+        assert_eq!(p.widening.v4_addresses, 65537);
+        assert!(refused_widening(&p), "{:?}", p.verdict);
+        let Verdict::Refused(r) = &p.verdict else { unreachable!() };
+        assert_eq!(
+            r.to_string(),
+            "refusing to add 65537 IPv4 addresses (more than safety.max_added_addresses_v4 65536) to the \
+             allowlist at once, e.g. 10.1.0.0/16, 10.3.0.1; use `allowsync once --force` if this is expected"
+        );
+        // Already held addresses do not count: the same list on top of a /17 of it passes.
+        assert_eq!(
+            widening_verdict(&["10.1.0.0/17"], &["10.1.0.0/16", "10.3.0.1"], &s, false).verdict,
+            Verdict::Apply
+        );
+        // IPv6: exactly 65536 /64s (a /48) passes, one /64 more is refused.
+        assert_eq!(widening_verdict(&[], &["2001:db8::/48"], &s, false).verdict, Verdict::Apply);
+        let p = widening_verdict(&[], &["2001:db8::/48", "2001:db8:1::1"], &s, false);
+        assert_eq!(p.widening.v6_nets, 65537);
+        assert!(refused_widening(&p));
+        let Verdict::Refused(r) = &p.verdict else { unreachable!() };
+        assert!(
+            r.to_string().contains("65537 IPv6 /64 networks (more than safety.max_added_addresses_v6 65536)"),
+            "{r}"
+        );
+        // The limits are the operator's.
+        let strict = Safety { max_added_addresses_v4: 255, max_added_addresses_v6: 0, ..safety() };
+        assert!(refused_widening(&widening_verdict(&[], &["10.0.0.0/24"], &strict, false)));
+        assert!(refused_widening(&widening_verdict(&[], &["2001:db8::1"], &strict, false)));
+        assert_eq!(
+            widening_verdict(&[], &["10.0.0.0/25", "10.0.1.0/26"], &strict, false).verdict,
+            Verdict::Apply
+        );
+        // The refusal names the additions of the family over its limit.
+        let p = widening_verdict(&[], &["2001:db8::1", "10.0.0.0/8"], &s, false);
+        let Verdict::Refused(Refusal::MassWidening { sample, .. }) = &p.verdict else {
+            panic!("{:?}", p.verdict)
+        };
+        assert_eq!(sample, &["10.0.0.0/8"]);
+        // --force overrides it.
+        assert_eq!(widening_verdict(&[], &["10.0.0.0/8"], &s, true).verdict, Verdict::Apply);
+    }
+
+    #[test]
+    fn a_pure_widening_is_refused_and_leaves_the_set() {
+        let mut be = MemoryBackend::new();
+        let two = ["203.0.113.0/25", "198.51.100.128/25"];
+        *be.shared().lock().unwrap() = set(two);
+        let d = Desired::build(vec![ok("chat", &[two[0], two[1], "10.0.0.0/8"])], &State::default());
+        let (out, p) = sync(&mut be, &d, &safety(), false).unwrap();
+        assert!(matches!(out, Outcome::Refused(Refusal::MassWidening { .. })), "{out:?}");
+        assert_eq!(p.widening.v4_addresses, 1 << 24);
+        assert_eq!(be.writes(), 0);
+        assert_eq!(*be.shared().lock().unwrap(), set(two));
+        let mut st = State::default();
+        record(&mut st, &d, &Ok((out, p)), 7);
+        assert!(st.sources.is_empty(), "a refused list is not 'last good'");
+        assert!(st.last_error.unwrap().message.contains("refusing to add 16777216 IPv4 addresses"));
+        let (out, _) = sync(&mut be, &d, &safety(), true).unwrap();
+        assert_eq!(out, Outcome::Applied { added: 1, removed: 0 });
+    }
+
+    #[test]
+    fn force_never_empties_the_allowlist() {
+        let d = Desired::build(vec![ok("office", &[])], &State::default());
+        let p = plan(set(["10.0.0.1"]), &d, &safety(), true);
+        assert!(matches!(p.verdict, Verdict::Refused(Refusal::Empty { current: 1 })), "{:?}", p.verdict);
+    }
+
     #[test]
     fn nothing_to_do_writes_nothing() {
         let mut be = MemoryBackend::new();
@@ -468,5 +683,53 @@ mod tests {
         let (out, _) = sync(&mut be, &d, &safety(), false).unwrap();
         assert_eq!(out, Outcome::InSync);
         assert_eq!(be.writes(), 0);
+    }
+
+    mod widening {
+        use super::*;
+        use crate::prefixes::Ranges;
+        use proptest::prelude::*;
+
+        /// Ranges in a small corner of each space, so that they overlap and touch often: IPv4 in
+        /// 0..256, IPv6 over the first eight /64s.
+        fn v4() -> impl Strategy<Value = Vec<Range<u32>>> {
+            prop::collection::vec(
+                (0u32..256, 0u32..40).prop_map(|(s, l)| Range { start: s, end: (s + l).min(255) }),
+                0..8,
+            )
+        }
+        fn v6() -> impl Strategy<Value = Vec<Range<u128>>> {
+            let at = (0u128..8, prop_oneof![Just(0u128), Just(u64::MAX as u128), 0u128..16]);
+            prop::collection::vec((at, 0u128..(3 << 64)), 0..8).prop_map(|v| {
+                v.into_iter()
+                    .map(|((b, o), l)| {
+                        let s = (b << 64) + o;
+                        Range { start: s, end: s + l }
+                    })
+                    .collect()
+            })
+        }
+        fn allow(v4: Vec<Range<u32>>, v6: Vec<Range<u128>>) -> AllowSet {
+            AllowSet { v4: Ranges::aggregate(v4), v6: Ranges::aggregate(v6) }
+        }
+
+        proptest! {
+            /// Against brute force: every IPv4 address of the corner, and for IPv6 every /64 of
+            /// it probed where an added stretch can begin (a range's start, the address after a
+            /// range, the /64's first address).
+            #[test]
+            fn counts_exactly_what_is_added(c4 in v4(), t4 in v4(), c6 in v6(), t6 in v6()) {
+                let (cur, target) = (allow(c4, c6), allow(t4, t6));
+                let (w, _) = Widening::between(&cur, &target);
+                let added4 = (0u32..256).filter(|&a| target.v4.contains(a) && !cur.v4.contains(a)).count();
+                prop_assert_eq!(w.v4_addresses, added4 as u128);
+                let mut probes: Vec<u128> = (0..12).map(|b| b << 64).collect();
+                for r in cur.v6.iter().chain(target.v6.iter()) {
+                    probes.extend([r.start, r.end + 1]);
+                }
+                let added_in = |b: u128| probes.iter().any(|&p| p >> 64 == b && target.v6.contains(p) && !cur.v6.contains(p));
+                prop_assert_eq!(w.v6_nets, (0..12).filter(|&b| added_in(b)).count() as u128);
+            }
+        }
     }
 }

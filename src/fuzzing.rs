@@ -11,6 +11,7 @@
 
 use std::path::Path;
 
+use crate::admission::{self, MinPrefix};
 use crate::config::Config;
 use crate::prefixes::{self, AllowSet};
 use crate::source::chat;
@@ -31,12 +32,28 @@ pub const TARGETS: &[(&str, Target)] = &[
 
 /// The GetIPList response parser, on any body.
 pub fn get_ip_list(data: &[u8]) {
-    let Ok(list) = chat::parse_response(data, "fuzz", 5, 1400000000, "administrator") else { return };
+    let Ok(list) = chat::parse_response(data, "fuzz", 5, 1400000000, "administrator", &Default::default())
+    else {
+        return;
+    };
     // An accepted answer is a canonical set (sorted, disjoint, merged), whatever order and
     // overlaps the entries came in, and accounts for every entry it saw.
     assert!(list.list.v4.is_canonical() && list.list.v6.is_canonical());
     assert!(list.entries >= list.list.len(), "{} entries became {} ranges?", list.entries, list.list.len());
     assert!(list.entries > 0 || list.skipped == 0, "all-invalid lists must be an error");
+    // No address of it is special, whatever the entries were.
+    for r in list.list.v4.iter() {
+        assert!(
+            admission::SPECIAL_V4.iter().all(|s| !s.range.overlaps(r)),
+            "special addresses accepted: {r}"
+        );
+    }
+    for r in list.list.v6.iter() {
+        assert!(
+            admission::SPECIAL_V6.iter().all(|s| !s.range.overlaps(r)),
+            "special addresses accepted: {r}"
+        );
+    }
 }
 
 /// One entry of IPList (or of a static source).
@@ -48,11 +65,64 @@ pub fn entry(data: &[u8]) {
     assert_eq!(e.net, e.net.trunc(), "{s:?}: host bits left in {}", e.net);
     if let ipnet::IpNet::V6(n) = e.net {
         assert!(n.prefix_len() < 96 || n.network().to_ipv4_mapped().is_none(), "{s:?}: still mapped: {n}");
+        let compatible = u128::from(n.network()) >> 32 == 0 && n.prefix_len() >= 96;
+        assert!(
+            !compatible || n.prefix_len() == 128 && u128::from(n.network()) <= 1,
+            "{s:?}: still compatible: {n}"
+        );
     }
     let again = prefixes::parse_entry(&e.net.to_string()).expect("a printed network parses");
     assert_eq!(again.net, e.net);
     assert_eq!(again.masked_from, None);
     assert_eq!(AllowSet::from_nets([e.net]).to_nets(), vec![e.net], "a single prefix round-trips");
+    // Accepted under the default minimums, and under none at all: never special, never wider
+    // than the minimum. Checked against the standard library's idea of each range, not ours.
+    for min in [MinPrefix::default(), MinPrefix { v4: 0, v6: 0 }] {
+        if admission::check(e.net, &min).is_ok() {
+            assert_never_special(s, e.net, &min);
+        }
+    }
+}
+
+/// What [`entry`] asserts of an accepted entry, independently of [`admission`]'s tables.
+fn assert_never_special(s: &str, net: ipnet::IpNet, min: &MinPrefix) {
+    use ipnet::IpNet;
+    match net {
+        IpNet::V4(n) => {
+            assert!(n.prefix_len() >= min.v4, "{s:?}: {n} is wider than /{}", min.v4);
+            // Prefixes overlap only when one holds the other: the entry's own first address
+            // is special when it lies in a special range, and a special range's first address
+            // lies in the entry when the entry holds it.
+            let a = n.network();
+            // 0.0.0.0/8, loopback, multicast, link-local; 240.0.0.0/4 holds 255.255.255.255.
+            let special = a.octets()[0] == 0
+                || a.is_loopback()
+                || a.is_multicast()
+                || a.is_link_local()
+                || a.octets()[0] >= 240;
+            assert!(!special, "{s:?}: {n} is special");
+            for first in ["0.0.0.0", "127.0.0.0", "169.254.0.0", "224.0.0.0", "240.0.0.0", "255.255.255.255"]
+            {
+                assert!(
+                    !n.contains(&first.parse::<std::net::Ipv4Addr>().unwrap()),
+                    "{s:?}: {n} holds {first}"
+                );
+            }
+        }
+        IpNet::V6(n) => {
+            assert!(n.prefix_len() >= min.v6, "{s:?}: {n} is wider than /{}", min.v6);
+            let a = n.network();
+            let special =
+                a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_unicast_link_local();
+            assert!(!special, "{s:?}: {n} is special");
+            for first in ["::", "::1", "fe80::", "ff00::"] {
+                assert!(
+                    !n.contains(&first.parse::<std::net::Ipv6Addr>().unwrap()),
+                    "{s:?}: {n} holds {first}"
+                );
+            }
+        }
+    }
 }
 
 /// The configuration file. Relative paths in it resolve under a directory that does not exist,

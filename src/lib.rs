@@ -6,6 +6,7 @@
 //! ```text
 //! source/ (GetIPList per app and nettype, static entries)
 //!   -> prefixes (validate, both families, aggregate)      -> the desired set
+//!      admission (refuse what must never be allowed)
 //!   -> backend/ (read the live set, diff, apply in one transaction)
 //!   -> state (last good list, written atomically)
 //! ```
@@ -17,6 +18,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod admission;
 pub mod backend;
 pub mod cli;
 pub mod clock;

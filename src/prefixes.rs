@@ -39,6 +39,8 @@ pub trait Addr: Copy + Ord + Eq + std::hash::Hash + fmt::Debug + Send + Sync + '
     fn largest_block(self, end: Self) -> u8;
     /// The address as a standard library address.
     fn to_ip(self) -> IpAddr;
+    /// The address as a number, to count and compare addresses of either family alike.
+    fn to_u128(self) -> u128;
 }
 
 macro_rules! impl_addr {
@@ -67,6 +69,9 @@ macro_rules! impl_addr {
             }
             fn to_ip(self) -> IpAddr {
                 IpAddr::from(<$ip>::from(self))
+            }
+            fn to_u128(self) -> u128 {
+                u128::from(self)
             }
         }
     };
@@ -107,6 +112,22 @@ impl<A: Addr> Range<A> {
             None => Some(Range { start, end: A::MAX }),
             Some(e) => e.checked_pred().and_then(|end| Range::new(start, end)),
         }
+    }
+
+    /// Whether every address of `other` is in `self`.
+    pub fn contains_range(&self, other: &Range<A>) -> bool {
+        self.start <= other.start && other.end <= self.end
+    }
+
+    /// Whether `self` and `other` have an address in common.
+    pub fn overlaps(&self, other: &Range<A>) -> bool {
+        self.start <= other.end && other.start <= self.end
+    }
+
+    /// How many addresses the range holds (`2^128` does not fit: the whole IPv6 space counts
+    /// one less, which no guard can tell apart).
+    pub fn size(&self) -> u128 {
+        (self.end.to_u128() - self.start.to_u128()).saturating_add(1)
     }
 
     /// The minimal list of CIDR prefixes `(network, length)` that covers exactly this range.
@@ -332,6 +353,36 @@ impl<A: Addr> Ranges<A> {
         out
     }
 
+    /// The addresses of `self` that are not in `other`, as sorted, disjoint ranges: what moving
+    /// from `other` to `self` adds to the allowlist.
+    pub fn difference(&self, other: &Ranges<A>) -> Vec<Range<A>> {
+        let o = &other.ranges;
+        let mut out = Vec::new();
+        let mut j = 0;
+        for r in &self.ranges {
+            let mut from = Some(r.start);
+            while let Some(s) = from {
+                while j < o.len() && o[j].end < s {
+                    j += 1;
+                }
+                match o.get(j) {
+                    Some(x) if x.start <= r.end => {
+                        if x.start > s {
+                            out.push(Range { start: s, end: x.start.checked_pred().expect("x.start > s") });
+                        }
+                        // `x` may reach into the next range of `self`: keep it for that one.
+                        from = if x.end >= r.end { None } else { x.end.checked_succ() };
+                    }
+                    _ => {
+                        out.push(Range { start: s, end: r.end });
+                        from = None;
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// The ranges not covered by `other`, as ranges of `self` (whole): used to list what a sync
     /// would take away from the allowlist.
     pub fn not_covered_by<'a>(&'a self, other: &'a Ranges<A>) -> impl Iterator<Item = &'a Range<A>> + 'a {
@@ -526,8 +577,11 @@ pub enum EntryError {
 
 /// Parses one entry of a source list: an IPv4 or IPv6 address or CIDR prefix, surrounding
 /// whitespace ignored. A prefix with host bits set is masked to its network (the caller logs
-/// [`Entry::masked_from`]); an IPv4-mapped IPv6 address or prefix (`::ffff:192.0.2.1`) is the
-/// IPv4 address it maps.
+/// [`Entry::masked_from`]); an IPv4-mapped or IPv4-compatible IPv6 address or prefix
+/// (`::ffff:192.0.2.1`, `::192.0.2.1`) is the IPv4 address it maps, except `::` and `::1`, which
+/// are IPv6's own unspecified and loopback addresses.
+///
+/// This is syntax only: whether the entry may be allowed is [`crate::admission::check`]'s call.
 pub fn parse_entry(raw: &str) -> Result<Entry, EntryError> {
     let s = raw.trim();
     if s.is_empty() {
@@ -564,13 +618,15 @@ pub fn parse_entry(raw: &str) -> Result<Entry, EntryError> {
     Ok(Entry { net, masked_from })
 }
 
-/// `::ffff:a.b.c.d/len` (len >= 96) is the IPv4 prefix `a.b.c.d/(len - 96)`.
+/// `::ffff:a.b.c.d/len` and `::a.b.c.d/len` (len >= 96) are the IPv4 prefix
+/// `a.b.c.d/(len - 96)`; `::/128` and `::1/128` stay IPv6.
 fn unmap_v4(net: IpNet) -> IpNet {
     if let IpNet::V6(n) = net {
-        if let Some(v4) = n.network().to_ipv4_mapped() {
-            if n.prefix_len() >= 96 {
-                return IpNet::V4(Ipv4Net::new(v4, n.prefix_len() - 96).expect("0..=32"));
-            }
+        let a = n.network();
+        let compatible = u128::from(a) >> 32 == 0 && !(n.prefix_len() == 128 && u128::from(a) <= 1);
+        let v4 = a.to_ipv4_mapped().or_else(|| compatible.then(|| Ipv4Addr::from(u128::from(a) as u32)));
+        if let (Some(v4), true) = (v4, n.prefix_len() >= 96) {
+            return IpNet::V4(Ipv4Net::new(v4, n.prefix_len() - 96).expect("0..=32"));
         }
     }
     net
@@ -656,6 +712,29 @@ mod tests {
         assert_eq!(parse_entry("::ffff:192.0.2.0/120").unwrap().net.to_string(), "192.0.2.0/24");
         assert_eq!(parse_entry("2001:db8::1/48").unwrap().net.to_string(), "2001:db8::/48");
         assert_eq!(parse_entry("183.192.202.0/25").unwrap().masked_from, None);
+        // IPv4-compatible too; `::` and `::1` are IPv6's own addresses and stay IPv6.
+        assert_eq!(parse_entry("::192.0.2.1").unwrap().net.to_string(), "192.0.2.1/32");
+        assert_eq!(parse_entry("::ffff:0.0.0.0/96").unwrap().net.to_string(), "0.0.0.0/0");
+        assert_eq!(parse_entry("::/96").unwrap().net.to_string(), "0.0.0.0/0");
+        assert_eq!(parse_entry("::2").unwrap().net.to_string(), "0.0.0.2/32");
+        assert_eq!(parse_entry("::").unwrap().net.to_string(), "::/128");
+        assert_eq!(parse_entry("::1").unwrap().net.to_string(), "::1/128");
+        assert_eq!(parse_entry("::/127").unwrap().net.to_string(), "0.0.0.0/31");
+        assert_eq!(parse_entry("::/95").unwrap().net.to_string(), "::/95");
+        assert_eq!(parse_entry("::1:0:0/96").unwrap().net.to_string(), "::1:0:0/96");
+    }
+
+    #[test]
+    fn difference_is_what_a_move_adds() {
+        let cur: AllowSet = set(["10.0.0.0/25", "10.0.1.0/24", "10.0.3.7"]);
+        let want: AllowSet = set(["10.0.0.0/22"]);
+        let d: Vec<String> = want.v4.difference(&cur.v4).iter().map(ToString::to_string).collect();
+        assert_eq!(d, ["10.0.0.128/25", "10.0.2.0-10.0.3.6", "10.0.3.8-10.0.3.255"]);
+        assert_eq!(want.v4.difference(&cur.v4).iter().map(Range::size).sum::<u128>(), 1024 - 128 - 256 - 1);
+        assert!(cur.v4.difference(&want.v4).is_empty());
+        let all: AllowSet = set(["0.0.0.0/0", "::/0"]);
+        assert_eq!(all.v4.as_slice()[0].size(), 1 << 32);
+        assert_eq!(all.v6.as_slice()[0].size(), u128::MAX);
     }
 
     #[test]
@@ -736,8 +815,14 @@ mod tests {
         for r in agg.iter() {
             prop_assert_eq!(Range::from_interval(r.start, r.interval_end()), Some(*r));
         }
-        // diff(a, b) applied to a gives b, with kernel rules.
         let b = Ranges::aggregate(other);
+        // difference(a, b) is exactly the addresses of a that are not in b.
+        let minus = Ranges::from_disjoint(agg.difference(&b)).expect("disjoint");
+        prop_assert!(minus.is_canonical());
+        for a in probes(agg.as_slice()).into_iter().chain(probes(b.as_slice())) {
+            prop_assert_eq!(minus.contains(a), agg.contains(a) && !b.contains(a));
+        }
+        // diff(a, b) applied to a gives b, with kernel rules.
         let d = agg.delta_to(&b);
         prop_assert_eq!(agg.apply(&d).unwrap(), b.clone());
         prop_assert!(agg.delta_to(&agg).is_empty());

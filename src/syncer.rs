@@ -209,10 +209,16 @@ impl Syncer {
             });
         }
 
-        let result = self
-            .backend
-            .ensure()
-            .and_then(|()| engine::sync(self.backend.as_mut(), &desired, &self.cfg.safety, force));
+        let ensured = self.backend.ensure();
+        let enforced = ensured.is_ok();
+        let result =
+            ensured.and_then(|()| engine::sync(self.backend.as_mut(), &desired, &self.cfg.safety, force));
+        // The enforcement rules after the sets: one that cannot be installed fails this cycle,
+        // but the sets were synced (and are recorded as such).
+        let enforce_error = if enforced { self.backend.enforce().err() } else { None };
+        if let Some(e) = &enforce_error {
+            error!(error = %e, "cannot install the enforcement rules; the sets are in place");
+        }
         let drift = match (&result, &self.state.applied) {
             // dry-run keeps nothing: every cycle starts from an empty set by design.
             _ if !self.backend.persists() => None,
@@ -225,6 +231,9 @@ impl Syncer {
         let now = clock::now_unix();
         engine::record(&mut self.state, &desired, &result, now);
         let mut outcome = result.map(|(o, _)| o).map_err(|e| e.to_string());
+        if let (Some(e), Ok(Outcome::InSync | Outcome::Applied { .. })) = (&enforce_error, &outcome) {
+            outcome = Err(format!("enforcement: {e}"));
+        }
         if let Err(e) = self.state_file.save(&self.state) {
             error!(error = %e, "cannot write the state file");
             if outcome.is_ok() {
@@ -266,6 +275,11 @@ impl Syncer {
         };
         let p = engine::plan(current, &desired, &self.cfg.safety, false);
         Ok((desired, p))
+    }
+
+    /// What the kernel holds now (the daemon's `STATUS=` line).
+    pub fn read_kernel(&mut self) -> Result<AllowSet, BackendError> {
+        self.backend.read()
     }
 }
 

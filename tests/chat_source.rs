@@ -104,10 +104,10 @@ fn chat_cfg(endpoints: Vec<String>, nettypes: &[u8], timeout: Duration) -> Tence
 }
 
 fn sources(cfg: TencentChatConfig) -> Sources {
-    Sources::from_configs(&[SourceConfig {
-        name: "chat".into(),
-        kind: SourceKind::TencentChat(Box::new(cfg)),
-    }])
+    Sources::from_configs(
+        &[SourceConfig { name: "chat".into(), kind: SourceKind::TencentChat(Box::new(cfg)) }],
+        Default::default(),
+    )
     .unwrap()
 }
 
@@ -203,7 +203,7 @@ async fn invalid_entries_are_skipped_and_valid_ones_kept() {
     assert_eq!(shown(&f), ["10.0.0.0/8", "198.51.100.7/32", "203.0.113.0/24"]);
     assert_eq!((f.entries, f.skipped), (3, 3));
     let logs = log_text();
-    assert!(logs.contains("skipping invalid entry") && logs.contains("entry=bogus"), "{logs}");
+    assert!(logs.contains("skipping invalid entry") && logs.contains(r#"entry="bogus""#), "{logs}");
     assert!(logs.contains("entry=10.0.0.1/8"), "{logs}");
 
     // Elements that are not strings are invalid entries too.
@@ -252,9 +252,11 @@ async fn one_failed_nettype_fails_the_whole_source() {
 #[tokio::test]
 async fn static_sources_need_no_network() {
     let net: ipnet::IpNet = "192.0.2.0/24".parse().unwrap();
-    let s =
-        Sources::from_configs(&[SourceConfig { name: "office".into(), kind: SourceKind::Static(vec![net]) }])
-            .unwrap();
+    let s = Sources::from_configs(
+        &[SourceConfig { name: "office".into(), kind: SourceKind::Static(vec![net]) }],
+        Default::default(),
+    )
+    .unwrap();
     let f = fetch_within(&s, Duration::from_secs(5)).await;
     assert_eq!(shown(&f), ["192.0.2.0/24"]);
     assert_eq!((f.entries, f.skipped), (1, 0));
@@ -490,10 +492,10 @@ fn a_bad_ca_file_is_refused_when_the_sources_are_built() {
     let mut cfg = chat_cfg(vec!["https://127.0.0.1:1".into()], &[5], Duration::from_secs(2));
     cfg.ca_file = Some(dir.path().join("missing.pem"));
     let build = |cfg: TencentChatConfig| {
-        Sources::from_configs(&[SourceConfig {
-            name: "chat".into(),
-            kind: SourceKind::TencentChat(Box::new(cfg)),
-        }])
+        Sources::from_configs(
+            &[SourceConfig { name: "chat".into(), kind: SourceKind::TencentChat(Box::new(cfg)) }],
+            Default::default(),
+        )
     };
     assert!(matches!(build(cfg.clone()), Err(SourceError::CaFileRead { .. })));
     let garbage = dir.path().join("garbage.pem");

@@ -89,18 +89,25 @@ fn the_config_file_comes_from_the_environment_too() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
 
-#[test]
-fn under_systemd_the_credential_copy_of_the_key_is_read() {
-    // The example names /etc/allowsync/chat-sgp.key, absent here; the unit's LoadCredential=
-    // copy in $CREDENTIALS_DIRECTORY stands in for it.
+/// `check-config` of the example configuration as under systemd: `$CREDENTIALS_DIRECTORY`
+/// holding `chat-sgp.key` with `key`.
+fn check_config_with_credential(key: &str) -> (std::process::Output, tempfile::TempDir) {
     let creds = tempfile::tempdir().unwrap();
-    std::fs::write(creds.path().join("chat-sgp.key"), "credential-key").unwrap();
+    std::fs::write(creds.path().join("chat-sgp.key"), key).unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_allowsync"))
         .args(["-c", &repo("config/allowsync.yaml"), "check-config"])
         .env("CREDENTIALS_DIRECTORY", creds.path())
         .env_remove("ALLOWSYNC_CONFIG")
         .output()
         .unwrap();
+    (o, creds)
+}
+
+#[test]
+fn under_systemd_the_credential_copy_of_the_key_is_read() {
+    // The example names /etc/allowsync/chat-sgp.key, absent here; the unit's LoadCredential=
+    // copy in $CREDENTIALS_DIRECTORY stands in for it.
+    let (o, creds) = check_config_with_credential("credential-key");
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(
         text(&o).contains(&format!("key from file {}", creds.path().join("chat-sgp.key").display())),
@@ -108,4 +115,17 @@ fn under_systemd_the_credential_copy_of_the_key_is_read() {
         text(&o)
     );
     assert!(!text(&o).contains("credential-key"));
+}
+
+#[test]
+fn under_systemd_a_missing_key_file_is_named() {
+    // The unit's SetCredential= fallback: LoadCredential= found no /etc/allowsync/chat-sgp.key
+    // and systemd handed over a blank credential instead of failing the start.
+    let (o, _creds) = check_config_with_credential("\n");
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("the secret key file /etc/allowsync/chat-sgp.key is missing or empty"),
+        "{}",
+        text(&o)
+    );
 }

@@ -12,7 +12,9 @@ use allowsync::backend::nftables::NftablesBackend;
 use allowsync::backend::{Backend, BackendError};
 use allowsync::config::{Enforce, IpsetConfig, NftablesConfig};
 use allowsync::prefixes::{AllowSet, Delta, Diff, Range, Ranges};
-use allowsync_testkit::netns::{self, NamedNetns, enter_new_netns, nft_script, run, run_stdin};
+use allowsync_testkit::netns::{
+    self, NamedNetns, enter_new_netns, nft_script, run, run_stdin, tcp_connects, veth_pair,
+};
 use allowsync_testkit::{set, sync};
 
 /// `count` IPv4 ranges of `2^(32-len)` addresses each, every other block (so none touch).
@@ -181,15 +183,6 @@ const TCP_PORT: u16 = 8443;
 const OPEN_PORT: u16 = 8080;
 const UDP_PORT: u16 = 5353;
 
-fn tcp_connects(ns: &NamedNetns, from: IpAddr, to: SocketAddr) -> bool {
-    ns.run_in(move || {
-        let domain = socket2::Domain::for_address(to);
-        let s = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
-        s.bind(&SocketAddr::new(from, 0).into()).unwrap();
-        s.connect_timeout(&to.into(), Duration::from_millis(700)).is_ok()
-    })
-}
-
 fn udp_arrives(ns: &NamedNetns, server: &UdpSocket, from: IpAddr, to: SocketAddr) -> bool {
     let payload = format!("hello from {from}");
     let sent = payload.clone();
@@ -205,67 +198,6 @@ fn udp_arrives(ns: &NamedNetns, server: &UdpSocket, from: IpAddr, to: SocketAddr
             Err(_) => return false,
         }
     }
-}
-
-/// A client namespace `as-cli` joined to this one by a veth pair: server `10.200.0.1` and
-/// `fd00:200::1` here, clients `.2` and `.3` of both families there.
-fn veth_pair() -> NamedNetns {
-    let client = NamedNetns::new("as-cli");
-    let (srv_mac, cli_mac) = ("02:00:00:00:02:01", "02:00:00:00:02:02");
-    run(
-        "ip",
-        &[
-            "link",
-            "add",
-            "as-srv",
-            "address",
-            srv_mac,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "as-cli",
-            "address",
-            cli_mac,
-            "netns",
-            &client.name,
-        ],
-    );
-    run("ip", &["addr", "add", "10.200.0.1/24", "dev", "as-srv"]);
-    run("ip", &["addr", "add", "fd00:200::1/64", "dev", "as-srv", "nodad"]);
-    run("ip", &["link", "set", "as-srv", "up"]);
-    for a in ["10.200.0.2/24", "10.200.0.3/24"] {
-        run("ip", &["-n", &client.name, "addr", "add", a, "dev", "as-cli"]);
-    }
-    for a in ["fd00:200::2/64", "fd00:200::3/64"] {
-        run("ip", &["-n", &client.name, "addr", "add", a, "dev", "as-cli", "nodad"]);
-    }
-    run("ip", &["-n", &client.name, "link", "set", "as-cli", "up"]);
-    // Static neighbours: IPv6 neighbour discovery for a new source address can take a 1 s
-    // retransmission while the link-local addresses are still tentative, longer than the
-    // connect timeout; the test is about the firewall, not about ND.
-    for a in ["10.200.0.2", "10.200.0.3", "fd00:200::2", "fd00:200::3"] {
-        run("ip", &["neigh", "replace", a, "lladdr", cli_mac, "dev", "as-srv", "nud", "permanent"]);
-    }
-    for a in ["10.200.0.1", "fd00:200::1"] {
-        run(
-            "ip",
-            &[
-                "-n",
-                &client.name,
-                "neigh",
-                "replace",
-                a,
-                "lladdr",
-                srv_mac,
-                "dev",
-                "as-cli",
-                "nud",
-                "permanent",
-            ],
-        );
-    }
-    client
 }
 
 fn enforcement_filters_traffic_by_the_allowlist<H: Harness>() {
@@ -300,6 +232,7 @@ fn enforcement_filters_traffic_by_the_allowlist<H: Harness>() {
     let mut b = H::backend(Some(enforce));
     b.ensure().unwrap();
     sync(&mut *b, &set(["10.200.0.2", "fd00:200::2"]));
+    b.enforce().unwrap();
     let verdicts = |label: &str| {
         let v = [
             tcp_connects(&client, a2, tcp4),

@@ -78,6 +78,12 @@ fn cases() -> Vec<Case> {
         case("dribble", Fault::Dribble(Duration::from_millis(500)), "Network"),
         case("body: every entry invalid", Fault::Body(all_invalid.into()), "InvalidResponse"),
         case("chunked body: every entry invalid", Fault::ChunkedBody(all_invalid.into()), "InvalidResponse"),
+        // An entry wider than safety.min_prefix_v4 makes the whole answer suspicious.
+        case(
+            "an entry wider than the minimum",
+            Fault::ExtraEntries(strings(&["0.0.0.0/0"])),
+            "InvalidResponse",
+        ),
         case("60007 rate", Fault::ErrorCode(60007), "RateLimited"),
         case("60008 transient", Fault::ErrorCode(60008), "Transient"),
         // Re-minted and retried once per nettype, then given up: twice the requests.

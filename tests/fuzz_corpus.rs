@@ -44,10 +44,21 @@ fn the_targets_reject_what_they_must() {
     // the accepting and the rejecting paths of each parser.
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
     let read = |t: &str, f: &str| std::fs::read(root.join(t).join(f)).unwrap();
-    assert!(
-        allowsync::source::chat::parse_response(&read("get_ip_list", "ok-mixed"), "s", 5, 1, "a").is_ok()
-    );
-    assert!(allowsync::source::chat::parse_response(&read("get_ip_list", "html"), "s", 5, 1, "a").is_err());
+    let ip_list = |f: &str| {
+        allowsync::source::chat::parse_response(&read("get_ip_list", f), "s", 5, 1, "a", &Default::default())
+    };
+    assert!(ip_list("ok-mixed").is_ok());
+    assert!(ip_list("html").is_err());
+    // Special entries are skipped, a too wide one refuses the whole answer.
+    assert_eq!(ip_list("ok-specials").map(|l| (l.entries, l.skipped)).ok(), Some((2, 11)));
+    assert!(ip_list("suspicious-wide").is_err());
+    // Every entry of the entry corpus is judged by the rules the target asserts.
+    let judged = |f: &str| {
+        let e = allowsync::prefixes::parse_entry(std::str::from_utf8(&read("entry", f)).unwrap()).unwrap();
+        allowsync::admission::check(e.net, &Default::default())
+    };
+    assert!(judged("e01").is_ok());
+    assert!(judged("e03").is_err() && judged("e21").is_err());
     assert!(allowsync::state::parse(&read("state", "full")).is_ok());
     assert!(allowsync::state::parse(&read("state", "version-2")).is_err());
     let sig = String::from_utf8(read("usersig", "valid-fuzz-key")).unwrap();

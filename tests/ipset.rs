@@ -3,11 +3,13 @@
 //! is in `conformance.rs`. Each test runs in a network namespace of its own.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use allowsync::backend::ipset::{ENFORCE_CHAIN, IpsetBackend, enforce_rules};
 use allowsync::backend::{Backend, BackendError};
 use allowsync::config::{Enforce, IpsetConfig};
 use allowsync::prefixes::{AllowSet, Range, Ranges};
+use allowsync_testkit::daemon::{Setup, setup_with, strings};
 use allowsync_testkit::netns::{enter_new_netns, run};
 use allowsync_testkit::{set, sync};
 
@@ -131,6 +133,7 @@ fn enforcement_chain_is_idempotent_and_teardown_goes_in_order() {
     let mut b = backend(65536, Some(enforce.clone()));
     for _ in 0..3 {
         b.ensure().unwrap();
+        b.enforce().unwrap();
     }
     sync(&mut b, &set(["192.0.2.0/24", "2001:db8::/32"]));
     for (prog, set) in [("iptables", SET_V4), ("ip6tables", SET_V6)] {
@@ -150,6 +153,7 @@ fn enforcement_chain_is_idempotent_and_teardown_goes_in_order() {
     // Other ports: the chain is refilled, not appended to.
     let mut other = backend(65536, Some(Enforce { tcp_ports: vec![22], udp_ports: vec![] }));
     other.ensure().unwrap();
+    other.enforce().unwrap();
     assert_eq!(rules("iptables").len(), 4, "{:?}", rules("iptables"));
 
     // A set in use by a rule cannot be destroyed: teardown removes the rules first.
@@ -159,9 +163,10 @@ fn enforcement_chain_is_idempotent_and_teardown_goes_in_order() {
     assert_eq!(run("ipset", &["list", "-n"]), "");
     b.teardown().unwrap(); // nothing left: fine
 
-    // Without enforce, ensure removes an enforcement chain left from before.
+    // Without enforce, enforce() removes an enforcement chain left from before.
     other.ensure().unwrap();
-    backend(65536, None).ensure().unwrap();
+    other.enforce().unwrap();
+    backend(65536, None).enforce().unwrap();
     assert!(rules("iptables").is_empty() && rules("ip6tables").is_empty());
 }
 
@@ -172,7 +177,9 @@ fn a_foreign_chain_is_reported_and_left_alone() {
     run("iptables", &["-A", ENFORCE_CHAIN, "-p", "tcp", "--dport", "22", "-j", "ACCEPT"]);
     let before = run("iptables-save", &["-t", "filter"]);
     let enforce = Enforce { tcp_ports: vec![443], udp_ports: vec![] };
-    let err = backend(65536, Some(enforce)).ensure().unwrap_err();
+    let mut b = backend(65536, Some(enforce));
+    b.ensure().unwrap();
+    let err = b.enforce().unwrap_err();
     assert!(
         matches!(&err, BackendError::Foreign { object, .. } if object.contains("iptables chain filter ALLOWSYNC")),
         "{err}"
@@ -180,9 +187,40 @@ fn a_foreign_chain_is_reported_and_left_alone() {
     // Without enforce it is not removed either, and teardown leaves it.
     let mut plain = backend(65536, None);
     plain.ensure().unwrap();
+    plain.enforce().unwrap();
     plain.teardown().unwrap();
     let strip = |s: &str| s.lines().filter(|l| !l.starts_with('#')).map(String::from).collect::<Vec<_>>();
     assert_eq!(strip(&run("iptables-save", &["-t", "filter"])), strip(&before));
+}
+
+/// The rules come after the sets: a rule iptables refuses (a foreign chain of that name here;
+/// under systemd, a missing CAP_NET_RAW) fails the cycle, but the sets are filled all the same,
+/// and the next cycle installs the rules once it can.
+#[test]
+fn a_rule_failure_never_keeps_the_sets_empty() {
+    let lists = [(5, strings(&["203.0.113.0/24"])), (6, strings(&["2001:db8:6::/48"]))].into();
+    let setup = Setup::new("ipset-rule-failure-test-key", lists);
+    let Some(env) = setup_with(setup, |yaml| {
+        let ipset =
+            format!("ipset: {{ set_v4: {SET_V4}, set_v6: {SET_V6}, enforce: {{ tcp_ports: [443] }} }}");
+        *yaml = yaml.replace("nftables: { table: allowsync, set_v4: allow_v4, set_v6: allow_v6 }", &ipset);
+    }) else {
+        return;
+    };
+    run("iptables", &["-N", ENFORCE_CHAIN]);
+    run("iptables", &["-A", ENFORCE_CHAIN, "-j", "ACCEPT"]);
+    let o = env.once(Duration::from_secs(20));
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(o.stderr.contains("is not what allowsync manages"), "{}", o.stderr);
+    assert_eq!(entries(SET_V4), ["203.0.113.0/24"]);
+    assert_eq!(entries(SET_V6), ["2001:db8:6::/48"]);
+
+    run("iptables", &["-F", ENFORCE_CHAIN]);
+    run("iptables", &["-X", ENFORCE_CHAIN]);
+    let o = env.once(Duration::from_secs(20));
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    let drop = format!("-m set ! --match-set {SET_V4} src -j DROP");
+    assert!(rules("iptables").iter().any(|r| r.ends_with(&drop)), "{:?}", rules("iptables"));
 }
 
 #[test]

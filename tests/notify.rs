@@ -3,10 +3,13 @@
 //! STOPPING=1; and the one JSON line per sync with its fields.
 
 use std::os::unix::net::UnixDatagram;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use allowsync_testkit::daemon::{Env, Setup, signal, stop, strings};
+use allowsync::backend::Backend;
+use allowsync::prefixes::AllowSet;
+use allowsync_testkit::daemon::{Env, Setup, backend, signal, stop, strings};
+use allowsync_testkit::set;
 
 const KEY: &str = "notify-test-secret-key";
 
@@ -29,21 +32,28 @@ fn collect(sock: &UnixDatagram, got: &mut Vec<String>, within: Duration, until: 
     }
 }
 
-#[test]
-fn ready_status_watchdog_reloading_and_stopping_reach_the_notify_socket() {
-    let Some(env) = setup("text") else { return };
+/// Starts `allowsync run` with a notify socket of its own (and `WATCHDOG_USEC` when given).
+fn run_notified(env: &Env, watchdog_usec: Option<&str>) -> (UnixDatagram, Child) {
     let path = env.dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&path).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-    let d = Command::new(env!("CARGO_BIN_EXE_allowsync"))
-        .args(["-c", env.cfg.to_str().unwrap(), "run"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_allowsync"));
+    cmd.args(["-c", env.cfg.to_str().unwrap(), "run"])
         .env("NOTIFY_SOCKET", &path)
-        .env("WATCHDOG_USEC", "1000000")
+        .env_remove("WATCHDOG_USEC")
         .env_remove("WATCHDOG_PID")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::null());
+    if let Some(usec) = watchdog_usec {
+        cmd.env("WATCHDOG_USEC", usec);
+    }
+    (sock, cmd.spawn().unwrap())
+}
+
+#[test]
+fn ready_status_watchdog_reloading_and_stopping_reach_the_notify_socket() {
+    let Some(env) = setup("text") else { return };
+    let (sock, d) = run_notified(&env, Some("1000000"));
     let mut got = Vec::new();
     let has = |got: &[String], s: &str| got.iter().any(|m| m.lines().any(|l| l.starts_with(s)));
     collect(&sock, &mut got, Duration::from_secs(10), |g| has(g, "READY=1"));
@@ -71,6 +81,42 @@ fn ready_status_watchdog_reloading_and_stopping_reach_the_notify_socket() {
     got.clear();
     collect(&sock2, &mut got, Duration::from_secs(1), |g| has(g, "STOPPING=1"));
     assert!(has(&got, "STOPPING=1"), "{got:?}");
+}
+
+/// STATUS= tells what the kernel holds, not the state file's last applied list: entries added
+/// behind allowsync's back make the next sync a refused mass removal, and the status counts them.
+#[test]
+fn status_reports_what_the_kernel_holds() {
+    let Some(env) = setup("text") else { return };
+    let (sock, d) = run_notified(&env, None);
+    let status = |got: &[String], s: &str| {
+        got.iter().any(|m| m.lines().any(|l| l.starts_with("STATUS=") && l.contains(s)))
+    };
+    let mut got = Vec::new();
+    collect(&sock, &mut got, Duration::from_secs(10), |g| status(g, "allow_v4 2, allow_v6 1"));
+    assert!(status(&got, "allow_v4 2, allow_v6 1, last sync "), "{got:?}");
+
+    let mut b = backend();
+    let extra = set([
+        "192.0.2.10",
+        "192.0.2.20",
+        "192.0.2.30",
+        "192.0.2.40",
+        "192.0.2.50",
+        "192.0.2.60",
+        "192.0.2.70",
+        "192.0.2.80",
+        "192.0.2.90",
+        "192.0.2.100",
+    ]);
+    let current = b.read().unwrap();
+    b.apply(&current.diff_to(&AllowSet::union([&current, &extra]))).unwrap();
+    got.clear();
+    signal(&d, libc::SIGUSR1);
+    collect(&sock, &mut got, Duration::from_secs(10), |g| status(g, "refused"));
+    assert!(status(&got, "allow_v4 12, allow_v6 1, last sync "), "{got:?}");
+    assert!(status(&got, "last cycle refused by a safety guard"), "{got:?}");
+    stop(d);
 }
 
 #[test]

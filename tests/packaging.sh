@@ -2,7 +2,7 @@
 # Packaging checks, run by `make test` after `make packages` (one release build, the .deb and
 # the .rpm). Every check prints what it found; any failure exits non-zero.
 #
-#   1. systemd-analyze security --offline=true systemd/allowsync.service: exposure <= 1.5
+#   1. systemd-analyze security --offline=true systemd/allowsync.service: exposure <= 1.6
 #   2. systemd-analyze verify: nothing to say (on a copy whose ExecStart= points at the built
 #      binary, since /usr/bin/allowsync is not installed on a build host)
 #   3. the .deb: files, modes, conffile, Depends/Recommends, maintainer scripts that neither
@@ -13,7 +13,9 @@ set -euo pipefail
 trap 'echo "packaging: ABORTED at line $LINENO (exit $?)" >&2' ERR
 cd "$(dirname "$0")/.."
 
-MAX_EXPOSURE=1.5
+# 1.5 with CAP_NET_ADMIN alone; CAP_NET_RAW, which the ipset backend's iptables set match needs
+# (see the unit), costs 0.1.
+MAX_EXPOSURE=1.6
 UNIT=systemd/allowsync.service
 BIN=target/release/allowsync
 ASSETS=target/release/assets
@@ -62,11 +64,18 @@ else
   ok "verify: no findings${verify_args:+ (${verify_args[*]}: man is not installed)}"
 fi
 for key in "Type=notify" "WatchdogSec=" "TimeoutStopSec=" "ExecReload=/bin/kill -HUP \$MAINPID" \
-  "Restart=on-failure" "CapabilityBoundingSet=CAP_NET_ADMIN" "AmbientCapabilities=CAP_NET_ADMIN" \
+  "Restart=on-failure" "RestartPreventExitStatus=2" "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW" \
+  "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW" \
   "RestrictAddressFamilies=AF_UNIX AF_NETLINK AF_INET AF_INET6" "StateDirectory=allowsync" \
-  "ConfigurationDirectory=allowsync" "LoadCredential=chat-sgp.key:/etc/allowsync/chat-sgp.key" \
-  "Before=network-pre.target" "ExecStartPre=/usr/bin/allowsync -c /etc/allowsync/config.yaml check-config"; do
+  "LoadCredential=chat-sgp.key:/etc/allowsync/chat-sgp.key" "SetCredential=chat-sgp.key:\\n" \
+  "Before=network-pre.target"; do
   if grep -qF -- "$key" "$UNIT"; then ok "unit has $key"; else fail "unit lacks $key"; fi
+done
+# What tests/systemd.sh found wrong under a real systemd: a check-config pre-step is restarted
+# despite RestartPreventExitStatus=2 (main process only); ConfigurationDirectory= mounts
+# /etc/allowsync read-write under ProtectSystem=strict.
+for key in "ExecStartPre=/usr/bin/allowsync" "ConfigurationDirectory="; do
+  if grep -q "^$key" "$UNIT"; then fail "unit has $key"; else ok "unit has no $key"; fi
 done
 if grep -q '^PrivateNetwork=yes\|^PrivateUsers=yes' "$UNIT"; then
   fail "PrivateNetwork=/PrivateUsers= would hide the host's firewall from netlink"
@@ -183,6 +192,8 @@ if grep -q libnftnl <<<"$needed"; then
 else
   echo "  note  this build does not link libnftnl (no nftables backend compiled in): nothing to require"
 fi
+# ExecReload= runs /bin/kill, which comes with procps (tests/systemd.sh: a minimal Debian has none).
+grep -qw procps <<<"$depends" && ok "Depends includes procps (/bin/kill)" || fail "Depends lacks procps (/bin/kill)"
 [ "$recommends" = "nftables | ipset" ] && ok "Recommends: $recommends" || fail "Recommends is '$recommends', want 'nftables | ipset'"
 
 # Installing must not enable or start the service: the only enable is the one that restores a

@@ -53,6 +53,8 @@ backend:
   nftables: {{ table: allowsync, set_v4: allow_v4, set_v6: allow_v6 }}
 safety:
   max_removal_percent: 100
+  # A cold run loads up to 100k addresses at once: past the widening guard's default.
+  max_added_addresses_v4: 4294967296
 log:
   format: text
   level: warn

@@ -86,6 +86,10 @@ impl Backend for Cached {
         Ok(())
     }
 
+    fn enforce(&mut self) -> Result<(), BackendError> {
+        self.inner.enforce()
+    }
+
     fn teardown(&mut self) -> Result<(), BackendError> {
         self.known = None;
         self.ensured_at = None;

@@ -54,6 +54,14 @@ pub trait Backend: Send {
     /// set is as it was before the call.
     fn apply(&mut self, diff: &Diff) -> Result<(), BackendError>;
 
+    /// Installs the enforcement that lives apart from the sets (the ipset backend's iptables
+    /// rules), or removes it when not configured. Called after every sync, so that a rule that
+    /// cannot be installed never keeps the allowlist out of the sets. A backend whose
+    /// enforcement is part of [`Backend::ensure`] (nftables: one table) has nothing to do here.
+    fn enforce(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     /// Removes everything allowsync created (only on `allowsync teardown`).
     fn teardown(&mut self) -> Result<(), BackendError>;
 

@@ -74,10 +74,17 @@ fn summary(cfg: &Config) -> String {
             let _ = writeln!(s, "  backend dry_run: nothing is written to the firewall");
         }
     }
+    let sf = &cfg.safety;
     let _ = writeln!(
         s,
-        "  safety: allow_empty {}, max_removal_percent {}",
-        cfg.safety.allow_empty, cfg.safety.max_removal_percent
+        "  safety: allow_empty {}, max_removal_percent {}, min_prefix_v4 {}, min_prefix_v6 {}, \
+         max_added_addresses_v4 {}, max_added_addresses_v6 {} (/64s)",
+        sf.allow_empty,
+        sf.max_removal_percent,
+        sf.min_prefix_v4,
+        sf.min_prefix_v6,
+        sf.max_added_addresses_v4,
+        sf.max_added_addresses_v6
     );
     let _ = write!(s, "  log: {:?} at {}", cfg.log.format, cfg.log.level);
     s

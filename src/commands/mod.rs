@@ -26,7 +26,7 @@ pub mod exit {
     pub const FAILURE: u8 = 1;
     /// Bad usage or an invalid configuration.
     pub const USAGE: u8 = 2;
-    /// A safety guard refused the sync (mass removal, empty allowlist).
+    /// A safety guard refused the sync (mass removal, mass widening, empty allowlist).
     pub const REFUSED: u8 = 3;
 }
 

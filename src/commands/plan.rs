@@ -20,6 +20,15 @@ pub fn run(cli: &Cli) -> CmdResult {
     }
     family(&mut out, "ipv4", &plan.diff.v4)?;
     family(&mut out, "ipv6", &plan.diff.v6)?;
+    let safety = &syncer.config().safety;
+    writeln!(
+        out,
+        "widening: +{} IPv4 addresses (max_added_addresses_v4 {}), +{} IPv6 /64 networks (max_added_addresses_v6 {})",
+        plan.widening.v4_addresses,
+        safety.max_added_addresses_v4,
+        plan.widening.v6_nets,
+        safety.max_added_addresses_v6
+    )?;
     let code = match &plan.verdict {
         Verdict::InSync => {
             writeln!(out, "verdict: in sync, nothing to do")?;

@@ -14,11 +14,13 @@ use std::time::Duration;
 
 use reqwest::Url;
 use serde_json::Value;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 use super::{ErrorClass, FetchError};
+use crate::admission::{self, MinPrefix, Refused};
 use crate::clock;
 use crate::config::TencentChatConfig;
+use crate::logging::Untrusted;
 use crate::prefixes::{self, AllowSet};
 use crate::usersig::{Minted, UsersigCache};
 
@@ -26,8 +28,8 @@ use crate::usersig::{Minted, UsersigCache};
 pub const GET_IP_LIST: &str = "/v4/ConfigSvc/GetIPList";
 /// Largest response body read; a longer one is an error and nothing of it is used.
 pub const MAX_BODY: usize = 1024 * 1024;
-/// Invalid entries logged one by one per response; the rest are counted in one summary line,
-/// so that a broken list cannot flood the journal.
+/// Invalid or refused entries logged one by one per response; the rest are counted in one
+/// summary line, so that a broken list cannot flood the journal.
 const MAX_ENTRY_WARNINGS: usize = 20;
 
 /// What one nettype's request gave.
@@ -36,7 +38,7 @@ pub struct NettypeList {
     pub list: AllowSet,
     /// Valid entries in the response.
     pub entries: usize,
-    /// Invalid entries skipped.
+    /// Entries skipped: invalid, or in a range that is never allowed.
     pub skipped: usize,
 }
 
@@ -49,13 +51,21 @@ pub struct ChatSource {
     identifier: String,
     nettypes: Vec<u8>,
     timeout: Duration,
+    /// `safety.min_prefix_v4` / `_v6`: a shorter entry makes an answer suspicious.
+    min_prefix: MinPrefix,
     client: reqwest::Client,
     sigs: Arc<UsersigCache>,
 }
 
 impl ChatSource {
-    /// A source that sends its requests through `client` (shared by all sources).
-    pub fn new(name: impl Into<String>, cfg: &TencentChatConfig, client: reqwest::Client) -> Self {
+    /// A source that sends its requests through `client` (shared by all sources) and judges
+    /// the entries of its answers with `min_prefix`.
+    pub fn new(
+        name: impl Into<String>,
+        cfg: &TencentChatConfig,
+        min_prefix: MinPrefix,
+        client: reqwest::Client,
+    ) -> Self {
         ChatSource {
             name: name.into(),
             endpoints: cfg.endpoints.clone(),
@@ -63,6 +73,7 @@ impl ChatSource {
             identifier: cfg.identifier.clone(),
             nettypes: cfg.nettypes.clone(),
             timeout: cfg.timeout,
+            min_prefix,
             client,
             sigs: Arc::new(UsersigCache::new(
                 cfg.sdkappid,
@@ -141,14 +152,15 @@ impl ChatSource {
         let mut body = self.post(url, &shown).await?;
         // ErrorInfo is the server's text: make sure it cannot carry our usersig (nor its TLS.sig,
         // nor the key: a server, proxy or wrong endpoint may echo anything) into a log. Scrubbed
-        // in the body first, because the parser cuts ErrorInfo to 200 characters and a cut
-        // secret would no longer match (leaking its first part); then in the error, for a
+        // in the body first, because the parser cuts ErrorInfo (logging::MAX_UNTRUSTED) and a
+        // cut secret would no longer match (leaking its first part); then in the error, for a
         // secret the JSON spelled with escapes.
         let secrets = self.sigs.secrets(sig);
         for secret in &secrets {
             body = scrub_bytes(body, secret.as_bytes());
         }
-        let parsed = parse_response(&body, &self.name, nettype, self.sdkappid, &self.identifier);
+        let parsed =
+            parse_response(&body, &self.name, nettype, self.sdkappid, &self.identifier, &self.min_prefix);
         parsed.map_err(|e| secrets.iter().fold(e, |e, secret| e.scrub(secret)))
     }
 
@@ -246,10 +258,16 @@ pub fn redact_url(url: &Url) -> String {
 ///
 /// - `ActionStatus` must be a string and `ErrorCode` an integer; `FAIL` or a non-zero code is
 ///   an API error, classified by its code.
-/// - On success `IPList` must be an array. Each element goes through [`prefixes::parse_entry`];
-///   one that is invalid (or not a string) is logged and skipped, and if no element is valid
-///   the whole answer is an error: a list of nothing but garbage says the service is broken,
-///   not that the allowlist is empty.
+/// - On success `IPList` must be an array. Each element goes through [`prefixes::parse_entry`]
+///   and [`admission::check`]:
+///   - one that is invalid (or not a string) is logged and skipped;
+///   - one in (or holding) a range that is never allowed is logged and skipped;
+///   - one wider than `min_prefix` makes the whole answer suspicious: an error
+///     ([`FetchError::Suspicious`]), so that the source keeps its last good list.
+///
+///   If no element is valid the whole answer is an error: a list of nothing but garbage says
+///   the service is broken, not that the allowlist is empty.
+/// - Every text of the answer that reaches a log or an error goes through [`Untrusted`].
 /// - An empty `IPList` is a success with an empty list. Whether to apply it is the engine's
 ///   decision, taken with its safety guards (`allow_empty`, `max_removal_percent`) that see the
 ///   whole desired set; refusing it here would hide it from them.
@@ -259,6 +277,7 @@ pub fn parse_response(
     nettype: u8,
     sdkappid: u64,
     identifier: &str,
+    min_prefix: &MinPrefix,
 ) -> Result<NettypeList, FetchError> {
     let invalid = |reason: &str| FetchError::InvalidResponse { reason: reason.to_owned() };
     let v: Value = serde_json::from_slice(body).map_err(|e| FetchError::InvalidResponse {
@@ -278,8 +297,8 @@ pub fn parse_response(
         None => return Err(invalid("ErrorCode is missing")),
     };
     let info = match obj.get("ErrorInfo") {
-        Some(Value::String(s)) => s.chars().take(200).collect(),
-        _ => String::new(),
+        Some(Value::String(s)) => s.as_str(),
+        _ => "",
     };
     if status != "OK" || code != 0 {
         if code == 0 {
@@ -294,29 +313,50 @@ pub fn parse_response(
     };
     let mut nets = Vec::with_capacity(list.len());
     let mut skipped = 0usize;
+    // Warned about once each, however often the answer repeats them.
+    let mut refused = std::collections::HashSet::new();
+    // Only for the entries that are logged: most are not.
+    let shown = |item: &Value| match item {
+        Value::String(s) => Untrusted(s).to_string(),
+        other => Untrusted(&other.to_string()).to_string(),
+    };
     for item in list {
         let parsed = match item {
-            Value::String(s) => prefixes::parse_entry(s).map_err(|e| (s.clone(), e.to_string())),
-            other => Err((other.to_string(), "not a string".to_owned())),
+            Value::String(s) => prefixes::parse_entry(s).map_err(|e| e.to_string()),
+            _ => Err("not a string".to_owned()),
         };
-        match parsed {
-            Ok(e) => {
-                if let Some(orig) = e.masked_from {
-                    warn!(source = %source, nettype, entry = %orig, used = %e.net, "entry has host bits set; using its network");
-                }
-                nets.push(e.net);
-            }
-            Err((raw, reason)) => {
+        let e = match parsed {
+            Ok(e) => e,
+            Err(reason) => {
                 skipped += 1;
                 if skipped <= MAX_ENTRY_WARNINGS {
-                    let raw: String = raw.chars().take(100).collect();
-                    warn!(source = %source, nettype, entry = %raw, reason = %reason, "skipping invalid entry");
+                    warn!(source = %source, nettype, entry = %shown(item), reason = %reason, "skipping invalid entry");
                 }
+                continue;
+            }
+        };
+        match admission::check(e.net, min_prefix) {
+            Ok(()) => {}
+            Err(r @ Refused::TooShort { .. }) => {
+                let entry = shown(item);
+                error!(source = %source, nettype, entry = %entry, reason = %r, "suspicious answer: an entry is wider than the minimum prefix length; not using any of it");
+                return Err(FetchError::Suspicious { entry, reason: r.to_string() });
+            }
+            Err(r @ Refused::Special { .. }) => {
+                skipped += 1;
+                if refused.insert(e.net) && skipped <= MAX_ENTRY_WARNINGS {
+                    warn!(source = %source, nettype, entry = %shown(item), reason = %r, "skipping an entry that is never allowed");
+                }
+                continue;
             }
         }
+        if let Some(orig) = e.masked_from {
+            warn!(source = %source, nettype, entry = %orig, used = %e.net, "entry has host bits set; using its network");
+        }
+        nets.push(e.net);
     }
     if skipped > MAX_ENTRY_WARNINGS {
-        warn!(source = %source, nettype, skipped, "more invalid entries skipped without a warning each");
+        warn!(source = %source, nettype, skipped, "more entries skipped without a warning each");
     }
     if nets.is_empty() && skipped > 0 {
         return Err(FetchError::AllInvalid { count: skipped });
@@ -337,5 +377,83 @@ impl ClassifyStr for serde_json::Error {
             serde_json::error::Category::Data => "unexpected data",
             serde_json::error::Category::Eof => "truncated",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(entries: &[&str]) -> Result<NettypeList, FetchError> {
+        let body = serde_json::json!({"ActionStatus": "OK", "ErrorCode": 0, "IPList": entries});
+        parse_response(body.to_string().as_bytes(), "chat", 5, 1, "a", &MinPrefix::default())
+    }
+    fn listed(l: &NettypeList) -> Vec<String> {
+        l.list.to_nets().iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn an_entry_wider_than_the_minimum_makes_the_whole_answer_suspicious() {
+        for (wide, shown) in [
+            ("10.0.0.0/7", r#""10.0.0.0/7""#),
+            ("2001:db8::/31", r#""2001:db8::/31""#),
+            ("0.0.0.0/0", r#""0.0.0.0/0""#),
+            ("::/0", r#""::/0""#),
+            ("::ffff:0.0.0.0/96", r#""::ffff:0.0.0.0/96""#),
+            ("::/96", r#""::/96""#),
+            ("10.202.0.99/0", r#""10.202.0.99/0""#),
+        ] {
+            match answer(&["192.0.2.0/24", wide, "198.51.100.7"]) {
+                Err(e @ FetchError::Suspicious { .. }) => {
+                    assert_eq!(e.class(), ErrorClass::InvalidResponse);
+                    let text = e.to_string();
+                    assert!(text.contains(&format!("entry {shown}: ")), "{text}");
+                    assert!(text.contains("is wider than /"), "{text}");
+                }
+                other => panic!("{wide}: {other:?}"),
+            }
+        }
+        // At the minimum, fine.
+        let l = answer(&["10.0.0.0/8", "2001:db8::/32", "::ffff:12.0.0.0/104"]).unwrap();
+        assert_eq!(listed(&l), ["10.0.0.0/8", "12.0.0.0/8", "2001:db8::/32"]);
+        // The operator's lower minimum is honoured.
+        let body = r#"{"ActionStatus":"OK","ErrorCode":0,"IPList":["16.0.0.0/4"]}"#.as_bytes();
+        let low = MinPrefix { v4: 4, v6: 32 };
+        assert_eq!(listed(&parse_response(body, "chat", 5, 1, "a", &low).unwrap()), ["16.0.0.0/4"]);
+    }
+
+    #[test]
+    fn special_entries_are_skipped_and_the_rest_kept() {
+        let l = answer(&[
+            "192.0.2.0/24",
+            "127.0.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "169.254.7.7",
+            "240.0.0.1",
+            "::1",
+            "::",
+            "ff02::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "127.0.0.1",
+            "2001:db8::/48",
+        ])
+        .unwrap();
+        assert_eq!(listed(&l), ["192.0.2.0/24", "2001:db8::/48"]);
+        assert_eq!((l.entries, l.skipped), (2, 12));
+        // Nothing but special entries: the answer is broken, not an empty allowlist.
+        assert!(matches!(answer(&["127.0.0.1", "::1"]), Err(FetchError::AllInvalid { count: 2 })));
+    }
+
+    #[test]
+    fn error_info_reaches_the_error_escaped() {
+        let body = serde_json::json!({"ActionStatus": "FAIL", "ErrorCode": 70009, "ErrorInfo": "bad\n\u{1b}[31mINFO forged"});
+        let e = parse_response(body.to_string().as_bytes(), "chat", 5, 1, "a", &MinPrefix::default())
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(text.ends_with(r#"(server: "bad\n\u{1b}[31mINFO forged")"#), "{text}");
+        assert!(!text.chars().any(char::is_control), "{text}");
     }
 }

@@ -18,7 +18,9 @@ use tracing::warn;
 
 pub use chat::{ChatSource, NettypeList};
 
+use crate::admission::MinPrefix;
 use crate::config::{Config, SourceConfig, SourceKind, TencentChatConfig};
+use crate::logging::Untrusted;
 use crate::prefixes::AllowSet;
 use crate::usersig::{self, Minted};
 
@@ -81,8 +83,12 @@ pub enum FetchError {
     BodyTooLarge { limit: usize },
     #[error("invalid GetIPList response: {reason}")]
     InvalidResponse { reason: String },
-    #[error("every one of the {count} entries of IPList is invalid")]
+    #[error("every one of the {count} entries of IPList is invalid or never allowed")]
     AllInvalid { count: usize },
+    /// An entry wider than `safety.min_prefix_v4` / `_v6`: the whole answer is not used.
+    /// `entry` is the entry as sent, escaped ([`crate::logging::Untrusted`]).
+    #[error("suspicious answer, none of it used: entry {entry}: {reason}")]
+    Suspicious { entry: String, reason: String },
     /// A bug: a fetch task panicked. Reported, never propagated as a panic.
     #[error("internal error: {message}")]
     Internal { message: String },
@@ -106,7 +112,8 @@ impl FetchError {
             },
             FetchError::BodyTooLarge { .. }
             | FetchError::InvalidResponse { .. }
-            | FetchError::AllInvalid { .. } => ErrorClass::InvalidResponse,
+            | FetchError::AllInvalid { .. }
+            | FetchError::Suspicious { .. } => ErrorClass::InvalidResponse,
             FetchError::Internal { .. } => ErrorClass::Transient,
         }
     }
@@ -120,7 +127,9 @@ impl FetchError {
     }
 
     /// The error for an API error code, with the fix named where the reference knows it.
-    pub fn api(code: i64, info: String, sdkappid: u64, identifier: &str) -> FetchError {
+    /// The error for an answer with this `ErrorCode` and `ErrorInfo` (the server's text,
+    /// quoted and escaped here).
+    pub fn api(code: i64, info: &str, sdkappid: u64, identifier: &str) -> FetchError {
         let class = classify_code(code);
         let hint = match code {
             60010 | 70403 => Some(format!(
@@ -140,9 +149,9 @@ impl FetchError {
         };
         let message = match (hint, info.is_empty()) {
             (Some(h), true) => h,
-            (Some(h), false) => format!("{h} (server: {info})"),
+            (Some(h), false) => format!("{h} (server: {})", Untrusted(info)),
             (None, true) => "no ErrorInfo".to_owned(),
-            (None, false) => info,
+            (None, false) => format!("server: {}", Untrusted(info)),
         };
         FetchError::Api { code, class, message }
     }
@@ -156,6 +165,7 @@ impl FetchError {
         match self {
             FetchError::Api { code, class, message } => FetchError::Api { code, class, message: s(message) },
             FetchError::InvalidResponse { reason } => FetchError::InvalidResponse { reason: s(reason) },
+            FetchError::Suspicious { entry, reason } => FetchError::Suspicious { entry: s(entry), reason },
             other => other,
         }
     }
@@ -285,11 +295,12 @@ impl Sources {
     /// Builds every source of the configuration, with one HTTP client for all Chat sources
     /// (every `ca_file` is read here).
     pub fn new(cfg: &Config) -> Result<Sources, SourceError> {
-        Sources::from_configs(&cfg.sources)
+        Sources::from_configs(&cfg.sources, cfg.safety.min_prefix())
     }
 
-    /// As [`Sources::new`], from source definitions alone (tests, tools).
-    pub fn from_configs(configs: &[SourceConfig]) -> Result<Sources, SourceError> {
+    /// As [`Sources::new`], from source definitions alone (tests, tools). Chat answers are
+    /// judged with `min_prefix` (static entries were judged with the configuration).
+    pub fn from_configs(configs: &[SourceConfig], min_prefix: MinPrefix) -> Result<Sources, SourceError> {
         let chats: Vec<&TencentChatConfig> = configs
             .iter()
             .filter_map(|s| match &s.kind {
@@ -305,6 +316,7 @@ impl Sources {
                 SourceKind::TencentChat(c) => Source::Chat(Arc::new(ChatSource::new(
                     s.name.clone(),
                     c,
+                    min_prefix,
                     client.clone().expect("built when there is a Chat source"),
                 ))),
             })
@@ -450,16 +462,33 @@ mod tests {
 
     #[test]
     fn configuration_errors_name_the_fix() {
-        let e = FetchError::api(60010, String::new(), 1400000000, "administrator");
+        let e = FetchError::api(60010, "", 1400000000, "administrator");
         assert_eq!(e.class(), ErrorClass::Configuration);
         assert!(
             e.to_string()
                 .contains("the identifier administrator is not an app administrator of SDKAppID 1400000000")
         );
-        let e = FetchError::api(70009, "sig error".into(), 1, "a");
-        assert!(e.to_string().contains("usersig minted with the wrong secret key (server: sig error)"));
-        assert!(FetchError::api(60021, String::new(), 1, "a").to_string().contains("not allowed"));
-        assert_eq!(FetchError::api(12345, String::new(), 1, "a").code(), Some(12345));
+        let e = FetchError::api(70009, "sig error", 1, "a");
+        assert!(e.to_string().contains(r#"usersig minted with the wrong secret key (server: "sig error")"#));
+        assert!(FetchError::api(60021, "", 1, "a").to_string().contains("not allowed"));
+        assert_eq!(FetchError::api(12345, "", 1, "a").code(), Some(12345));
+    }
+
+    #[test]
+    fn the_servers_text_is_escaped_and_capped() {
+        let forged = format!(
+            "oops\n2026-01-01T00:00:00Z  INFO sync outcome=\"applied\"\r\u{1b}[2J{}",
+            "x".repeat(500)
+        );
+        for code in [70009, 12345] {
+            let shown = FetchError::api(code, &forged, 1, "a").to_string();
+            assert!(!shown.chars().any(char::is_control), "{shown}");
+            assert!(
+                shown.contains(r#""oops\n2026-01-01T00:00:00Z  INFO sync outcome=\"applied\"\r\u{1b}[2J"#),
+                "{shown}"
+            );
+            assert!(shown.len() < 400, "not capped: {} characters", shown.len());
+        }
     }
 
     #[test]

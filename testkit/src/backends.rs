@@ -51,6 +51,9 @@ impl<B: Backend> Backend for Counting<B> {
         }
         self.inner.apply(diff)
     }
+    fn enforce(&mut self) -> Result<(), BackendError> {
+        self.inner.enforce()
+    }
     fn teardown(&mut self) -> Result<(), BackendError> {
         self.inner.teardown()
     }

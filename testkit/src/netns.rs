@@ -9,8 +9,10 @@
 //! last user.
 
 use std::fs::File;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::process::Command;
+use std::time::Duration;
 
 /// Keeps the current thread in its private network namespace until dropped.
 pub struct NetnsGuard {
@@ -164,4 +166,77 @@ pub fn nft_set_elements(family: &str, table: &str, set: &str) -> Vec<(std::net::
     }
     ranges.sort();
     ranges
+}
+
+// ---- two hosts: this namespace and a client one, joined by a veth pair ----------------------
+
+/// Whether a TCP connection from `from` (an address of `ns`) to `to` completes within 700 ms.
+pub fn tcp_connects(ns: &NamedNetns, from: IpAddr, to: SocketAddr) -> bool {
+    ns.run_in(move || {
+        let domain = socket2::Domain::for_address(to);
+        let s = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::new(from, 0).into()).unwrap();
+        s.connect_timeout(&to.into(), Duration::from_millis(700)).is_ok()
+    })
+}
+
+/// A client namespace `as-cli` joined to this one by a veth pair: server `10.200.0.1` and
+/// `fd00:200::1` here, clients `.2` and `.3` of both families there.
+pub fn veth_pair() -> NamedNetns {
+    let client = NamedNetns::new("as-cli");
+    let (srv_mac, cli_mac) = ("02:00:00:00:02:01", "02:00:00:00:02:02");
+    run(
+        "ip",
+        &[
+            "link",
+            "add",
+            "as-srv",
+            "address",
+            srv_mac,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "as-cli",
+            "address",
+            cli_mac,
+            "netns",
+            &client.name,
+        ],
+    );
+    run("ip", &["addr", "add", "10.200.0.1/24", "dev", "as-srv"]);
+    run("ip", &["addr", "add", "fd00:200::1/64", "dev", "as-srv", "nodad"]);
+    run("ip", &["link", "set", "as-srv", "up"]);
+    for a in ["10.200.0.2/24", "10.200.0.3/24"] {
+        run("ip", &["-n", &client.name, "addr", "add", a, "dev", "as-cli"]);
+    }
+    for a in ["fd00:200::2/64", "fd00:200::3/64"] {
+        run("ip", &["-n", &client.name, "addr", "add", a, "dev", "as-cli", "nodad"]);
+    }
+    run("ip", &["-n", &client.name, "link", "set", "as-cli", "up"]);
+    // Static neighbours: IPv6 neighbour discovery for a new source address can take a 1 s
+    // retransmission while the link-local addresses are still tentative, longer than the
+    // connect timeout; the test is about the firewall, not about ND.
+    for a in ["10.200.0.2", "10.200.0.3", "fd00:200::2", "fd00:200::3"] {
+        run("ip", &["neigh", "replace", a, "lladdr", cli_mac, "dev", "as-srv", "nud", "permanent"]);
+    }
+    for a in ["10.200.0.1", "fd00:200::1"] {
+        run(
+            "ip",
+            &[
+                "-n",
+                &client.name,
+                "neigh",
+                "replace",
+                a,
+                "lladdr",
+                srv_mac,
+                "dev",
+                "as-cli",
+                "nud",
+                "permanent",
+            ],
+        );
+    }
+    client
 }

@@ -5,8 +5,10 @@
 //!
 //! The chain is declared and refilled with one `iptables-restore --noflush` (one commit: never
 //! a moment with the chain empty), and the jump is added only when `-S` does not list it, so
-//! restarts add nothing. A chain of that name whose rules are not all of that form is
-//! [`BackendError::Foreign`] (never changed). Teardown removes the jump and the chain before
+//! restarts add nothing. The rules are installed by [`Backend::enforce`], after the sets are
+//! synced, not by [`Backend::ensure`]: a rule iptables refuses (say, without CAP_NET_RAW, which
+//! `--match-set` needs) is an error of its own and never keeps the sets empty. A chain of that
+//! name whose rules are not all of that form is [`BackendError::Foreign`] (never changed). Teardown removes the jump and the chain before
 //! destroying the sets: the kernel refuses to destroy a set a rule references.
 
 use std::fmt::Write as _;
@@ -16,6 +18,8 @@ use tracing::{debug, warn};
 
 use super::cmd::run;
 use super::{Family, IpsetBackend};
+#[cfg(doc)]
+use crate::backend::Backend;
 use crate::backend::BackendError;
 use crate::config::Enforce;
 

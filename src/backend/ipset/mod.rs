@@ -566,8 +566,8 @@ impl Backend for IpsetBackend {
         "ipset"
     }
 
-    /// Creates missing sets (and rebuilds one whose `maxelem` the configuration changed), then
-    /// installs or removes the enforcement chain. An existing set of another type, family or
+    /// Creates missing sets (and rebuilds one whose `maxelem` the configuration changed); the
+    /// enforcement chain is [`Backend::enforce`]'s. An existing set of another type, family or
     /// options is [`BackendError::Foreign`] and never changed; both sets are checked before the
     /// first change.
     fn ensure(&mut self) -> Result<(), BackendError> {
@@ -580,7 +580,6 @@ impl Backend for IpsetBackend {
             }
         }
         let created = [self.ensure_set::<u32>()?, self.ensure_set::<u128>()?];
-        self.ensure_enforcement()?;
         let created: Vec<String> = created.into_iter().flatten().collect();
         if !created.is_empty() {
             info!(created = ?created, enforce = self.enforce.is_some(), "ipsets ensured");
@@ -660,6 +659,11 @@ impl Backend for IpsetBackend {
             self.known = Some((Live::new(t4, known.0.maxelem), Live::new(t6, known.1.maxelem)));
         }
         Ok(())
+    }
+
+    /// Installs (or, without `enforce`, removes) the enforcement chain, once the sets are there.
+    fn enforce(&mut self) -> Result<(), BackendError> {
+        self.ensure_enforcement()
     }
 
     /// Removes INPUT's jumps and the enforcement chain (iptables and ip6tables) first, then the
