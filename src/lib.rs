@@ -31,8 +31,3 @@ pub mod source;
 pub mod state;
 pub mod syncer;
 pub mod usersig;
-
-/// The fuzz targets' entry functions, shared by `fuzz/` and the corpus replay test.
-#[cfg(feature = "fuzzing")]
-#[doc(hidden)]
-pub mod fuzzing;

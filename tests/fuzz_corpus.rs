@@ -1,11 +1,11 @@
-//! Replays the fuzz corpora through the fuzz targets' entry functions (`allowsync::fuzzing`,
+//! Replays the fuzz corpora through the fuzz targets' entry functions (`allowsync_testkit::fuzzing`,
 //! the same functions `make fuzz` drives): the committed seeds in `fuzz/corpus/<target>/` and
 //! every crash input kept in `fuzz/regressions/<target>/`. A fixed crash stays fixed, and a
 //! change that breaks a parser on a known input fails `make test` without a fuzzer.
 
 use std::path::{Path, PathBuf};
 
-use allowsync::fuzzing::TARGETS;
+use allowsync_testkit::fuzzing::TARGETS;
 
 fn inputs(dir: &Path) -> Vec<PathBuf> {
     let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };

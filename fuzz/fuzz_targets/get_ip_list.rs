@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| allowsync::fuzzing::get_ip_list(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| allowsync_testkit::fuzzing::get_ip_list(data));

@@ -4,14 +4,16 @@
 //! - [`netns`]: a private network namespace per test, and the commands that inspect it;
 //! - [`daemon`]: the real binary against the mock and the kernel, in such a namespace;
 //! - [`backends`]: test-only backends and [`sync`];
+//! - [`fuzzing`]: the fuzz targets' entry functions (`fuzz/` and `tests/fuzz_corpus.rs`);
 //! - [`set`]: an allowlist from entries as an operator writes them.
 //!
-//! The integration tests, the bench and the `mock_chat_api` example use all of it; the
+//! The integration tests, the bench, the fuzz harness and the `mock_chat_api` example use it; the
 //! library's own unit tests use [`set`] (it is generic over the collection for them: their
 //! `AllowSet` is the one of their own build of the crate, not this crate's).
 
 pub mod backends;
 pub mod daemon;
+pub mod fuzzing;
 pub mod mock;
 pub mod netns;
 

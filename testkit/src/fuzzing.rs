@@ -1,22 +1,20 @@
 //! The fuzz targets' entry functions, one per parser of outside input. They live here, in the
-//! library, so that the libFuzzer harness (`fuzz/`) and the corpus replay test
+//! test support crate, so that the libFuzzer harness (`fuzz/`) and the corpus replay test
 //! (`tests/fuzz_corpus.rs`, run by `make test`) call exactly the same code: a seed or a saved
 //! crash input that `make fuzz` found keeps being checked by every `cargo test`.
 //!
 //! Each function takes arbitrary bytes and panics only on a bug: beyond "does not crash", it
 //! checks a property that must hold for any input (a parse round-trips, an accepted list is
 //! canonical, an error never quotes the signature).
-//!
-//! Not part of the API (cargo feature `fuzzing`, hidden from the docs).
 
 use std::path::Path;
 
-use crate::admission::{self, MinPrefix};
-use crate::config::Config;
-use crate::prefixes::{self, AllowSet};
-use crate::source::chat;
-use crate::state;
-use crate::usersig;
+use allowsync::admission::{self, MinPrefix};
+use allowsync::config::Config;
+use allowsync::prefixes::{self, AllowSet};
+use allowsync::source::chat;
+use allowsync::state;
+use allowsync::usersig;
 
 /// A fuzz target: arbitrary bytes in, a panic only on a bug.
 pub type Target = fn(&[u8]);
