@@ -84,10 +84,14 @@ fn kill_9_at_random_moments_leaves_old_or_new_never_a_mix() {
     // The kills hit both before and after the apply (otherwise the test proves little).
     assert!(seen_a > 0 && seen_b > 0, "A {seen_a}, B {seen_b}");
 
-    // And a clean start converges.
+    // And a clean start converges. The kernel may hold A already (the last kill came before its
+    // apply): wait for the sync line too, so that SIGTERM does not arrive before the daemon
+    // handles it.
     env.mock.set_list(5, a.clone());
+    let n = env.syncs();
     let d = env.spawn();
     env.wait_kernel(&set_a, Duration::from_secs(30));
+    env.wait_syncs(n, Duration::from_secs(30));
     common::daemon::stop(d);
 }
 
