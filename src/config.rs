@@ -32,12 +32,8 @@ pub const DEFAULT_STATE_FILE: &str = "/var/lib/allowsync/state.json";
 /// A configuration mistake, located.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: cannot read the configuration: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{path}: cannot read the configuration: {cause}")]
+    Read { path: PathBuf, cause: std::io::Error },
     /// `file:line:column: key: what is wrong`.
     #[error("{path}:{line}:{column}: {key}: {message}")]
     Invalid { path: PathBuf, line: u64, column: u64, key: String, message: String },
@@ -561,7 +557,7 @@ impl Config {
     /// Reads, validates and resolves the configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+            .map_err(|cause| ConfigError::Read { path: path.to_path_buf(), cause })?;
         Config::parse(&text, path)
     }
 

@@ -38,7 +38,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Syncer(#[from] SyncerError),
     #[error("signal handling: {0}")]
-    Signals(#[source] std::io::Error),
+    Signals(std::io::Error),
 }
 
 /// When to run the next cycle, given how the last one went.

@@ -67,13 +67,8 @@ pub use crate::clock::{now_unix, rfc3339 as fmt_time};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("state file {path}: {op}: {source}")]
-    Io {
-        path: PathBuf,
-        op: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("state file {path}: {op}: {cause}")]
+    Io { path: PathBuf, op: &'static str, cause: std::io::Error },
 }
 
 /// The state file on disk.
@@ -92,7 +87,7 @@ impl StateFile {
     }
 
     fn io(&self, op: &'static str) -> impl FnOnce(std::io::Error) -> StateError + '_ {
-        move |source| StateError::Io { path: self.path.clone(), op, source }
+        move |cause| StateError::Io { path: self.path.clone(), op, cause }
     }
 
     /// Reads the state. A missing file is an empty state. A corrupt or unknown-version file is

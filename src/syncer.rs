@@ -22,12 +22,8 @@ use crate::state::{self, State, StateError, StateFile};
 pub enum SyncerError {
     #[error("another allowsync (pid {pid}) already manages this state ({lock}); stop it first")]
     Locked { pid: String, lock: PathBuf },
-    #[error("lock file {path}: {source}")]
-    Lock {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("lock file {path}: {cause}")]
+    Lock { path: PathBuf, cause: std::io::Error },
     #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]
@@ -347,7 +343,7 @@ pub fn lock_path(state_file: &Path) -> PathBuf {
 /// Takes an exclusive `flock` on the lock file and writes our pid into it. The kernel drops the
 /// lock when the process dies, however it dies, so a stale lock cannot block a restart.
 fn take_lock(path: &Path) -> Result<File, SyncerError> {
-    let io = |source| SyncerError::Lock { path: path.to_path_buf(), source };
+    let io = |cause| SyncerError::Lock { path: path.to_path_buf(), cause };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;

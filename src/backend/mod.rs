@@ -67,13 +67,8 @@ pub enum BackendError {
     Foreign { object: String, why: String },
 
     /// The kernel (or a helper program) refused the operation.
-    #[error("{op} on {object} failed: {source}")]
-    Kernel {
-        op: &'static str,
-        object: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{op} on {object} failed: {cause}")]
+    Kernel { op: &'static str, object: String, cause: std::io::Error },
 
     /// The backend cannot work on this host (missing program, module or permission).
     #[error("{0}")]
