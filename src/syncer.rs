@@ -268,7 +268,7 @@ impl Syncer {
         let current = match self.backend.read() {
             // On a host where allowsync never ran the set does not exist yet: plan against
             // nothing rather than fail, since plan creates nothing.
-            Err(e) if e.is_conflict() => {
+            Err(e) if e.is_missing() => {
                 warn!(error = %e, "cannot read the live set: planning against an empty one");
                 AllowSet::default()
             }

@@ -13,7 +13,7 @@
 //! and sends the *prefix-level* difference between what the set holds and that target. A diff
 //! that does not apply to what was last read (an exact removal missing) means the engine diffed
 //! against another picture: the set is read again, and if it still does not apply the result is
-//! [`BackendError::Conflict`].
+//! [`BackendError::Conflict`]. A set that does not exist is [`BackendError::Missing`].
 //!
 //! # Atomicity, as far as ipset allows
 //!
@@ -326,7 +326,7 @@ fn classify(op: &'static str, object: &str, msg: &str) -> BackendError {
     };
     if lower.contains("set with the given name does not exist") {
         // Like a missing nftables set: not "empty"; `ensure` recreates it.
-        BackendError::Conflict { op, object, detail: format!("{msg} (ensure recreates it)") }
+        BackendError::Missing { object }
     } else if lower.contains("already added") || lower.contains("it's not added") {
         // Cannot happen with `-exist`; if it does, someone changed the set under us.
         BackendError::Conflict { op, object, detail: msg.to_string() }
@@ -427,7 +427,7 @@ impl IpsetBackend {
                     cause: io::Error::new(io::ErrorKind::InvalidData, format!("unexpected header {line:?}")),
                 })
             }
-            Err(BackendError::Conflict { .. }) => Ok(None),
+            Err(BackendError::Missing { .. }) => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -937,7 +937,7 @@ impl Backend for IpsetBackend {
             let name = self.set_name(family);
             for set in [name.to_string(), temp_name(name, family)] {
                 match self.ipset(&["destroy", &set], None, "destroy set", &set_object(&set)) {
-                    Ok(_) | Err(BackendError::Conflict { .. }) => {}
+                    Ok(_) | Err(BackendError::Missing { .. }) => {}
                     Err(e) => return Err(e),
                 }
             }
@@ -1012,7 +1012,7 @@ mod tests {
 
     #[test]
     fn errors_are_classified() {
-        assert!(classify("x", "s", "ipset v7.17: The set with the given name does not exist").is_conflict());
+        assert!(classify("x", "s", "ipset v7.17: The set with the given name does not exist").is_missing());
         assert!(matches!(
             classify("x", "s", "Error in line 3: Hash is full, cannot add more elements"),
             BackendError::Kernel { cause, .. } if cause.kind() == io::ErrorKind::StorageFull

@@ -60,6 +60,11 @@ pub enum BackendError {
     #[error("{op} on {object}: {detail} (the set changed under us)")]
     Conflict { op: &'static str, object: String, detail: String },
 
+    /// A table or set allowsync manages does not exist: not created yet, deleted by hand, or
+    /// gone with a reboot. Never read as empty; the next sync's `ensure` creates it again.
+    #[error("{object} does not exist (allowsync creates it at its next sync)")]
+    Missing { object: String },
+
     /// An object with our name that allowsync did not create, or of another type or flags.
     #[error(
         "{object} already exists and is not what allowsync manages: {why}; rename it or configure another name"
@@ -79,6 +84,11 @@ impl BackendError {
     /// True for the errors a re-read and a single retry can fix.
     pub fn is_conflict(&self) -> bool {
         matches!(self, BackendError::Conflict { .. })
+    }
+
+    /// True when a table or set allowsync manages does not exist.
+    pub fn is_missing(&self) -> bool {
+        matches!(self, BackendError::Missing { .. })
     }
 }
 
