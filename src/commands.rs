@@ -12,7 +12,7 @@ use allowsync::exit;
 use allowsync::prefixes::{Delta, Range};
 use allowsync::source::{self, Sources};
 use allowsync::state::{self, StateFile};
-use allowsync::syncer::Syncer;
+use allowsync::syncer::{self, Syncer};
 
 pub fn dispatch(cli: &Cli) -> i32 {
     let result = match &cli.command {
@@ -242,6 +242,9 @@ fn teardown(cli: &Cli) -> anyhow::Result<i32> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
+    // The lock `run` and `once` hold: a running daemon would recreate everything at its next
+    // cycle. Held, it is an error naming the holder's pid (exit 1).
+    let _lock = syncer::lock_state(&cfg.state_file)?;
     let mut b = backend::from_config(&cfg.backend)?;
     b.teardown()?;
     println!("removed what allowsync created for backend {}", cfg.backend.kind());

@@ -108,7 +108,7 @@ impl Syncer {
     pub fn with_backend(cfg: Config, backend: Box<dyn Backend>, lock: bool) -> Result<Syncer, SyncerError> {
         let backend: Box<dyn Backend> = Box::new(backend::Cached::new(backend));
         let state_file = StateFile::new(&cfg.state_file);
-        let lock = if lock { Some(take_lock(&lock_path(&cfg.state_file))?) } else { None };
+        let lock = if lock { Some(lock_state(&cfg.state_file)?) } else { None };
         let mut state = if lock.is_some() {
             state_file.load()?
         } else {
@@ -338,6 +338,13 @@ pub fn lock_path(state_file: &Path) -> PathBuf {
     let mut p = state_file.as_os_str().to_owned();
     p.push(".lock");
     PathBuf::from(p)
+}
+
+/// Takes the lock on `state_file` that `run`, `once` and `teardown` hold while they work: one
+/// allowsync at a time on a state (and so on its table). Released when the file is dropped; a
+/// lock already held is [`SyncerError::Locked`], naming the holder's pid.
+pub fn lock_state(state_file: &Path) -> Result<File, SyncerError> {
+    take_lock(&lock_path(state_file))
 }
 
 /// Takes an exclusive `flock` on the lock file and writes our pid into it. The kernel drops the

@@ -229,6 +229,25 @@ fn status_reports_the_last_sync_and_drift() {
 }
 
 #[test]
+fn teardown_refuses_while_the_daemon_runs_and_names_its_pid() {
+    let Some(env) = setup() else { return };
+    let d = env.start(&full_list());
+    let t = Duration::from_secs(10);
+    let o = env.command(&["teardown"], t);
+    assert_eq!(o.code, Some(1), "{}", output(&o));
+    assert!(
+        o.stderr.contains(&format!("another allowsync (pid {}) already manages this state", d.id())),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(env.kernel(), full_list(), "the table and sets stay");
+    stop(d);
+    let o = env.command(&["teardown"], t);
+    assert_eq!(o.code, Some(0), "{}", output(&o));
+    assert!(common::daemon::backend().read().unwrap_err().is_missing(), "teardown removed the table");
+}
+
+#[test]
 fn status_says_a_missing_table_or_set_is_missing() {
     let Some(env) = setup() else { return };
     let t = Duration::from_secs(10);
