@@ -12,7 +12,8 @@
 //! | locked (70050) | at least 60 s |
 //!
 //! Signals: SIGHUP reloads the configuration (a broken one is logged and the old one kept),
-//! SIGUSR1 syncs now, SIGTERM/SIGINT stop at once. Nothing is flushed on the way out: the sets
+//! SIGUSR1 syncs now, SIGTERM/SIGINT stop at once (a fetch is abandoned; a kernel transaction
+//! under way is finished and recorded first). Nothing is flushed on the way out: the sets
 //! and rules stay as they are, enforcing the last good allowlist.
 
 use std::path::Path;
@@ -131,7 +132,7 @@ pub async fn run(config_path: &Path, cfg: Config) -> Result<(), DaemonError> {
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
     let mut usr1 = signal(SignalKind::user_defined1()).map_err(DaemonError::Signals)?;
 
-    match syncer.restore() {
+    match syncer.restore().await {
         Ok(_) => {}
         Err(e) => {
             error!(error = %e, "cannot restore the last good allowlist; will retry with the first sync")
@@ -144,12 +145,15 @@ pub async fn run(config_path: &Path, cfg: Config) -> Result<(), DaemonError> {
     let mut ready = false;
 
     loop {
-        // A cycle only awaits while fetching: cancelling it there (on SIGTERM) changes nothing.
-        let report = tokio::select! {
-            r = syncer.cycle(false) => r,
+        // Cancelling the fetch (on SIGTERM) changes nothing. The rest of the cycle (kernel
+        // transaction, state file) runs on the blocking pool and is never cut short: a signal
+        // arriving meanwhile waits in its stream until the next select, milliseconds later.
+        let fetches = tokio::select! {
+            f = syncer.fetch() => f,
             _ = term.recv() => { info!("SIGTERM during a fetch: stopping; the sets stay in place"); return stop(); }
             _ = int.recv() => { info!("SIGINT during a fetch: stopping; the sets stay in place"); return stop(); }
         };
+        let report = syncer.finish(fetches, false).await;
         let delay = schedule.next(&report, weak_random());
         if !matches!(report.outcome, Ok(Outcome::InSync | Outcome::Applied { .. })) {
             warn!(retry_in_s = delay.as_secs(), "next attempt scheduled");

@@ -24,8 +24,10 @@ pub mod nftables;
 use crate::config::BackendConfig;
 use crate::prefixes::{AllowSet, Diff};
 
-/// A place that holds the allowlist. Calls are blocking; the daemon runs them off its async
-/// threads.
+/// A place that holds the allowlist. Calls block (netlink round trips, `ipset` and
+/// `iptables` processes): [`crate::syncer::Syncer`] runs each on tokio's blocking pool
+/// (`spawn_blocking`), never on a runtime thread. Direct callers (`status`, `teardown`, tests)
+/// call them outside any runtime.
 pub trait Backend: Send {
     /// What the logs call this backend: `nftables`, `ipset`, `dry-run`, …
     fn name(&self) -> &'static str;
