@@ -784,7 +784,19 @@ fn resolve_chat(
                 ));
             }
         }
-        let key_text = text.trim();
+        // An editor's UTF-8 byte order mark is not part of the key: signed with it, every
+        // usersig is refused (70009, as if the key were wrong).
+        let key_text = match text.strip_prefix('\u{feff}') {
+            Some(rest) => {
+                warnings.push(format!(
+                    "secret key file {} starts with a UTF-8 byte order mark (BOM): ignored",
+                    file.display()
+                ));
+                rest
+            }
+            None => &text,
+        }
+        .trim();
         if key_text.is_empty() {
             return Err(at(path, f, &k, format!("the secret key file {} is empty", file.display())));
         }
@@ -1031,6 +1043,23 @@ sources:
         std::fs::set_permissions(dir.path().join("keys/app.key"), std::fs::Permissions::from_mode(0o600))
             .unwrap();
         assert!(Config::load(&cfg).unwrap().warnings.is_empty());
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("c.yaml");
+        std::fs::write(&cfg, chat("      secret_key_file: app.key\n")).unwrap();
+        std::fs::write(dir.path().join("app.key"), "\u{feff}filekey\r\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path().join("app.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = Config::load(&cfg).unwrap();
+        let SourceKind::TencentChat(t) = &c.sources[0].kind else { panic!() };
+        assert_eq!(t.secret_key.expose(), "filekey");
+        let file = dir.path().join("app.key");
+        let want =
+            format!("secret key file {} starts with a UTF-8 byte order mark (BOM): ignored", file.display());
+        assert_eq!(c.warnings, [want]);
     }
 
     #[test]
