@@ -246,8 +246,8 @@ impl Default for LogConfig {
 struct RawConfig {
     #[serde(default, deserialize_with = "interval")]
     interval: Option<Duration>,
-    #[serde(default, deserialize_with = "jitter")]
-    jitter: Option<Duration>,
+    #[serde(default)]
+    jitter: Option<Spanned<Jitter>>,
     #[serde(default)]
     state_file: Option<Spanned<PathBuf>>,
     sources: Spanned<Vec<RawSource>>,
@@ -414,8 +414,13 @@ const fn secs(s: u64) -> Duration {
 fn interval<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     duration_in(d, secs(10), secs(7 * 86_400), "interval").map(Some)
 }
-fn jitter<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    duration_in(d, secs(0), secs(86_400), "jitter").map(Some)
+/// `jitter`, spanned so that its bound by `interval` (known only later) can name its line.
+#[derive(Debug)]
+struct Jitter(Duration);
+impl<'de> Deserialize<'de> for Jitter {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        duration_in(d, secs(0), secs(86_400), "jitter").map(Jitter)
+    }
 }
 fn timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     duration_in(d, secs(1), secs(120), "timeout")
@@ -630,7 +635,23 @@ fn absolute(base: &Path, p: &Path) -> PathBuf {
 fn resolve(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigError> {
     let mut warnings = Vec::new();
     let interval = raw.interval.unwrap_or(secs(300));
-    let jitter = raw.jitter.unwrap_or(interval / 10);
+    let jitter = match &raw.jitter {
+        None => interval / 10,
+        Some(j) if j.value.0 > interval => {
+            let default = if raw.interval.is_none() { ", the default" } else { "" };
+            return Err(at(
+                path,
+                j,
+                "jitter",
+                format!(
+                    "jitter {} is longer than interval ({}{default}): it must be at most the interval",
+                    fmt_duration(j.value.0),
+                    fmt_duration(interval)
+                ),
+            ));
+        }
+        Some(j) => j.value.0,
+    };
     let state_file =
         raw.state_file.map_or_else(|| PathBuf::from(DEFAULT_STATE_FILE), |s| absolute(base, &s.value));
 
@@ -989,6 +1010,19 @@ sources:
     fn jitter_defaults_to_a_tenth_of_the_interval() {
         let c = parse(&format!("interval: 1h\n{BASE}")).unwrap();
         assert_eq!(c.jitter, secs(360));
+    }
+
+    #[test]
+    fn jitter_is_at_most_the_interval() {
+        let e = parse(&format!("interval: 10s\njitter: 1d\n{BASE}")).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "/etc/allowsync/config.yaml:2:9: jitter: jitter 1d is longer than interval (10s): it must be at most the interval"
+        );
+        let (line, key, msg) = invalid(&format!("jitter: 6m\n{BASE}"));
+        assert_eq!((line, key.as_str()), (1, "jitter"));
+        assert!(msg.contains("longer than interval (5m, the default)"), "{msg}");
+        assert_eq!(parse(&format!("interval: 10s\njitter: 10s\n{BASE}")).unwrap().jitter, secs(10));
     }
 
     fn chat(extra: &str) -> String {
