@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use allowsync::backend;
 use allowsync::cli::{Cli, Command};
 use allowsync::config::Config;
-use allowsync::engine::Verdict;
+use allowsync::engine::{SourceStatus, Verdict};
 use allowsync::exit;
 use allowsync::prefixes::{Delta, Range};
 use allowsync::source::{self, Sources};
@@ -132,10 +132,13 @@ fn plan(cli: &Cli) -> anyhow::Result<i32> {
     }
     family(&mut out, "ipv4", &plan.diff.v4)?;
     family(&mut out, "ipv6", &plan.diff.v6)?;
+    // As `once` would exit: 3 refused, else 1 when a source failed, else 0.
+    let source_failed = desired.sources.iter().any(|s| !matches!(s.status, SourceStatus::Fresh { .. }));
+    let ok = if source_failed { exit::FAILURE } else { exit::OK };
     let code = match &plan.verdict {
         Verdict::InSync => {
             writeln!(out, "verdict: in sync, nothing to do")?;
-            exit::OK
+            ok
         }
         Verdict::Apply => {
             writeln!(
@@ -144,7 +147,7 @@ fn plan(cli: &Cli) -> anyhow::Result<i32> {
                 plan.diff.added(),
                 plan.diff.removed()
             )?;
-            exit::OK
+            ok
         }
         Verdict::Refused(r) => {
             writeln!(out, "verdict: REFUSED: {r}")?;
