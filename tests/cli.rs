@@ -173,3 +173,20 @@ fn a_read_only_state_directory_names_its_cause_once() {
         format!("allowsync: lock file {}.lock: Read-only file system (os error 30)\n", state.display());
     assert_eq!((o.status.code(), stderr.into_owned()), (Some(1), want));
 }
+
+#[test]
+fn a_symlinked_state_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let target = dir.path().join("elsewhere.json");
+    std::os::unix::fs::symlink(&target, &state).unwrap();
+    let got = once(&dry_run_config(dir.path(), &state));
+    let want = format!(
+        "allowsync: state file {} is a symbolic link (to {}): allowsync does not follow it; set state_file to the file itself\n",
+        state.display(),
+        target.display()
+    );
+    assert_eq!(got, (Some(1), want));
+    assert!(!target.exists(), "nothing written through the link");
+    assert!(std::fs::symlink_metadata(&state).unwrap().file_type().is_symlink());
+}
