@@ -200,9 +200,9 @@ impl Syncer {
         Fetches { started, fetched: self.sources.fetch_all().await }
     }
 
-    /// The second half: build, guard, apply, record, log. Meant to run to its end: dropped
-    /// after the backend call has started, the kernel change still happens but is not recorded
-    /// in the state file, as after a crash at that moment.
+    /// The second half: build, guard, apply, record, log. Meant to run to its end: dropped once
+    /// the backend call has started, the transaction and the state file write still happen,
+    /// but this syncer's copy of the state does not learn of them.
     pub async fn finish(&mut self, fetches: Fetches, force: bool) -> CycleReport {
         let Fetches { started, fetched } = fetches;
         let mut lines = Vec::with_capacity(fetched.len());
@@ -229,30 +229,33 @@ impl Syncer {
             });
         }
 
+        // The kernel transaction and the state file write in one trip to the blocking pool. The
+        // state goes as a copy: if this future is dropped meanwhile, `self.state` stays whole.
         let safety = self.cfg.safety.clone();
-        let (desired, result, backend_name) = self
+        let (file, mut state) = (self.state_file.clone(), self.state.clone());
+        let (result, drift, state, saved) = self
             .on_backend(move |b| {
                 let result = b
                     .ensure()
                     .map_err(engine::SyncError::from)
                     .and_then(|()| engine::sync(b, &desired, &safety, force));
-                (desired, result, b.name())
+                let drift = match (&result, &state.applied) {
+                    // dry-run keeps nothing: every cycle starts from an empty set by design.
+                    _ if b.name() == "dry-run" => None,
+                    (Ok((_, plan)), Some(applied)) => drift_of(plan, applied),
+                    _ => None,
+                };
+                engine::record(&mut state, &desired, &result, state::now_unix());
+                let saved = file.save(&state);
+                (result, drift, state, saved)
             })
             .await;
-        let drift = match (&result, &self.state.applied) {
-            // dry-run keeps nothing: every cycle starts from an empty set by design.
-            _ if backend_name == "dry-run" => None,
-            (Ok((_, plan)), Some(applied)) => drift_of(plan, applied),
-            _ => None,
-        };
+        self.state = state;
         if let Some(d) = &drift {
             error!(drift = %d, "drift: the kernel set differs from what allowsync last applied; repairing");
         }
-        let now = state::now_unix();
-        engine::record(&mut self.state, &desired, &result, now);
         let mut outcome = result.map(|(o, _)| o).map_err(|e| e.to_string());
-        let (file, state) = (self.state_file.clone(), self.state.clone());
-        if let Err(e) = blocking(move || file.save(&state)).await {
+        if let Err(e) = saved {
             error!(error = %e, "cannot write the state file");
             if outcome.is_ok() {
                 outcome = Err(e.to_string());
