@@ -7,12 +7,12 @@ use std::fmt::Write as _;
 use allowsync::backend;
 use allowsync::cli::{Cli, Command};
 use allowsync::config::Config;
-use allowsync::engine::Verdict;
+use allowsync::engine::{SourceStatus, Verdict};
 use allowsync::exit;
 use allowsync::prefixes::{Delta, Range};
 use allowsync::source::{self, Sources};
 use allowsync::state::{self, StateFile};
-use allowsync::syncer::Syncer;
+use allowsync::syncer::{self, Syncer};
 
 pub fn dispatch(cli: &Cli) -> i32 {
     let result = match &cli.command {
@@ -141,10 +141,13 @@ fn plan(cli: &Cli) -> anyhow::Result<i32> {
         plan.widening.v6_nets,
         safety.max_added_addresses_v6
     )?;
+    // As `once` would exit: 3 refused, else 1 when a source failed, else 0.
+    let source_failed = desired.sources.iter().any(|s| !matches!(s.status, SourceStatus::Fresh { .. }));
+    let ok = if source_failed { exit::FAILURE } else { exit::OK };
     let code = match &plan.verdict {
         Verdict::InSync => {
             writeln!(out, "verdict: in sync, nothing to do")?;
-            exit::OK
+            ok
         }
         Verdict::Apply => {
             writeln!(
@@ -153,7 +156,7 @@ fn plan(cli: &Cli) -> anyhow::Result<i32> {
                 plan.diff.added(),
                 plan.diff.removed()
             )?;
-            exit::OK
+            ok
         }
         Verdict::Refused(r) => {
             writeln!(out, "verdict: REFUSED: {r}")?;
@@ -251,6 +254,9 @@ fn teardown(cli: &Cli) -> anyhow::Result<i32> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
+    // The lock `run` and `once` hold: a running daemon would recreate everything at its next
+    // cycle. Held, it is an error naming the holder's pid (exit 1).
+    let _lock = syncer::lock_state(&cfg.state_file)?;
     let mut b = backend::from_config(&cfg.backend)?;
     b.teardown()?;
     println!("removed what allowsync created for backend {}", cfg.backend.kind());

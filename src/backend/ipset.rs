@@ -13,7 +13,7 @@
 //! and sends the *prefix-level* difference between what the set holds and that target. A diff
 //! that does not apply to what was last read (an exact removal missing) means the engine diffed
 //! against another picture: the set is read again, and if it still does not apply the result is
-//! [`BackendError::Conflict`].
+//! [`BackendError::Conflict`]. A set that does not exist is [`BackendError::Missing`].
 //!
 //! # Atomicity, as far as ipset allows
 //!
@@ -292,7 +292,7 @@ fn run(
     let mut child = cmd.spawn().map_err(|e| BackendError::Kernel {
         op,
         object: object.to_string(),
-        source: io::Error::new(e.kind(), format!("cannot run {}: {e}", program.display())),
+        cause: io::Error::new(e.kind(), format!("cannot run {}: {e}", program.display())),
     })?;
     let output = std::thread::scope(|s| {
         // Write from another thread: a program that fails early stops reading its stdin, and
@@ -308,7 +308,7 @@ fn run(
         let written = writer.map_or(Ok(()), |w| w.join().unwrap_or_else(|_| Err(io::Error::other("panic"))));
         out.and_then(|o| written.map(|()| o))
     });
-    let output = output.map_err(|source| BackendError::Kernel { op, object: object.to_string(), source })?;
+    let output = output.map_err(|cause| BackendError::Kernel { op, object: object.to_string(), cause })?;
     if output.status.success() {
         return Ok(Output { stdout: String::from_utf8_lossy(&output.stdout).into_owned() });
     }
@@ -325,11 +325,11 @@ fn classify(op: &'static str, object: &str, msg: &str) -> BackendError {
     let kernel = |kind: io::ErrorKind| BackendError::Kernel {
         op,
         object: object.clone(),
-        source: io::Error::new(kind, msg),
+        cause: io::Error::new(kind, msg),
     };
     if lower.contains("set with the given name does not exist") {
         // Like a missing nftables set: not "empty"; `ensure` recreates it.
-        BackendError::Conflict { op, object, detail: format!("{msg} (ensure recreates it)") }
+        BackendError::Missing { object }
     } else if lower.contains("already added") || lower.contains("it's not added") {
         // Cannot happen with `-exist`; if it does, someone changed the set under us.
         BackendError::Conflict { op, object, detail: msg.to_string() }
@@ -427,10 +427,10 @@ impl IpsetBackend {
                 Header::parse(line).map(Some).ok_or_else(|| BackendError::Kernel {
                     op: "list set",
                     object: set_object(name),
-                    source: io::Error::new(io::ErrorKind::InvalidData, format!("unexpected header {line:?}")),
+                    cause: io::Error::new(io::ErrorKind::InvalidData, format!("unexpected header {line:?}")),
                 })
             }
-            Err(BackendError::Conflict { .. }) => Ok(None),
+            Err(BackendError::Missing { .. }) => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -444,7 +444,7 @@ impl IpsetBackend {
         let header = lines.next().and_then(Header::parse).ok_or_else(|| BackendError::Kernel {
             op: "list set",
             object: object.clone(),
-            source: io::Error::new(io::ErrorKind::InvalidData, "no create line in `ipset list -o save`"),
+            cause: io::Error::new(io::ErrorKind::InvalidData, "no create line in `ipset list -o save`"),
         })?;
         if let Some(why) = header.foreign(A::FAMILY) {
             return Err(BackendError::Foreign { object, why });
@@ -756,7 +756,7 @@ fn partly_changed(object: &str, first: &BackendError, rollback: &BackendError) -
     BackendError::Kernel {
         op: "update set",
         object: object.to_string(),
-        source: io::Error::other(format!(
+        cause: io::Error::other(format!(
             "{first}; rolling back failed too ({rollback}): the set holds part of the change until the next sync"
         )),
     }
@@ -944,7 +944,7 @@ impl Backend for IpsetBackend {
             let name = self.set_name(family);
             for set in [name.to_string(), temp_name(name, family)] {
                 match self.ipset(&["destroy", &set], None, "destroy set", &set_object(&set)) {
-                    Ok(_) | Err(BackendError::Conflict { .. }) => {}
+                    Ok(_) | Err(BackendError::Missing { .. }) => {}
                     Err(e) => return Err(e),
                 }
             }
@@ -1019,10 +1019,10 @@ mod tests {
 
     #[test]
     fn errors_are_classified() {
-        assert!(classify("x", "s", "ipset v7.17: The set with the given name does not exist").is_conflict());
+        assert!(classify("x", "s", "ipset v7.17: The set with the given name does not exist").is_missing());
         assert!(matches!(
             classify("x", "s", "Error in line 3: Hash is full, cannot add more elements"),
-            BackendError::Kernel { source, .. } if source.kind() == io::ErrorKind::StorageFull
+            BackendError::Kernel { cause, .. } if cause.kind() == io::ErrorKind::StorageFull
         ));
         assert!(matches!(classify("x", "s", "Operation not permitted"), BackendError::Unavailable(_)));
     }
