@@ -264,10 +264,10 @@ impl IpsetBackend {
                 Header::parse(line).map(Some).ok_or_else(|| BackendError::Kernel {
                     op: "list set",
                     object: set_object(name),
-                    source: io::Error::new(io::ErrorKind::InvalidData, format!("unexpected header {line:?}")),
+                    cause: io::Error::new(io::ErrorKind::InvalidData, format!("unexpected header {line:?}")),
                 })
             }
-            Err(BackendError::Conflict { .. }) => Ok(None),
+            Err(BackendError::Missing { .. }) => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -281,7 +281,7 @@ impl IpsetBackend {
         let header = lines.next().and_then(Header::parse).ok_or_else(|| BackendError::Kernel {
             op: "list set",
             object: object.clone(),
-            source: io::Error::new(io::ErrorKind::InvalidData, "no create line in `ipset list -o save`"),
+            cause: io::Error::new(io::ErrorKind::InvalidData, "no create line in `ipset list -o save`"),
         })?;
         if let Some(why) = header.foreign(A::FAMILY) {
             return Err(BackendError::Foreign { object, why });
@@ -538,7 +538,7 @@ fn partly_changed(object: &str, first: &BackendError, rollback: &BackendError) -
     BackendError::Kernel {
         op: "update set",
         object: object.to_string(),
-        source: io::Error::other(format!(
+        cause: io::Error::other(format!(
             "{first}; rolling back failed too ({rollback}): the set holds part of the change until the next sync"
         )),
     }
@@ -610,10 +610,12 @@ impl Backend for IpsetBackend {
     /// difference between what the set holds and that target. A diff that does not apply to what
     /// was last read (an exact removal missing) means the engine diffed against another picture:
     /// the sets are read again, and if it still does not apply the result is
-    /// [`BackendError::Conflict`]. The two families are two sets, so an apply is up to two kernel
-    /// operations; when the second fails, the first is undone (inverse script, or swapping the
-    /// old set back in: the old set is only destroyed once both families are done), so an apply
-    /// is all-or-nothing across families too, except when an undo itself fails.
+    /// [`BackendError::Conflict`]. A set that does not exist is [`BackendError::Missing`].
+    ///
+    /// The two families are two sets, so an apply is up to two kernel operations; when the
+    /// second fails, the first is undone (inverse script, or swapping the old set back in: the
+    /// old set is only destroyed once both families are done), so an apply is all-or-nothing
+    /// across families too, except when an undo itself fails.
     fn apply(&mut self, diff: &Diff) -> Result<(), BackendError> {
         if diff.is_empty() {
             return Ok(());
@@ -677,7 +679,7 @@ impl Backend for IpsetBackend {
             let name = self.set_name(family);
             for set in [name.to_string(), temp_name(name, family)] {
                 match self.ipset(&["destroy", &set], None, "destroy set", &set_object(&set)) {
-                    Ok(_) | Err(BackendError::Conflict { .. }) => {}
+                    Ok(_) | Err(BackendError::Missing { .. }) => {}
                     Err(e) => return Err(e),
                 }
             }
