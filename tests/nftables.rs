@@ -150,13 +150,17 @@ fn ensure_is_idempotent_and_teardown_removes_the_table() {
     b.ensure().unwrap();
     sync(&mut b, &set(["192.0.2.0/24"]));
 
+    // Each rule carries allowsync's comment (how ensure recognises its own rules).
     let rules = |listing: &str| -> Vec<String> {
         listing
             .lines()
             .map(str::trim)
             .filter(|l| l.contains(" accept") || l.contains(" drop"))
             .filter(|l| !l.starts_with("type "))
-            .map(String::from)
+            .map(|l| match l.split_once(" comment \"allowsync ") {
+                Some((rule, _)) => rule.to_string(),
+                None => format!("{l} (no comment)"),
+            })
             .collect()
     };
     let first = run("nft", &["list", "chain", "inet", TABLE, ENFORCE_CHAIN]);
@@ -164,8 +168,38 @@ fn ensure_is_idempotent_and_teardown_removes_the_table() {
     // What ensure installed is exactly what the README tells operators to write.
     assert_eq!(rules(&first), enforce_rule_text(&config(None), &enforce));
 
+    // In place and current: ensure commits nothing, enforcement or not.
+    let generation = b.generation().unwrap();
     b.ensure().unwrap();
     b.ensure().unwrap();
+    assert_eq!(b.generation().unwrap(), generation, "an intact chain is not rewritten");
+    assert!(b.missing().unwrap().is_empty());
+    // A rule replaced by hand (same place, another rule) is noticed and put back.
+    let handle = run("nft", &["-a", "list", "chain", "inet", TABLE, ENFORCE_CHAIN])
+        .lines()
+        .find(|l| l.contains("dport 443 ip saddr"))
+        .and_then(|l| l.rsplit("handle ").next())
+        .map(|h| h.trim().to_string())
+        .unwrap();
+    run(
+        "nft",
+        &[
+            "replace",
+            "rule",
+            "inet",
+            TABLE,
+            ENFORCE_CHAIN,
+            "handle",
+            &handle,
+            "tcp",
+            "dport",
+            "443",
+            "accept",
+        ],
+    );
+    assert_eq!(b.missing().unwrap(), ["the rules of chain inet allowsync enforce"]);
+    b.ensure().unwrap();
+    assert!(b.missing().unwrap().is_empty());
     let ruleset: serde_json::Value = serde_json::from_str(&run("nft", &["-j", "list", "ruleset"])).unwrap();
     let items = ruleset["nftables"].as_array().unwrap();
     assert_eq!(items.iter().filter(|i| i.get("table").is_some()).count(), 1);

@@ -46,6 +46,15 @@ impl Backend for Cached {
         Ok(())
     }
 
+    /// Nothing, while nobody has committed since our last ensure: the same reasoning as above.
+    fn missing(&mut self) -> Result<Vec<String>, BackendError> {
+        let generation = self.inner.generation()?;
+        if generation.is_some() && generation == self.ensured_at {
+            return Ok(Vec::new());
+        }
+        self.inner.missing()
+    }
+
     fn read(&mut self) -> Result<AllowSet, BackendError> {
         let generation = self.inner.generation()?;
         if let (Some(g), Some((known_g, set))) = (generation, &self.known) {

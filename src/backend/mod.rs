@@ -47,7 +47,18 @@ pub trait Backend: Send {
 
     /// Creates the table, sets and (with `enforce`) rules when missing. An existing object of
     /// the same name but another type or flags is [`BackendError::Foreign`]: never changed.
+    /// Writes nothing when everything is in place.
     fn ensure(&mut self) -> Result<(), BackendError>;
+
+    /// What [`Backend::ensure`] and [`Backend::enforce`] would put back now, each named for a
+    /// log line (`table inet allowsync`, `ipset allowsync_v4`, …); empty when everything is in
+    /// place. Reads only, and cheaply: the daemon asks after every foreign change (nftables) or
+    /// every `check_interval` (ipset). The ipset backend also names a set that holds fewer
+    /// entries than it last wrote (flushed behind its back); set contents are otherwise the
+    /// sync's business.
+    fn missing(&mut self) -> Result<Vec<String>, BackendError> {
+        Ok(Vec::new())
+    }
 
     /// What the kernel holds now: the truth every diff is computed against.
     fn read(&mut self) -> Result<AllowSet, BackendError>;

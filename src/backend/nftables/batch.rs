@@ -7,7 +7,7 @@
 //! cause; the tests read back what a transaction would send, message by message, without a
 //! kernel.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -164,21 +164,6 @@ impl Transaction {
     }
 }
 
-/// The netlink attributes `(type, payload)` in `b`, in order.
-#[cfg(test)]
-fn attributes(mut b: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut out = Vec::new();
-    while b.len() >= 4 {
-        let len = usize::from(u16::from_ne_bytes([b[0], b[1]]));
-        // The top two bits are the nested and byte-order flags.
-        let ty = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
-        assert!((4..=b.len()).contains(&len), "attribute length {len} of {}", b.len());
-        out.push((ty, &b[4..len]));
-        b = &b[((len + 3) & !3).min(b.len())..];
-    }
-    out
-}
-
 /// `(key, is_interval_end)` of every element of a set element message, decoded from the bytes
 /// (libnftnl's own parser expects the kernel's numbering of the nested elements, not ours).
 #[cfg(test)]
@@ -189,15 +174,16 @@ fn elements_of(message: &[u8]) -> Vec<(Vec<u8>, bool)> {
     const NFTA_SET_ELEM_FLAGS: u16 = 3;
     const NFTA_DATA_VALUE: u16 = 1;
     // `struct nlmsghdr`, then `struct nfgenmsg`.
+    use crate::backend::netlink::attributes;
     let payload = &message[std::mem::size_of::<libc::nlmsghdr>() + 4..];
     let mut out = Vec::new();
-    for (_, list) in attributes(payload).into_iter().filter(|(t, _)| *t == NFTA_SET_ELEM_LIST_ELEMENTS) {
+    for (_, list) in attributes(payload).filter(|(t, _)| *t == NFTA_SET_ELEM_LIST_ELEMENTS) {
         for (_, element) in attributes(list) {
             let (mut key, mut end) = (None, false);
             for (t, value) in attributes(element) {
                 match t {
                     NFTA_SET_ELEM_KEY => {
-                        key = attributes(value).into_iter().find(|(t, _)| *t == NFTA_DATA_VALUE);
+                        key = attributes(value).find(|(t, _)| *t == NFTA_DATA_VALUE);
                     }
                     NFTA_SET_ELEM_FLAGS => {
                         let flags = u32::from_be_bytes(value.try_into().expect("a u32"));
@@ -236,9 +222,9 @@ impl NftablesBackend {
     }
 
     /// Creates what is missing: the table (a no-op when it exists), the missing sets, and
-    /// with `enforce` the chain with its rules (flushed and re-added, so a restart never
-    /// duplicates them); without `enforce` it deletes an enforcement chain left from before.
-    pub(super) fn ensure_transaction(&self, missing_sets: &[Family], chain_exists: bool) -> Transaction {
+    /// does `chain` to the enforcement chain: writes it with its rules (flushed and re-added,
+    /// so they are never duplicated), or deletes one left from an earlier configuration.
+    pub(super) fn ensure_transaction(&self, missing_sets: &[Family], chain: ChainAction) -> Transaction {
         let mut tx = Transaction::new(0);
         let table = self.nft_table();
         tx.push(&table, MsgType::Add, "add table", &self.table_object());
@@ -262,8 +248,8 @@ impl NftablesBackend {
         }
 
         let chain_name = CString::new(ENFORCE_CHAIN).expect("no NUL");
-        match &self.enforce {
-            Some(enforce) => {
+        match (chain, &self.enforce) {
+            (ChainAction::Write, Some(enforce)) => {
                 let mut chain = Chain::new(&chain_name, &table);
                 chain.set_hook(Hook::In, 0);
                 chain.set_type(ChainType::Filter);
@@ -275,10 +261,10 @@ impl NftablesBackend {
                     tx.push(&rule, MsgType::Add, "add rule", &self.chain_object());
                 }
             }
-            None if chain_exists => {
+            (ChainAction::Delete, _) => {
                 tx.push(&Chain::new(&chain_name, &table), MsgType::Del, "delete chain", &self.chain_object());
             }
-            None => {}
+            (ChainAction::Write, None) | (ChainAction::Keep, _) => {}
         }
         tx
     }
@@ -340,7 +326,21 @@ impl NftablesBackend {
         }
     }
 
-    /// The enforcement rules, in the order [`enforce_rule_text`] prints them.
+    /// The comment each enforcement rule carries, `allowsync <i>/<n> <fingerprint>`: its place
+    /// and a fingerprint of the whole rule list (as [`enforce_rule_text`] prints it, and
+    /// [`RULES_VERSION`]). Reading them back is how `ensure` tells that the chain holds exactly
+    /// the rules it would write without rewriting it: a rule that anyone replaced, added or
+    /// removed, or other ports or set names, change the list.
+    pub(super) fn rule_comments(&self, enforce: &Enforce) -> Vec<String> {
+        let name = |c: &CStr| c.to_string_lossy().into_owned();
+        let texts = rule_texts(&name(&self.set_v4), &name(&self.set_v6), enforce);
+        let print = fingerprint(RULES_VERSION, &texts);
+        let n = texts.len();
+        (1..=n).map(|i| format!("allowsync {i}/{n} {print:016x}")).collect()
+    }
+
+    /// The enforcement rules, in the order [`enforce_rule_text`] prints them, each with its
+    /// [`NftablesBackend::rule_comments`] comment.
     fn enforcement_rules<'a>(&self, chain: &'a Chain<'a>, enforce: &Enforce) -> Vec<Rule<'a>> {
         let mut rules = Vec::new();
 
@@ -370,8 +370,37 @@ impl NftablesBackend {
                 rules.push(r);
             }
         }
+        for (rule, comment) in rules.iter_mut().zip(self.rule_comments(enforce)) {
+            // Set names are at most 31 characters: every comment is far below nft's 128 bytes.
+            let comment = CString::new(comment).expect("names have no NUL");
+            rule.set_comment(comment).expect("a rule comment fits");
+        }
         rules
     }
+}
+
+/// Bump when [`NftablesBackend::enforcement_rules`] encodes the same rule text differently: the
+/// fingerprint in the rules' comments changes, and every chain is rewritten once.
+const RULES_VERSION: u32 = 1;
+
+/// FNV-1a (64 bits) over the version and the rule texts: stable across builds and toolchains
+/// (unlike std's `DefaultHasher`), which matters because another build may read the comments.
+/// Eight bytes of fingerprint against accidental change, not an adversary: whoever can write the
+/// chain can write any comment.
+fn fingerprint(version: u32, texts: &[String]) -> u64 {
+    let bytes = version.to_le_bytes().into_iter().chain(texts.iter().flat_map(|t| t.bytes().chain([b'\n'])));
+    bytes.fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// What [`NftablesBackend::ensure_transaction`] does to the enforcement chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ChainAction {
+    /// Leave it as it is (in place and current, or absent and not configured).
+    Keep,
+    /// (Re)write it with its rules (`enforce` configured).
+    Write,
+    /// Delete it (`enforce` no longer configured).
+    Delete,
 }
 
 /// The rules an operator would write by hand for `enforce`'s ports, as `nft` prints them (and as
@@ -379,12 +408,16 @@ impl NftablesBackend {
 /// first, then one drop rule per port and family. nftables sets are per table, so such rules
 /// must live in a chain of `table inet <table>` to reference the sets.
 pub fn enforce_rule_text(config: &NftablesConfig, enforce: &Enforce) -> Vec<String> {
+    rule_texts(&config.set_v4, &config.set_v6, enforce)
+}
+
+fn rule_texts(set_v4: &str, set_v6: &str, enforce: &Enforce) -> Vec<String> {
     let mut out = vec![r#"iifname "lo" accept"#.to_string()];
     for (l4proto, port) in enforced_ports(enforce) {
         for family in Family::BOTH {
             let set = match family {
-                Family::V4 => &config.set_v4,
-                Family::V6 => &config.set_v6,
+                Family::V4 => set_v4,
+                Family::V6 => set_v6,
             };
             out.push(format!("{} dport {port} {} saddr != @{set} drop", l4proto.name(), family.nft_proto()));
         }
@@ -472,6 +505,20 @@ mod tests {
         .unwrap()
     }
 
+    #[test]
+    fn rule_comments_name_the_place_and_change_with_the_rules() {
+        let e = Enforce { tcp_ports: vec![443], udp_ports: vec![] };
+        let c = backend(Some(e.clone())).rule_comments(&e);
+        assert_eq!(c.len(), 3);
+        assert!(c[0].starts_with("allowsync 1/3 ") && c[2].starts_with("allowsync 3/3 "), "{c:?}");
+        assert_eq!(c[0].len(), "allowsync 1/3 ".len() + 16);
+        assert!(c.iter().all(|c| !c.contains('"')), "nft prints comments in double quotes");
+        let other = Enforce { tcp_ports: vec![8443], udp_ports: vec![] };
+        assert_ne!(backend(Some(other.clone())).rule_comments(&other)[0], c[0]);
+        assert_eq!(fingerprint(1, &["a".into()]), fingerprint(1, &["a".into()]));
+        assert_ne!(fingerprint(1, &["a".into()]), fingerprint(2, &["a".into()]));
+    }
+
     /// `(op, object, NFT_MSG_*)` of every message.
     fn ops(sent: &[Sent]) -> Vec<(&str, &str, i32)> {
         sent.iter().map(|s| (s.op, s.object.as_str(), s.msg)).collect()
@@ -496,7 +543,7 @@ mod tests {
     #[test]
     fn ensure_creates_the_missing_sets_and_rewrites_the_enforcement_chain_in_one_batch() {
         let b = backend(Some(Enforce { tcp_ports: vec![443], udp_ports: vec![] }));
-        let sent = b.ensure_transaction(&[Family::V6], false).recorded();
+        let sent = b.ensure_transaction(&[Family::V6], ChainAction::Write).recorded();
         assert_eq!(
             ops(&sent),
             [
@@ -516,7 +563,7 @@ mod tests {
     #[test]
     fn without_enforce_an_existing_chain_is_deleted_and_nothing_else_is_sent() {
         let b = backend(None);
-        let sent = b.ensure_transaction(&[], true).recorded();
+        let sent = b.ensure_transaction(&[], ChainAction::Delete).recorded();
         assert_eq!(
             ops(&sent),
             [
@@ -524,7 +571,7 @@ mod tests {
                 ("delete chain", CHAIN, libc::NFT_MSG_DELCHAIN)
             ]
         );
-        let sent = b.ensure_transaction(&[Family::V4, Family::V6], false).recorded();
+        let sent = b.ensure_transaction(&[Family::V4, Family::V6], ChainAction::Keep).recorded();
         assert_eq!(
             ops(&sent),
             [

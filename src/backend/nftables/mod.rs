@@ -9,8 +9,11 @@
 //! - with `enforce`, the base chain [`ENFORCE_CHAIN`] (`type filter hook input priority filter;
 //!   policy accept`): loopback is accepted first, then traffic to the enforced ports is dropped
 //!   unless its source is in the set of its family ([`enforce_rule_text`] prints the rules).
-//!   Without `enforce` that chain is removed if an earlier configuration created it; other
-//!   chains of the table (an operator's own rules using the sets) are never touched.
+//!   Each rule carries the comment `allowsync: <the rule>`: `ensure` reads the comments back
+//!   and rewrites the chain only when they are not exactly the ones it would write, so an
+//!   intact chain costs no kernel write. Without `enforce` that chain is removed if an earlier
+//!   configuration created it; other chains of the table (an operator's own rules using the
+//!   sets) are never touched.
 //!
 //! This file holds the [`Backend`] impl and its decisions (what to create, adopt, refuse or
 //! remove). The layers under it:
@@ -20,9 +23,11 @@
 //! - `query.rs`: reading the kernel (table, sets, chain, generation, element dumps) and
 //!   rebuilding ranges from interval elements;
 //! - `nftnl.rs`: every libnftnl C call, behind safe functions;
+//! - `monitor.rs`: the change notifications that let the daemon repair at once;
 //! - `../netlink.rs`: the socket transport.
 
 mod batch;
+pub mod monitor;
 mod nftnl;
 mod query;
 
@@ -33,8 +38,10 @@ use std::time::Instant;
 use ::nftnl::expr::{Ipv4HeaderField, Ipv6HeaderField, NetworkHeaderField, Payload};
 use tracing::{debug, info, warn};
 
+use batch::ChainAction;
 pub use batch::enforce_rule_text;
-use query::{SetInfo, get_generation};
+pub use monitor::Monitor;
+use query::{ChainInfo, SetInfo, get_generation};
 
 use super::netlink::NfSocket;
 use super::{Backend, BackendError};
@@ -209,71 +216,128 @@ impl NftablesBackend {
     }
 }
 
+/// What the kernel holds of allowsync's objects, read before anything is written.
+struct Inspection {
+    table: bool,
+    missing_sets: Vec<Family>,
+    chain: FoundChain,
+}
+
+/// The enforcement chain, as found.
+enum FoundChain {
+    Absent,
+    /// Shaped like allowsync's; `current` when its rules are exactly the ones `ensure` writes.
+    Ours {
+        current: bool,
+    },
+    /// A chain of that name and another shape: never allowsync's.
+    Other(ChainInfo),
+}
+
+impl NftablesBackend {
+    /// Queries the table, both sets (key type and flags), the enforcement chain and its rules'
+    /// comments; a foreign set is an error here, before anything is written.
+    fn inspect(&self, sock: &NfSocket) -> Result<Inspection, BackendError> {
+        if !self.table_exists(sock)? {
+            return Ok(Inspection {
+                table: false,
+                missing_sets: Family::BOTH.to_vec(),
+                chain: FoundChain::Absent,
+            });
+        }
+        let mut missing_sets = Vec::new();
+        for family in Family::BOTH {
+            match self.get_set(sock, family)? {
+                Some(info) => {
+                    if let Some(e) = self.foreign_set(family, &info) {
+                        return Err(e);
+                    }
+                }
+                None => missing_sets.push(family),
+            }
+        }
+        let chain = match self.get_chain(sock)? {
+            None => FoundChain::Absent,
+            Some(c) if !c.is_enforcement_chain() => FoundChain::Other(c),
+            Some(_) => {
+                let want = self.enforce.as_ref().map(|e| self.rule_comments(e));
+                let have = self.get_rule_comments(sock)?;
+                let current = want.is_some_and(|w| {
+                    have.len() == w.len() && have.iter().zip(&w).all(|(h, w)| h.as_ref() == Some(w))
+                });
+                FoundChain::Ours { current }
+            }
+        };
+        Ok(Inspection { table: true, missing_sets, chain })
+    }
+
+    /// What `ensure` does to the enforcement chain that `found` describes. Only a chain shaped
+    /// like allowsync's is adopted (with `enforce`) or removed (without); with `enforce`, a
+    /// chain of that name and another shape is refused; without, it is left alone.
+    fn chain_action(&self, found: &FoundChain) -> Result<ChainAction, BackendError> {
+        Ok(match (found, &self.enforce) {
+            (FoundChain::Other(c), Some(_)) => {
+                return Err(BackendError::Foreign {
+                    object: self.chain_object(),
+                    why: format!(
+                        "it is not a `type filter hook input priority filter` base chain ({c}); \
+                         the name is reserved for allowsync's enforcement"
+                    ),
+                });
+            }
+            (FoundChain::Ours { current: true }, Some(_)) => ChainAction::Keep,
+            (_, Some(_)) => ChainAction::Write,
+            (FoundChain::Ours { .. }, None) => ChainAction::Delete,
+            (_, None) => ChainAction::Keep,
+        })
+    }
+}
+
 impl Backend for NftablesBackend {
     fn name(&self) -> &'static str {
         "nftables"
     }
 
-    /// Looks before it writes: the table, both sets (key type and flags) and the enforcement
-    /// chain are queried first, and anything foreign stops it before any change. Then one
-    /// transaction creates what is missing. With `enforce` the chain's rules are flushed and
-    /// re-added on every call (one commit, so the generation changes); without, a call with
-    /// everything in place commits nothing.
+    /// Looks before it writes ([`NftablesBackend::inspect`]): anything foreign stops it before
+    /// any change. Then one transaction creates what is missing, rewrites the enforcement
+    /// chain if its rules are not the ones it writes, or removes a chain `enforce` no longer
+    /// asks for. With everything in place it commits nothing.
     fn ensure(&mut self) -> Result<(), BackendError> {
         let sock = open_socket()?;
-        let table_exists = self.table_exists(&sock)?;
-        let mut missing = Vec::new();
-        let mut chain = None;
-        if table_exists {
-            for family in Family::BOTH {
-                match self.get_set(&sock, family)? {
-                    Some(info) => {
-                        if let Some(e) = self.foreign_set(family, &info) {
-                            return Err(e);
-                        }
-                    }
-                    None => missing.push(family),
-                }
-            }
-            chain = self.get_chain(&sock)?;
-        } else {
-            missing.extend(Family::BOTH);
-        }
-
-        // Only a chain that looks like allowsync's is adopted (with `enforce`) or removed
-        // (without); a different chain of that name is refused, or left alone.
-        let chain_exists = match &chain {
-            Some(c) if !c.is_enforcement_chain() => {
-                if self.enforce.is_some() {
-                    return Err(BackendError::Foreign {
-                        object: self.chain_object(),
-                        why: format!(
-                            "it is not a `type filter hook input priority filter` base chain ({c}); \
-                             the name is reserved for allowsync's enforcement"
-                        ),
-                    });
-                }
-                false
-            }
-            c => c.is_some(),
-        };
-
-        let changes = !table_exists || !missing.is_empty() || self.enforce.is_some() || chain_exists;
-        if !changes {
+        let found = self.inspect(&sock)?;
+        let chain = self.chain_action(&found.chain)?;
+        if found.table && found.missing_sets.is_empty() && chain == ChainAction::Keep {
             debug!(table = %self.table_object(), "nftables objects already in place");
             return Ok(());
         }
-        if chain_exists && self.enforce.is_none() {
+        if chain == ChainAction::Delete {
             warn!(chain = %self.chain_object(), "enforcement is not configured: removing the enforcement chain");
         }
-        self.ensure_transaction(&missing, chain_exists).commit()?;
+        self.ensure_transaction(&found.missing_sets, chain).commit()?;
         info!(
             table = %self.table_object(),
-            created_sets = ?missing.iter().map(|f| self.set_object(*f)).collect::<Vec<_>>(),
+            created_sets = ?found.missing_sets.iter().map(|f| self.set_object(*f)).collect::<Vec<_>>(),
             enforce = self.enforce.is_some(),
+            chain = ?chain,
             "nftables objects ensured"
         );
         Ok(())
+    }
+
+    /// The table, or the sets, or the enforcement chain or its rules, as `ensure` would put them
+    /// back.
+    fn missing(&mut self) -> Result<Vec<String>, BackendError> {
+        let found = self.inspect(&open_socket()?)?;
+        if !found.table {
+            return Ok(vec![self.table_object()]);
+        }
+        let mut out: Vec<String> = found.missing_sets.iter().map(|&f| self.set_object(f)).collect();
+        match (&found.chain, self.chain_action(&found.chain)?) {
+            (FoundChain::Absent, ChainAction::Write) => out.push(self.chain_object()),
+            (_, ChainAction::Write) => out.push(format!("the rules of {}", self.chain_object())),
+            _ => {}
+        }
+        Ok(out)
     }
 
     fn read(&mut self) -> Result<AllowSet, BackendError> {

@@ -68,6 +68,22 @@ pub(super) fn chain_request(seq: u32, table: &CStr, chain: &CStr) -> Request {
     })
 }
 
+/// `NFT_MSG_GETRULE` dump of the rules of chain `chain` of `inet table`.
+pub(super) fn rule_dump_request(seq: u32, table: &CStr, chain: &CStr) -> Request {
+    inet_request(seq, libc::NFT_MSG_GETRULE, libc::NLM_F_DUMP, |nlh| {
+        // SAFETY: as in `table_request`.
+        unsafe {
+            let Some(r) = NonNull::new(sys::nftnl_rule_alloc()) else { std::process::abort() };
+            let r = r.as_ptr();
+            sys::nftnl_rule_set_u32(r, sys::NFTNL_RULE_FAMILY as u16, libc::NFPROTO_INET as u32);
+            sys::nftnl_rule_set_str(r, sys::NFTNL_RULE_TABLE as u16, table.as_ptr());
+            sys::nftnl_rule_set_str(r, sys::NFTNL_RULE_CHAIN as u16, chain.as_ptr());
+            sys::nftnl_rule_nlmsg_build_payload(nlh, r);
+            sys::nftnl_rule_free(r);
+        }
+    })
+}
+
 /// `NFT_MSG_GETSET` for set `name` of `inet table` (acknowledged).
 pub(super) fn set_request(seq: u32, table: &CStr, name: &CStr) -> Request {
     let request = NftnlSet::new(table, name);

@@ -1,5 +1,6 @@
 //! Reading the kernel's state: whether allowsync's table exists, what its sets and its
-//! enforcement chain are ([`SetInfo`], [`ChainInfo`]), the ruleset generation, and the sets'
+//! enforcement chain are ([`SetInfo`], [`ChainInfo`]), the comments of the chain's rules (how
+//! `ensure` tells that they are the ones it would write), the ruleset generation, and the sets'
 //! elements.
 //!
 //! Reading dumps both sets (`NFT_MSG_GETSETELEM`) between two reads of the ruleset generation;
@@ -20,7 +21,7 @@ use tracing::debug;
 
 use super::{ENFORCE_CHAIN, Family, NftablesBackend, SetKeyAddr, kernel, nftnl};
 use crate::backend::BackendError;
-use crate::backend::netlink::{DumpInterrupted, NfSocket};
+use crate::backend::netlink::{DumpInterrupted, Message, NfSocket};
 use crate::prefixes::{Addr, Range, Ranges};
 
 /// What matters about an existing set.
@@ -101,6 +102,33 @@ impl NftablesBackend {
         }
     }
 
+    /// The comments of the enforcement chain's rules, in the chain's order (`None` for a rule
+    /// without one); empty when the chain does not exist.
+    pub(super) fn get_rule_comments(&self, sock: &NfSocket) -> Result<Vec<Option<String>>, BackendError> {
+        let chain_name = CString::new(ENFORCE_CHAIN).expect("no NUL");
+        let seq = sock.next_seq();
+        let request = nftnl::rule_dump_request(seq, &self.table, &chain_name);
+        let mut comments = Vec::new();
+        let result = sock.request(request.bytes(), seq, |m| {
+            // The kernel filters the dump by chain; a rule of another chain is not counted all
+            // the same.
+            if m.str_attr(4, NFTA_RULE_CHAIN).as_deref() == Some(ENFORCE_CHAIN) {
+                comments.push(rule_comment(m));
+            }
+            Ok(())
+        });
+        match result {
+            Ok(()) => Ok(comments),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(Vec::new()),
+            Err(e) if DumpInterrupted::is(&e) => Err(BackendError::Conflict {
+                op: "list rules",
+                object: self.chain_object(),
+                detail: e.to_string(),
+            }),
+            Err(e) => Err(kernel("list rules", self.chain_object(), e)),
+        }
+    }
+
     /// Dumps one set's elements and rebuilds its ranges, exactly as the kernel holds them.
     pub(super) fn read_set<A: SetKeyAddr>(&self, sock: &NfSocket) -> Result<Ranges<A>, BackendError> {
         let family = A::FAMILY;
@@ -152,6 +180,26 @@ pub(super) fn get_generation(sock: &NfSocket) -> Result<u32, BackendError> {
     })
     .map_err(|e| kernel("get generation", "nf_tables".into(), e))?;
     id.ok_or_else(|| kernel("get generation", "nf_tables".into(), io::ErrorKind::UnexpectedEof.into()))
+}
+
+// From linux/netfilter/nf_tables.h and libnftnl's udata.h (not in the libc crate).
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_USERDATA: u16 = 7;
+const NFTNL_UDATA_RULE_COMMENT: u8 = 0;
+
+/// The comment of a rule message: in its user data, a list of `(type u8, length u8, value)`
+/// records, the one of type comment (a NUL-terminated string, as `nft` writes it).
+fn rule_comment(m: &Message<'_>) -> Option<String> {
+    let mut udata = m.attr(4, NFTA_RULE_USERDATA)?;
+    while let [ty, len, rest @ ..] = udata {
+        let value = rest.get(..usize::from(*len))?;
+        if *ty == NFTNL_UDATA_RULE_COMMENT {
+            let text = value.split(|&b| b == 0).next().unwrap_or_default();
+            return Some(String::from_utf8_lossy(text).into_owned());
+        }
+        udata = &rest[usize::from(*len)..];
+    }
+    None
 }
 
 /// Rebuilds ranges from interval elements `(key, is_interval_end)` in any order (the kernel
