@@ -5,7 +5,8 @@
 //!
 //! The chain is declared and refilled with one `iptables-restore --noflush` (one commit: never
 //! a moment with the chain empty), and the jump is added only when `-S` does not list it, so
-//! restarts add nothing. The rules are installed by [`Backend::enforce`], after the sets are
+//! restarts add nothing. A chain that already holds exactly these rules, with the jump in
+//! place, is left as it is: a sync with nothing to change writes nothing. The rules are installed by [`Backend::enforce`], after the sets are
 //! synced, not by [`Backend::ensure`]: a rule iptables refuses (say, without CAP_NET_RAW, which
 //! `--match-set` needs) is an error of its own and never keeps the sets empty. A chain of that
 //! name whose rules are not all of that form is [`BackendError::Foreign`] (never changed). Teardown removes the jump and the chain before
@@ -59,13 +60,10 @@ impl IpsetBackend {
             match &self.enforce {
                 Some(enforce) => {
                     if state.exists && !ours {
-                        return Err(BackendError::Foreign {
-                            object,
-                            why: format!(
-                                "it holds rules allowsync did not write ({}); the name is reserved for allowsync's enforcement",
-                                state.rules.join(" | ")
-                            ),
-                        });
+                        return Err(foreign(object, &state));
+                    }
+                    if state.is_current(set, enforce) {
+                        continue;
                     }
                     // Declaring the chain in a --noflush restore flushes it; the rules follow in
                     // the same commit, so the chain is never seen empty.
@@ -88,6 +86,31 @@ impl IpsetBackend {
             }
         }
         Ok(())
+    }
+
+    /// What [`IpsetBackend::ensure_enforcement`] would put back: per family, the chain, its
+    /// rules or INPUT's jump to it. Nothing without `enforce`.
+    pub(super) fn missing_enforcement(&self) -> Result<Vec<String>, BackendError> {
+        let mut out = Vec::new();
+        let Some(enforce) = &self.enforce else { return Ok(out) };
+        for family in Family::BOTH {
+            let Some((iptables, _, set)) = self.firewall(family) else { continue };
+            let object = chain_object(iptables);
+            let state = self.chain_state(iptables)?;
+            if !state.exists {
+                out.push(object);
+            } else if !state.is_ours(set) {
+                return Err(foreign(object, &state));
+            } else if !state.is_current(set, enforce) {
+                if state.rules != enforce_rules(set, enforce) {
+                    out.push(format!("the rules of {object}"));
+                }
+                if state.jumps == 0 {
+                    out.push(format!("INPUT's jump to {object}"));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Removes INPUT's jumps and the enforcement chain (iptables and ip6tables), for teardown;
@@ -114,6 +137,16 @@ impl IpsetBackend {
         }
         let _ = writeln!(script, "-F {ENFORCE_CHAIN}\n-X {ENFORCE_CHAIN}\nCOMMIT");
         run(restore, &["-w", "--noflush"], Some(script.as_bytes()), "remove rules", object).map(drop)
+    }
+}
+
+fn foreign(object: String, state: &ChainState) -> BackendError {
+    BackendError::Foreign {
+        object,
+        why: format!(
+            "it holds rules allowsync did not write ({}); the name is reserved for allowsync's enforcement",
+            state.rules.join(" | ")
+        ),
     }
 }
 
@@ -154,6 +187,11 @@ impl ChainState {
         let drop = format!("-m set ! --match-set {set} src -j DROP");
         self.rules.iter().all(|r| r == "-i lo -j RETURN" || r.ends_with(&drop))
     }
+
+    /// The chain holds exactly the rules of `enforce` and INPUT jumps to it.
+    fn is_current(&self, set: &str, enforce: &Enforce) -> bool {
+        self.exists && self.jumps > 0 && self.rules == enforce_rules(set, enforce)
+    }
 }
 
 /// The rules of [`ENFORCE_CHAIN`] for one family, as `iptables` arguments: loopback first, then
@@ -180,6 +218,8 @@ mod tests {
         );
         assert!(s.exists && s.jumps == 1 && s.is_ours("v4"));
         assert!(!s.is_ours("other"));
+        assert!(s.is_current("v4", &Enforce { tcp_ports: vec![443], udp_ports: vec![] }));
+        assert!(!s.is_current("v4", &Enforce { tcp_ports: vec![443, 80], udp_ports: vec![] }));
         let e = Enforce { tcp_ports: vec![443], udp_ports: vec![53] };
         assert_eq!(
             enforce_rules("v4", &e)[1],

@@ -272,6 +272,23 @@ impl IpsetBackend {
         }
     }
 
+    /// How many entries set `name` holds (`ipset -t list`, no members listed), `None` when it
+    /// does not exist.
+    fn entries(&self, name: &str) -> Result<Option<usize>, BackendError> {
+        let out = match self.ipset(&["-t", "list", name], None, "list set", &set_object(name)) {
+            Ok(out) => out,
+            Err(BackendError::Missing { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let count =
+            out.stdout.lines().find_map(|l| l.strip_prefix("Number of entries:")?.trim().parse().ok());
+        count.map(Some).ok_or_else(|| BackendError::Kernel {
+            op: "list set",
+            object: set_object(name),
+            cause: io::Error::new(io::ErrorKind::InvalidData, "no \"Number of entries\" in `ipset -t list`"),
+        })
+    }
+
     /// Reads one family's set: its header (checked) and its exact prefixes.
     fn read_family<A: IpsetAddr>(&self) -> Result<Live<A>, BackendError> {
         let name = self.set_name(A::FAMILY);
@@ -587,6 +604,29 @@ impl Backend for IpsetBackend {
         // A rebuilt set is not what we last read.
         self.known = None;
         Ok(())
+    }
+
+    /// Cheap enough to run every few seconds: the sets' headers (`ipset -t list`, no members)
+    /// and, with `enforce`, `iptables -S` / `ip6tables -S`. A set whose entry count is not the
+    /// number of prefixes allowsync last read or wrote there (flushed, or edited behind its
+    /// back) is named too.
+    fn missing(&mut self) -> Result<Vec<String>, BackendError> {
+        let mut out = Vec::new();
+        let known = self.known.as_ref().map(|(v4, v6)| [v4.prefixes.len(), v6.prefixes.len()]);
+        for (i, family) in Family::BOTH.into_iter().enumerate() {
+            let name = self.set_name(family);
+            match (self.entries(name)?, known) {
+                (None, _) => out.push(set_object(name)),
+                (Some(n), Some(k)) if n != k[i] => out.push(format!(
+                    "the entries of {} ({n} where allowsync wrote {})",
+                    set_object(name),
+                    k[i]
+                )),
+                _ => {}
+            }
+        }
+        out.extend(self.missing_enforcement()?);
+        Ok(out)
     }
 
     /// The *aggregated* ranges of whatever prefixes the sets hold (`Ranges::aggregate`); the
