@@ -10,7 +10,10 @@
 //!    empty allowlist is refused unless `allow_empty`; a sync that takes away more than
 //!    `max_removal_percent` of the current entries, or adds more than `max_added_addresses_v4`
 //!    IPv4 addresses or `max_added_addresses_v6` IPv6 /64 networks ([`Widening`]), is refused
-//!    unless forced. (What no entry may ever be, forced or not, was settled before: see
+//!    unless forced. Widening counts only what neither the kernel holds nor allowsync last
+//!    applied ([`Desired::approved`]): putting back a list someone wiped restores what the guards
+//!    already let through, which no guard should stop (the daemon's repair does exactly that,
+//!    and so does a cycle after a wipe). (What no entry may ever be, forced or not, was settled before: see
 //!    [`crate::admission`].)
 //! 3. [`sync`]: apply the diff; when the set changed under us (EEXIST/ENOENT), read again, plan
 //!    again, retry once.
@@ -77,6 +80,9 @@ pub struct Desired {
     pub additive_only: bool,
     /// The fresh lists, to become the sources' last good lists once applied.
     fresh: BTreeMap<String, AllowSet>,
+    /// What allowsync last applied (the state's `applied`): already let through by the guards,
+    /// so putting it back is not widening.
+    pub approved: Option<AllowSet>,
 }
 
 impl Desired {
@@ -121,7 +127,25 @@ impl Desired {
                 }
             }
         }
-        Desired { set: AllowSet::union(&parts), sources, additive_only, fresh }
+        Desired {
+            set: AllowSet::union(&parts),
+            sources,
+            additive_only,
+            fresh,
+            approved: state.applied.clone(),
+        }
+    }
+
+    /// The allowlist allowsync last applied, wanted again as it is (a repair from memory): no
+    /// source, nothing fresh to record.
+    pub fn restore(applied: AllowSet) -> Desired {
+        Desired {
+            set: applied.clone(),
+            sources: Vec::new(),
+            additive_only: false,
+            fresh: BTreeMap::new(),
+            approved: Some(applied),
+        }
     }
 
     /// True when every source was fetched fresh.
@@ -131,7 +155,8 @@ impl Desired {
 }
 
 /// What a sync adds to the allowlist, in the widening guard's units. Only addresses the kernel
-/// does not hold already count: widening a /25 to its /24 adds 128.
+/// does not hold already count (widening a /25 to its /24 adds 128), nor those allowsync last
+/// applied (see [`plan`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Widening {
     /// IPv4 addresses added.
@@ -269,7 +294,13 @@ pub fn plan(current: AllowSet, desired: &Desired, safety: &Safety, force: bool) 
     let target =
         if desired.additive_only { AllowSet::union([&current, &desired.set]) } else { desired.set.clone() };
     let diff = current.diff_to(&target);
-    let (widening, added) = Widening::between(&current, &target);
+    // Against the kernel and what allowsync last applied: after a wipe the kernel holds nothing,
+    // and the whole approved list would otherwise count as new.
+    let held = match &desired.approved {
+        Some(approved) => AllowSet::union([&current, approved]),
+        None => current.clone(),
+    };
+    let (widening, added) = Widening::between(&held, &target);
     let verdict = if diff.is_empty() {
         Verdict::InSync
     } else if target.is_empty() && !safety.allow_empty {
@@ -647,6 +678,30 @@ mod tests {
         assert_eq!(sample, &["10.0.0.0/8"]);
         // --force overrides it.
         assert_eq!(widening_verdict(&[], &["10.0.0.0/8"], &s, true).verdict, Verdict::Apply);
+    }
+
+    /// A wipe (`nft flush set`) leaves the kernel empty: putting the approved list back is no
+    /// widening, however large, but anything beyond it still is.
+    #[test]
+    fn what_allowsync_last_applied_is_not_counted_as_widening() {
+        let big = ["10.0.0.0/12"];
+        let st = State { applied: Some(set(big)), ..State::default() };
+        let p = plan(AllowSet::default(), &Desired::build(vec![ok("chat", &big)], &st), &safety(), false);
+        assert_eq!((p.widening.v4_addresses, &p.verdict), (0, &Verdict::Apply));
+        let p = plan(AllowSet::default(), &Desired::restore(set(big)), &safety(), false);
+        assert_eq!(p.verdict, Verdict::Apply, "a repair from memory");
+        let more = ["10.0.0.0/12", "10.32.0.0/12"];
+        let p = plan(AllowSet::default(), &Desired::build(vec![ok("chat", &more)], &st), &safety(), false);
+        assert_eq!(p.widening.v4_addresses, 1 << 20);
+        assert!(refused_widening(&p), "{:?}", p.verdict);
+        // Without a state, the same empty kernel counts everything (the first sync).
+        let p = plan(
+            AllowSet::default(),
+            &Desired::build(vec![ok("chat", &big)], &State::default()),
+            &safety(),
+            false,
+        );
+        assert!(refused_widening(&p));
     }
 
     #[test]
