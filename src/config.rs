@@ -189,6 +189,10 @@ pub struct IpsetConfig {
     pub maxelem: u32,
     #[serde(default)]
     pub enforce: Option<Enforce>,
+    /// How often the daemon checks that the sets (and with `enforce` the iptables chain and
+    /// jump) are still there: ipset sends no change notifications.
+    #[serde(default = "default_check_interval", deserialize_with = "check_interval")]
+    pub check_interval: Duration,
 }
 
 /// Ports to close to everyone but the allowlist.
@@ -354,6 +358,9 @@ fn default_ipset_v6() -> String {
 fn default_maxelem() -> u32 {
     65536
 }
+fn default_check_interval() -> Duration {
+    secs(10)
+}
 fn default_max_removal() -> u8 {
     50
 }
@@ -460,8 +467,14 @@ impl<'de> Deserialize<'de> for Jitter {
         duration_in(d, secs(0), secs(86_400), "jitter").map(Jitter)
     }
 }
+/// The largest `timeout` a source may have (the systemd unit's `WatchdogSec` is longer).
+pub const MAX_TIMEOUT: Duration = secs(120);
+
 fn timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    duration_in(d, secs(1), secs(120), "timeout")
+    duration_in(d, secs(1), MAX_TIMEOUT, "timeout")
+}
+fn check_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration_in(d, Duration::from_millis(100), secs(3600), "check_interval")
 }
 fn usersig_ttl<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     // The official libraries default to 180 days; below an hour we would re-mint constantly.
@@ -1295,5 +1308,18 @@ sources:
         );
         let (_, key, _) = invalid(&format!("{BASE}backend:\n  nftables: {{ table: \"bad name\" }}\n"));
         assert_eq!(key, "backend.nftables.table");
+    }
+    #[test]
+    fn the_ipset_check_interval_defaults_to_10s_and_is_bounded() {
+        let ipset = |extra: &str| parse(&format!("{BASE}backend:\n  ipset: {{ {extra} }}\n"));
+        let every = |c: Config| match c.backend {
+            BackendConfig::Ipset(i) => i.check_interval,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(every(ipset("").unwrap()), secs(10));
+        assert_eq!(every(ipset("check_interval: 2s").unwrap()), secs(2));
+        let (_, key, msg) = invalid(&format!("{BASE}backend:\n  ipset: {{ check_interval: 0s }}\n"));
+        assert_eq!(key, "backend.ipset.check_interval");
+        assert!(msg.contains("out of range"), "{msg}");
     }
 }

@@ -16,6 +16,10 @@
 //! [`config`] reads the YAML file, [`cli`] defines the command line; the binary in `main.rs`
 //! only wires them together.
 //!
+//! The daemon ([`daemon`]) runs cycles through [`syncer`], and between them keeps allowsync's
+//! objects in place: [`repair`] puts back from memory what someone else deleted, [`coalesce`]
+//! turns bursts of signals and notifications into single, rate-limited runs.
+//!
 //! Errors: every error type's message includes its cause (`lock file …: Read-only file system
 //! (os error 30)`), and none returns it again as [`std::error::Error::source`]. Logs print an
 //! error with `%e` (its message only) and the binary with `{e:#}` (the message and its source
@@ -27,11 +31,13 @@ pub mod admission;
 pub mod backend;
 pub mod cli;
 pub mod clock;
+pub mod coalesce;
 pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod logging;
 pub mod prefixes;
+pub mod repair;
 pub mod source;
 pub mod state;
 pub mod syncer;

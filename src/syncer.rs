@@ -5,9 +5,15 @@
 //!
 //! Every backend call and the state file write block (netlink round trips, `ipset` processes,
 //! fsync): they run on tokio's blocking pool, so the runtime's own thread stays free for
-//! signals, timers and other tasks while a sync runs.
+//! signals, timers and other tasks while a sync runs. The daemon runs a cycle's two halves as
+//! jobs that borrow nothing ([`Syncer::fetch`], [`Syncer::finish_job`], then
+//! [`Syncer::complete`]), so that its loop keeps answering while they are under way.
+//!
+//! For the daemon, [`Syncer::for_daemon`] starts whatever the state directory's trouble: a lock
+//! or a state file that cannot be used is logged, and the firewall is put in place all the same.
 
 use std::fs::File;
+use std::future::Future;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -51,6 +57,9 @@ pub struct CycleReport {
     /// The ranges per family the kernel holds after the cycle (`None`: unreadable), read on
     /// the blocking pool with the sync itself, for systemd's `STATUS=`.
     pub kernel: Option<(usize, usize)>,
+    /// Why the state file could not be written, when it could not (also in `outcome` when the
+    /// sync itself succeeded): the kernel holds the sync all the same.
+    pub state_error: Option<String>,
 }
 
 /// One source's result in a cycle.
@@ -64,6 +73,15 @@ pub struct SourceLine {
 }
 
 impl CycleReport {
+    /// True when the sync itself failed (the kernel, enforcement, an overrun), not merely the
+    /// state file write after it.
+    pub fn sync_failed(&self) -> bool {
+        match &self.outcome {
+            Err(e) => self.state_error.as_ref() != Some(e),
+            Ok(_) => false,
+        }
+    }
+
     /// The most urgent fetch error class of the cycle (for backoff), if any source failed.
     pub fn worst_error_class(&self) -> Option<ErrorClass> {
         // Locked needs the longest wait, then configuration (normal interval, loud), then the
@@ -87,11 +105,30 @@ pub struct Fetches {
     fetched: Vec<Fetched>,
 }
 
+/// What [`Syncer::finish_job`] did, for [`Syncer::complete`].
+pub struct Finished {
+    started: Instant,
+    lines: Vec<SourceLine>,
+    /// `None` when the deadline had passed before the kernel was touched: nothing was done.
+    done: Option<KernelWork>,
+}
+
+/// The kernel half of a cycle, as it came back from the blocking pool.
+struct KernelWork {
+    result: Result<(Outcome, Plan), BackendError>,
+    enforce_error: Option<BackendError>,
+    drift: Option<String>,
+    state: State,
+    saved: Result<(), StateError>,
+    kernel: Option<(usize, usize)>,
+}
+
 /// Holds what a cycle needs between cycles: the sources (connection pool, usersig caches), the
 /// backend, the state and the lock that makes this the only allowsync on this state.
 pub struct Syncer {
     cfg: Config,
-    sources: Sources,
+    /// Shared with a fetch under way (see [`Syncer::fetch`]).
+    sources: Arc<Sources>,
     /// Shared with the blocking-pool thread each call runs on (see [`Syncer::on_backend`]).
     backend: Arc<Mutex<Box<dyn Backend>>>,
     state_file: StateFile,
@@ -112,18 +149,55 @@ impl Syncer {
         let backend = Arc::new(Mutex::new(backend));
         let state_file = StateFile::new(&cfg.state_file);
         let lock = if lock { Some(lock_state(&cfg.state_file)?) } else { None };
-        let mut state = if lock.is_some() {
+        let state = if lock.is_some() {
             state_file.load()?
         } else {
             state_file.peek().ok().flatten().unwrap_or_default()
         };
+        Syncer::assemble(cfg, backend, state_file, state, lock)
+    }
+
+    /// For `run`: as [`Syncer::new`], except that no lock or state file problem stops it. The
+    /// daemon must put the firewall in place whatever happened to its state directory:
+    ///
+    /// - the lock file cannot be created or written (read-only directory, disk full, permission
+    ///   denied, a directory in its place): an existing one is locked through a read-only
+    ///   descriptor; without one the daemon runs unlocked. Logged as an error either way.
+    /// - the state file cannot be read (permission denied, a directory in its place, a corrupt
+    ///   file that cannot be set aside): logged as an error; the daemon starts without last good
+    ///   lists, and every cycle tries to write the state again (and logs it when that fails).
+    ///
+    /// Only a lock held by another live allowsync ([`SyncerError::Locked`]) is still an error.
+    pub fn for_daemon(cfg: Config) -> Result<Syncer, SyncerError> {
+        let backend = backend::from_config(&cfg.backend)?;
+        let lock = lock_for_daemon(&cfg.state_file)?;
+        let state_file = StateFile::new(&cfg.state_file);
+        let state = state_file.load().unwrap_or_else(|e| {
+            error!(
+                error = %e,
+                "cannot read the state file: starting without the last good lists; the firewall is put in place all the same"
+            );
+            State::default()
+        });
+        Syncer::assemble(cfg, Arc::new(Mutex::new(backend)), state_file, state, lock)
+    }
+
+    fn assemble(
+        cfg: Config,
+        backend: Arc<Mutex<Box<dyn Backend>>>,
+        state_file: StateFile,
+        mut state: State,
+        lock: Option<File>,
+    ) -> Result<Syncer, SyncerError> {
         state::forget_unknown_sources(&mut state, cfg.sources.iter().map(|s| s.name.as_str()));
-        let sources = Sources::new(&cfg).map_err(|e| SyncerError::Sources(e.to_string()))?;
+        let sources = Arc::new(Sources::new(&cfg).map_err(|e| SyncerError::Sources(e.to_string()))?);
         Ok(Syncer { cfg, sources, backend, state_file, state, _lock: lock })
     }
 
-    /// Takes a new configuration (SIGHUP): new sources and backend, same lock and state. The
-    /// state file cannot move while running; a changed `state_file` waits for a restart.
+    /// Takes a new configuration (SIGHUP): new sources, same lock and state. The backend is
+    /// kept when its configuration did not change (with what it knows of the kernel, so the
+    /// next cycle neither dumps nor writes when nothing changed), else built anew. The state
+    /// file cannot move while running; a changed `state_file` waits for a restart.
     pub fn reload(&mut self, mut cfg: Config) -> Result<(), SyncerError> {
         if cfg.state_file != self.cfg.state_file {
             warn!(
@@ -133,8 +207,12 @@ impl Syncer {
             );
             cfg.state_file = self.cfg.state_file.clone();
         }
-        let backend = Arc::new(Mutex::new(backend::from_config(&cfg.backend)?));
-        let sources = Sources::new(&cfg).map_err(|e| SyncerError::Sources(e.to_string()))?;
+        let backend = if cfg.backend == self.cfg.backend {
+            Arc::clone(&self.backend)
+        } else {
+            Arc::new(Mutex::new(backend::from_config(&cfg.backend)?))
+        };
+        let sources = Arc::new(Sources::new(&cfg).map_err(|e| SyncerError::Sources(e.to_string()))?);
         state::forget_unknown_sources(&mut self.state, cfg.sources.iter().map(|s| s.name.as_str()));
         self.backend = backend;
         self.sources = sources;
@@ -159,21 +237,26 @@ impl Syncer {
     /// written *after* each commit, so a crash between the two leaves a kernel newer than the
     /// state file; adding the state's older list to it would mix the old and new allowlists
     /// (and re-open addresses the newer list had removed) until the next sync.
-    pub async fn restore(&mut self) -> Result<usize, SyncerError> {
+    pub fn restore(&self) -> impl Future<Output = Result<usize, SyncerError>> + Send + 'static {
         let applied = self.state.applied.clone();
-        self.on_backend(move |b| restore_into(b, applied)).await
+        self.on_backend(move |b| restore_into(b, applied))
     }
 
-    /// Runs `f` with the backend on tokio's blocking pool and waits for it without holding up
-    /// the runtime. Dropping the future does not stop `f`: it runs to its end, and the backend
-    /// stays usable (the next call waits for it).
-    async fn on_backend<T, F>(&self, f: F) -> T
+    /// Runs `f` with the backend on tokio's blocking pool; the future borrows nothing and waits
+    /// for it without holding up the runtime. Dropping the future does not stop `f`: it runs to
+    /// its end, and the backend stays usable (the next call waits for it).
+    pub(crate) fn on_backend<T, F>(&self, f: F) -> impl Future<Output = T> + Send + 'static
     where
         T: Send + 'static,
         F: FnOnce(&mut dyn Backend) -> T + Send + 'static,
     {
         let backend = Arc::clone(&self.backend);
-        blocking(move || f(backend.lock().expect("a backend call panicked").as_mut())).await
+        blocking(move || f(backend.lock().expect("a backend call panicked").as_mut()))
+    }
+
+    /// The allowlist allowsync last applied, as it holds it in memory.
+    pub fn applied(&self) -> Option<&AllowSet> {
+        self.state.applied.as_ref()
     }
 
     /// One sync cycle: fetch, build, guard, apply, record, log.
@@ -183,16 +266,35 @@ impl Syncer {
     }
 
     /// The first half of a cycle: every source fetched. The only part that waits on the
-    /// network, and the only one the daemon cancels (on SIGTERM): it changes nothing.
-    pub async fn fetch(&self) -> Fetches {
-        let started = Instant::now();
-        Fetches { started, fetched: self.sources.fetch_all().await }
+    /// network, and the only one the daemon cancels (on SIGTERM, or at the cycle's deadline):
+    /// it changes nothing. Borrows nothing, so the daemon can run it as a task of its own.
+    pub fn fetch(&self) -> impl Future<Output = Fetches> + Send + 'static {
+        let sources = Arc::clone(&self.sources);
+        async move {
+            let started = Instant::now();
+            Fetches { started, fetched: sources.fetch_all().await }
+        }
     }
 
     /// The second half: build, guard, apply, record, log. Meant to run to its end: dropped once
     /// the backend call has started, the transaction and the state file write still happen,
     /// but this syncer's copy of the state does not learn of them.
     pub async fn finish(&mut self, fetches: Fetches, force: bool) -> CycleReport {
+        let done = self.finish_job(fetches, force, None).await;
+        self.complete(done)
+    }
+
+    /// [`Syncer::finish`]'s work as a job that borrows nothing: the desired set is built and the
+    /// sources' failures logged now; the kernel transaction and the state file write run on the
+    /// blocking pool, with a copy of the state. When `deadline` has passed by the time the
+    /// blocking pool takes the job, it touches nothing (the cycle is abandoned whole, never
+    /// half-applied). Hand the result to [`Syncer::complete`].
+    pub fn finish_job(
+        &self,
+        fetches: Fetches,
+        force: bool,
+        deadline: Option<Instant>,
+    ) -> impl Future<Output = Finished> + Send + 'static {
         let Fetches { started, fetched } = fetches;
         let mut lines = Vec::with_capacity(fetched.len());
         let results: Vec<SourceResult> = fetched
@@ -222,27 +324,52 @@ impl Syncer {
         // state goes as a copy: if this future is dropped meanwhile, `self.state` stays whole.
         let safety = self.cfg.safety.clone();
         let (file, mut state) = (self.state_file.clone(), self.state.clone());
-        let (result, enforce_error, drift, state, saved, kernel) = self
-            .on_backend(move |b| {
-                let ensured = b.ensure();
-                let enforced = ensured.is_ok();
-                let result = ensured.and_then(|()| engine::sync(b, &desired, &safety, force));
-                // The enforcement rules after the sets: one that cannot be installed fails this
-                // cycle, but the sets were synced (and are recorded as such).
-                let enforce_error = if enforced { b.enforce().err() } else { None };
-                let drift = match (&result, &state.applied) {
-                    // dry-run keeps nothing: every cycle starts from an empty set by design.
-                    _ if !b.persists() => None,
-                    (Ok((_, plan)), Some(applied)) => drift_of(plan, applied),
-                    _ => None,
-                };
-                engine::record(&mut state, &desired, &result, clock::now_unix());
-                let saved = file.save(&state);
-                // Cheap after our own commit: the cache answers while the generation is ours.
-                let kernel = b.read().ok().map(|k| (k.v4.len(), k.v6.len()));
-                (result, enforce_error, drift, state, saved, kernel)
-            })
-            .await;
+        let work = self.on_backend(move |b| {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return None;
+            }
+            let ensured = b.ensure();
+            let enforced = ensured.is_ok();
+            let result = ensured.and_then(|()| engine::sync(b, &desired, &safety, force));
+            // The enforcement rules after the sets: one that cannot be installed fails this
+            // cycle, but the sets were synced (and are recorded as such).
+            let enforce_error = if enforced { b.enforce().err() } else { None };
+            let drift = match (&result, &state.applied) {
+                // dry-run keeps nothing: every cycle starts from an empty set by design.
+                _ if !b.persists() => None,
+                (Ok((_, plan)), Some(applied)) => drift_of(plan, applied),
+                _ => None,
+            };
+            engine::record(&mut state, &desired, &result, clock::now_unix());
+            let saved = file.save(&state);
+            // Cheap after our own commit: the cache answers while the generation is ours.
+            let kernel = b.read().ok().map(|k| (k.v4.len(), k.v6.len()));
+            Some(KernelWork { result, enforce_error, drift, state, saved, kernel })
+        });
+        async move { Finished { started, lines, done: work.await } }
+    }
+
+    /// Takes what [`Syncer::finish_job`] did into this syncer (the new state) and logs the
+    /// cycle's line.
+    pub fn complete(&mut self, finished: Finished) -> CycleReport {
+        let Finished { started, lines, done } = finished;
+        let Some(KernelWork { result, enforce_error, drift, state, saved, kernel }) = done else {
+            let report = CycleReport {
+                outcome: Err(
+                    "the cycle overran its deadline before its transaction: abandoned, nothing applied"
+                        .into(),
+                ),
+                sources: lines,
+                v4: self.state.applied.as_ref().map_or(0, |a| a.v4.len()),
+                v6: self.state.applied.as_ref().map_or(0, |a| a.v6.len()),
+                duration_ms: started.elapsed().as_millis(),
+                drift: None,
+                kernel: None,
+                state_error: None,
+            };
+            log_cycle(&report);
+            return report;
+        };
         self.state = state;
         if let Some(e) = &enforce_error {
             error!(error = %e, "cannot install the enforcement rules; the sets are in place");
@@ -254,10 +381,14 @@ impl Syncer {
         if let (Some(e), Ok(Outcome::InSync | Outcome::Applied { .. })) = (&enforce_error, &outcome) {
             outcome = Err(format!("enforcement: {e}"));
         }
-        if let Err(e) = saved {
-            error!(error = %e, "cannot write the state file");
+        let state_error = saved.err().map(|e| e.to_string());
+        if let Some(e) = &state_error {
+            error!(
+                error = %e,
+                "cannot write the state file: the kernel holds this sync; keeping the state in memory and writing it again next cycle"
+            );
             if outcome.is_ok() {
-                outcome = Err(e.to_string());
+                outcome = Err(e.clone());
             }
         }
         let (v4, v6) = match &self.state.applied {
@@ -272,6 +403,7 @@ impl Syncer {
             duration_ms: started.elapsed().as_millis(),
             drift,
             kernel,
+            state_error,
         };
         log_cycle(&report);
         report
@@ -408,6 +540,46 @@ pub fn lock_state(state_file: &Path) -> Result<File, SyncerError> {
     take_lock(&lock_path(state_file))
 }
 
+/// The daemon's lock (see [`Syncer::for_daemon`]): `None` when it runs without one.
+fn lock_for_daemon(state_file: &Path) -> Result<Option<File>, SyncerError> {
+    let path = lock_path(state_file);
+    let failed = match take_lock(&path) {
+        Ok(f) => return Ok(Some(f)),
+        Err(e @ SyncerError::Locked { .. }) => return Err(e),
+        Err(e) => e,
+    };
+    // Read-only, an existing file (or directory) can still be locked: that is all a second
+    // instance looks at. It just cannot say our pid.
+    let Ok(f) = File::open(&path) else {
+        error!(error = %failed, "cannot take the state lock: running without it; start no second allowsync on this state");
+        return Ok(None);
+    };
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {
+            error!(error = %failed, "cannot write the state lock file: holding the lock through a read-only descriptor");
+            Ok(Some(f))
+        }
+        Err(errno) if std::io::Error::from(errno).raw_os_error() == Some(libc::EWOULDBLOCK) => {
+            Err(locked(f, &path))
+        }
+        Err(errno) => {
+            error!(error = %failed, cause = %std::io::Error::from(errno), "cannot take the state lock: running without it");
+            Ok(None)
+        }
+    }
+}
+
+/// [`SyncerError::Locked`], with the holder's pid as its lock file says.
+fn locked(mut f: File, path: &Path) -> SyncerError {
+    let mut pid = String::new();
+    let _ = f.read_to_string(&mut pid);
+    let pid = pid.trim();
+    SyncerError::Locked {
+        pid: if pid.is_empty() { "unknown".into() } else { pid.into() },
+        lock: path.to_path_buf(),
+    }
+}
+
 /// Takes an exclusive `flock` on the lock file and writes our pid into it. The kernel drops the
 /// lock when the process dies, however it dies, so a stale lock cannot block a restart.
 fn take_lock(path: &Path) -> Result<File, SyncerError> {
@@ -426,13 +598,7 @@ fn take_lock(path: &Path) -> Result<File, SyncerError> {
     if let Err(errno) = rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
         let err = std::io::Error::from(errno);
         if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            let mut pid = String::new();
-            let _ = f.read_to_string(&mut pid);
-            let pid = pid.trim();
-            return Err(SyncerError::Locked {
-                pid: if pid.is_empty() { "unknown".into() } else { pid.into() },
-                lock: path.to_path_buf(),
-            });
+            return Err(locked(f, path));
         }
         return Err(io(err));
     }
@@ -482,7 +648,7 @@ mod tests {
         // The kernel already holds a newer list: left as it is.
         let mem = MemoryBackend::new();
         *mem.shared().lock().unwrap() = b.clone();
-        let mut syncer = Syncer::with_backend(cfg.clone(), Box::new(mem.clone()), true).unwrap();
+        let syncer = Syncer::with_backend(cfg.clone(), Box::new(mem.clone()), true).unwrap();
         let rt = runtime();
         assert_eq!(rt.block_on(syncer.restore()).unwrap(), 0);
         assert_eq!(*mem.shared().lock().unwrap(), b);
@@ -490,7 +656,7 @@ mod tests {
 
         // An empty set (after a reboot) gets the last applied list back.
         let mem = MemoryBackend::new();
-        let mut syncer = Syncer::with_backend(cfg, Box::new(mem.clone()), true).unwrap();
+        let syncer = Syncer::with_backend(cfg, Box::new(mem.clone()), true).unwrap();
         assert_eq!(rt.block_on(syncer.restore()).unwrap(), 2);
         assert_eq!(*mem.shared().lock().unwrap(), a);
     }

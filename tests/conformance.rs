@@ -369,7 +369,13 @@ const SET_V4: &str = "allowsync_v4";
 const SET_V6: &str = "allowsync_v6";
 
 fn ipset_config(maxelem: u32, enforce: Option<Enforce>) -> IpsetConfig {
-    IpsetConfig { set_v4: SET_V4.into(), set_v6: SET_V6.into(), maxelem, enforce }
+    IpsetConfig {
+        set_v4: SET_V4.into(),
+        set_v6: SET_V6.into(),
+        maxelem,
+        enforce,
+        check_interval: Duration::from_secs(10),
+    }
 }
 
 /// The entries of an ipset as `ipset list -o save` prints them.

@@ -17,8 +17,14 @@ const SET_V4: &str = "allowsync_v4";
 const SET_V6: &str = "allowsync_v6";
 
 fn backend(maxelem: u32, enforce: Option<Enforce>) -> IpsetBackend {
-    IpsetBackend::new(&IpsetConfig { set_v4: SET_V4.into(), set_v6: SET_V6.into(), maxelem, enforce })
-        .unwrap()
+    IpsetBackend::new(&IpsetConfig {
+        set_v4: SET_V4.into(),
+        set_v6: SET_V6.into(),
+        maxelem,
+        enforce,
+        check_interval: Duration::from_secs(10),
+    })
+    .unwrap()
 }
 
 fn entries(set: &str) -> Vec<String> {

@@ -48,6 +48,7 @@ impl Which {
                 set_v6: "bench_as_v6".into(),
                 maxelem: MAXELEM,
                 enforce: None,
+                check_interval: std::time::Duration::from_secs(10),
             }),
         }
     }

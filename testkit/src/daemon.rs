@@ -150,10 +150,17 @@ impl Env {
 
     /// Starts `allowsync run`, its stderr appended to [`Env::log_path`].
     pub fn spawn(&self) -> Child {
+        let mut cmd = Command::new(allowsync_bin());
+        cmd.args(["-c", self.cfg.to_str().unwrap(), "run"]);
+        self.spawn_command(cmd)
+    }
+
+    /// Starts `cmd`, which must end up exec'ing `allowsync -c CFG run` in its own process (a
+    /// wrapper such as `unshare … sh -c '…; exec allowsync …'`), as [`Env::spawn`] does.
+    pub fn spawn_command(&self, mut cmd: Command) -> Child {
         let starts = self.log().matches("allowsync starting").count();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
-        let child = Command::new(allowsync_bin())
-            .args(["-c", self.cfg.to_str().unwrap(), "run"])
+        let child = cmd
             .env_remove("NOTIFY_SOCKET")
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
