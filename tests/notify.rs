@@ -1,6 +1,7 @@
 //! What the daemon tells systemd (`sd_notify`) and what its logs look like to a machine:
-//! READY=1 after the first sync, STATUS=, WATCHDOG=1, RELOADING=1/READY=1 around SIGHUP,
-//! STOPPING=1; and the one JSON line per sync with its fields.
+//! READY=1 after the first sync, STATUS=, WATCHDOG=1 (also while a fetch hangs),
+//! RELOADING=1/READY=1 around SIGHUP, STOPPING=1; and the one JSON line per sync with its
+//! fields.
 
 use std::os::unix::net::UnixDatagram;
 use std::process::{Child, Command, Stdio};
@@ -8,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use allowsync::backend::Backend;
 use allowsync::prefixes::AllowSet;
-use allowsync_testkit::daemon::{Env, Setup, backend, signal, stop, strings};
-use allowsync_testkit::set;
+use allowsync_testkit::daemon::{Env, Setup, backend, signal, stop, strings, wait_until};
+use allowsync_testkit::mock::Fault;
+use allowsync_testkit::{netns, set};
 
 const KEY: &str = "notify-test-secret-key";
 
@@ -117,6 +119,52 @@ fn status_reports_what_the_kernel_holds() {
     assert!(status(&got, "allow_v4 12, allow_v6 1, last sync "), "{got:?}");
     assert!(status(&got, "last cycle refused by a safety guard"), "{got:?}");
     stop(d);
+}
+
+/// With the API hanging (it reads each request and never answers, up to the source's 20 s
+/// `timeout`), the daemon keeps answering: WATCHDOG=1 at its period, a `flush ruleset`
+/// repaired from memory, SIGTERM.
+#[test]
+fn the_watchdog_notifications_and_signals_are_answered_while_the_api_hangs() {
+    let lists = [(5, strings(&["203.0.113.0/24"])), (6, strings(&["2001:db8:6::/56"]))].into();
+    let mut s = Setup::new(KEY, lists);
+    s.timeout = "20s";
+    let Some(env) =
+        allowsync_testkit::daemon::setup_with(s, |y| *y = y.replace("interval: 10s", "interval: 5m"))
+    else {
+        return;
+    };
+    let want: AllowSet = set(["203.0.113.0/24", "2001:db8:6::/56"]);
+    let (sock, d) = run_notified(&env, Some("1000000"));
+    let mut got = Vec::new();
+    let has = |got: &[String], s: &str| got.iter().any(|m| m.lines().any(|l| l.starts_with(s)));
+    collect(&sock, &mut got, Duration::from_secs(10), |g| has(g, "READY=1"));
+    assert!(has(&got, "READY=1"), "{got:?}");
+
+    let before = env.mock.request_count();
+    env.mock.inject(Fault::Hang);
+    signal(&d, libc::SIGUSR1);
+    // The fetch is under way: the mock holds both nettypes' requests and answers neither.
+    assert!(wait_until(Duration::from_secs(10), || env.mock.request_count() == before + 2));
+
+    // Pinged every 0.5 s (half of WATCHDOG_USEC) while the requests hang.
+    got.clear();
+    collect(&sock, &mut got, Duration::from_secs(3), |_| false);
+    let pings = got.iter().filter(|m| m.contains("WATCHDOG=1")).count();
+    assert!(pings >= 3, "{pings} WATCHDOG=1 in 3 s with a 1 s watchdog while a fetch hangs: {got:?}");
+
+    // Notifications too: a wipe meanwhile is repaired from memory, with no further request.
+    netns::run("nft", &["flush", "ruleset"]);
+    assert!(wait_until(Duration::from_secs(10), || backend().read().ok() == Some(want.clone())));
+    assert_eq!(env.mock.request_count(), before + 2, "the hanging fetch is the only one");
+
+    // And signals: SIGTERM stops it at once, the fetch abandoned (stop() bounds it to 5 s).
+    let sock2 = sock.try_clone().unwrap();
+    stop(d);
+    got.clear();
+    collect(&sock2, &mut got, Duration::from_secs(1), |g| has(g, "STOPPING=1"));
+    assert!(has(&got, "STOPPING=1"), "{got:?}");
+    assert_eq!(backend().read().unwrap(), want, "the sets stay");
 }
 
 #[test]

@@ -399,22 +399,32 @@ check_status_is_the_kernel() {
   usr1 && wait_until 20 logged "$cur" "outcome=\"in-sync\"" || why "no in-sync sync after removing the extra entries"
 }
 
-# `nft flush ruleset`, then SIGUSR1: the table, sets and enforcement chain come back.
-# TODO(issue 17): without the signal — allowsync noticing the flush by itself — once the
-# event-driven repair exists.
+# `nft flush ruleset`, no signal: allowsync notices it (nf_tables notifications) and puts the
+# table, sets and enforcement chain back from memory, logged as a repair. The interval is
+# minutes: only the notification can have done it within the wait.
 check_flush_ruleset_repaired() {
+  local cur
+  cur=$(cursor)
   c nft flush ruleset || why "nft flush ruleset failed" || return 1
-  usr1 || return 1
-  wait_until 20 nft_full || why "the sets were not refilled" || return 1
-  enforce_chain || why "the enforcement chain was not put back"
+  repaired "$cur"
 }
 
+# `systemctl restart nftables` runs /etc/nftables.conf, which starts with `flush ruleset`: the
+# same repair, without a signal.
 check_nftables_restart_repaired() {
+  local cur
   c systemctl enable --now nftables >/dev/null 2>&1 || why "cannot enable nftables.service" || return 1
+  cur=$(cursor)
   c systemctl restart nftables || why "systemctl restart nftables failed" || return 1
-  usr1 || return 1   # TODO(issue 17): repaired without the signal
+  repaired "$cur"
+}
+
+# repaired CURSOR: the sets and the enforcement chain are back, and the journal since CURSOR
+# has allowsync's repair line.
+repaired() {
   wait_until 20 nft_full || why "the sets were not refilled" || return 1
-  enforce_chain || why "the enforcement chain was not put back"
+  wait_until 20 enforce_chain || why "the enforcement chain was not put back" || return 1
+  wait_until 20 logged "$1" "repaired allowsync's objects from memory" || why "no repair line in the journal"
 }
 
 status_says() { [[ $(prop StatusText) == *"$1"* ]]; }
@@ -599,8 +609,8 @@ check "/etc/allowsync is read-only inside the service" check_config_dir_read_onl
 check "reload applies the new configuration" check_reload
 check "a broken reload keeps the old configuration" check_broken_reload
 check "STATUS= reports what the kernel holds" check_status_is_the_kernel
-check "nft flush ruleset + SIGUSR1 is repaired" check_flush_ruleset_repaired
-check "systemctl restart nftables + SIGUSR1 is repaired" check_nftables_restart_repaired
+check "nft flush ruleset is repaired without a signal" check_flush_ruleset_repaired
+check "systemctl restart nftables is repaired without a signal" check_nftables_restart_repaired
 check "the watchdog kills a hung daemon and systemd restarts it" check_watchdog
 check "kill -9 is restarted, the sets stay" check_kill_9
 check "journalctl -p warning / -p err show allowsync's warnings and errors" check_priorities
