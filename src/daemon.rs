@@ -169,9 +169,11 @@ pub const CYCLE_SPACING: Duration = Duration::from_secs(1);
 /// Reloads (SIGHUP) happen at most once per this period; the asks in between become one.
 pub const RELOAD_SPACING: Duration = Duration::from_secs(1);
 
-/// A burst of notifications (a reload of another tool's ruleset is several commits) becomes one
-/// repair this long after its first; at most [`REPAIRS_PER_SECOND`] start in any second.
-pub const REPAIR_DEBOUNCE: Duration = Duration::from_millis(10);
+/// A burst of notifications becomes one repair this long after its first: the commits of one
+/// tool's reload follow each other within a millisecond or two (and one `nft -f`, `flush
+/// ruleset` and all, is a single commit). A longer burst costs a repair or two more, which look
+/// before they write; at most [`REPAIRS_PER_SECOND`] start in any second.
+pub const REPAIR_DEBOUNCE: Duration = Duration::from_millis(2);
 pub const REPAIRS_PER_SECOND: usize = 5;
 
 /// When the nftables notifications cannot be had, the daemon checks this often instead.

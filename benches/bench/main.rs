@@ -12,11 +12,14 @@
 //! long `apply` alone took, printed as "apply()" next to it.
 //!
 //! Environment: `BENCH_FULL=1` adds the 1M-entry loads; `BENCH_RUNS=N` (default 5, at least 5)
-//! runs per figure; `BENCH_ONCE_RUNS=N` (default 20) runs of `allowsync once`; `BENCH_ONLY=` a
-//! comma-separated subset of aggregation, binary, cycle, once, load, incremental.
+//! runs per figure; `BENCH_ONCE_RUNS=N` (default 20) runs of `allowsync once` (and rounds of
+//! each repair, at least 20); `BENCH_IDLE_SECONDS=N` (default 30) per idle-cost row;
+//! `BENCH_ONLY=` a comma-separated subset of aggregation, binary, cycle, once, load, incremental,
+//! repair, idle.
 //!
-//! One module per section (`load`, `incremental`, `once`, `cycle`, `aggregation`, `binary`),
-//! with what they share: the entry lists, the contenders, measuring and the report.
+//! One module per section (`load`, `incremental`, `once`, `cycle`, `aggregation`, `binary`,
+//! `repair` with the idle cost), with what they share: the entry lists, the contenders,
+//! measuring and the report.
 
 mod aggregation;
 mod api;
@@ -28,6 +31,7 @@ mod incremental;
 mod load;
 mod measure;
 mod once;
+mod repair;
 mod report;
 
 use std::io::Write as _;
@@ -107,7 +111,7 @@ fn main() {
     ));
     rep.json.insert("machine".into(), m);
 
-    // BENCH_ONLY=aggregation,binary,cycle,once,load,incremental: a subset (while profiling).
+    // BENCH_ONLY=aggregation,binary,cycle,once,load,incremental,repair,idle: a subset.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let want = |s: &str| only.is_empty() || only.split(',').any(|o| o == s);
     if want("aggregation") {
@@ -128,6 +132,12 @@ fn main() {
     }
     if want("incremental") {
         incremental::incremental(&mut rep, runs);
+    }
+    if want("repair") {
+        repair::repair_latency(&mut rep, once_runs);
+    }
+    if want("idle") {
+        repair::idle_cost(&mut rep, env_n("BENCH_IDLE_SECONDS", 30) as u64);
     }
 
     let wall = started.elapsed().as_secs_f64();
