@@ -276,6 +276,24 @@ struct RepairAsk {
     missing: Vec<String>,
 }
 
+impl RepairAsk {
+    /// A failed repair's reason, asked again (its window still open since `since`).
+    fn put_back(&mut self, trigger: Trigger, since: Instant) {
+        let mut again = Changes { first_at: Some(since), ..Changes::default() };
+        match trigger {
+            Trigger::Notified { what, commits } => {
+                again.what = what.into_iter().collect();
+                again.commits = commits;
+            }
+            Trigger::Lost => again.lost = true,
+            Trigger::Check { missing } => self.missing.extend(missing),
+            // Asking again is all a poll needs.
+            Trigger::Poll => return,
+        }
+        self.changes.merge(again);
+    }
+}
+
 /// The loop's state. The loop owns the syncer; fetches and kernel jobs are tasks that borrow
 /// nothing, so the loop answers the watchdog, signals and notifications while they run.
 struct Daemon<'a> {
@@ -543,8 +561,15 @@ impl<'a> Daemon<'a> {
             (JobKind::Repair { trigger, since }, JobOutput::Repair(r)) => {
                 repair::log(&trigger, since, &r);
                 self.repairs.finish();
-                if r.is_ok() {
-                    self.last_ok_check = now;
+                match &r {
+                    Ok(_) => self.last_ok_check = now,
+                    // Changed under it (a tool deleting the table again meanwhile): again, within
+                    // the rate limit. Other failures wait for the next change or cycle.
+                    Err(e) if e.is_missing() || e.is_conflict() => {
+                        self.repair_ask.put_back(trigger, since);
+                        self.repairs.ask(now);
+                    }
+                    Err(_) => {}
                 }
             }
             (JobKind::Check, JobOutput::Check(r)) => match r {

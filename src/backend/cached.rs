@@ -9,10 +9,12 @@ use crate::prefixes::{AllowSet, Diff};
 /// know. Dumping a 100k-element set costs over a second; asking for the generation costs one
 /// small netlink round trip. Backends without a generation are read every time.
 ///
-/// The same goes for [`Backend::ensure`]: while the generation is the one right after our last
-/// ensure (or our own apply since), nobody can have removed our objects, so it is skipped. That
-/// matters because ensuring the enforcement chain rewrites its rules: without the skip, every
-/// cycle would be a kernel write even when nothing changed.
+/// The same goes for [`Backend::ensure`]: while the generation is the one at which an ensure
+/// last found everything in place (or our own apply since), nobody can have removed our objects,
+/// so it is skipped, and [`Backend::missing`] answers nothing. Only an ensure that committed
+/// nothing, with no commit by anyone around it, proves that: after one that created something,
+/// a foreign commit may have come right after ours (a tool deleting the table again), so the
+/// next ensure looks again.
 pub struct Cached {
     inner: Box<dyn Backend>,
     known: Option<(u64, AllowSet)>,
@@ -42,7 +44,10 @@ impl Backend for Cached {
         }
         self.ensured_at = None;
         self.inner.ensure()?;
-        self.ensured_at = self.inner.generation()?;
+        let after = self.inner.generation()?;
+        if after == generation {
+            self.ensured_at = after;
+        }
         Ok(())
     }
 
@@ -140,15 +145,18 @@ mod tests {
         assert_eq!(mem.reads(), 2);
     }
 
-    /// Counts ensures, and writes one commit per ensure as the enforcement chain does.
-    struct Ensures(MemoryBackend, std::sync::Arc<std::sync::Mutex<usize>>);
+    /// Counts ensures; one commits (creates the objects) when they are missing, which a foreign
+    /// write makes them.
+    struct Ensures(MemoryBackend, std::sync::Arc<std::sync::Mutex<usize>>, bool);
     impl Backend for Ensures {
         fn name(&self) -> &'static str {
             "ensures"
         }
         fn ensure(&mut self) -> Result<(), BackendError> {
             *self.1.lock().unwrap() += 1;
-            self.0.foreign_write(|_| {});
+            if std::mem::replace(&mut self.2, false) {
+                self.0.foreign_write(|_| {});
+            }
             Ok(())
         }
         fn read(&mut self) -> Result<AllowSet, BackendError> {
@@ -170,19 +178,23 @@ mod tests {
         let mem = MemoryBackend::new();
         mem.enable_generation();
         let count = std::sync::Arc::new(std::sync::Mutex::new(0));
-        let mut c = Cached::new(Box::new(Ensures(mem.clone(), count.clone())));
+        let mut c = Cached::new(Box::new(Ensures(mem.clone(), count.clone(), true)));
+        // The first ensure creates (commits); the second finds everything in place; then the
+        // copy answers.
         c.ensure().unwrap();
         c.ensure().unwrap();
-        assert_eq!(*count.lock().unwrap(), 1);
+        c.ensure().unwrap();
+        assert!(c.missing().unwrap().is_empty());
+        assert_eq!(*count.lock().unwrap(), 2);
         // Our own apply does not make the objects suspect...
         let d = c.read().unwrap().diff_to(&set(["10.0.0.1"]));
         c.apply(&d).unwrap();
         c.ensure().unwrap();
-        assert_eq!(*count.lock().unwrap(), 1);
+        assert_eq!(*count.lock().unwrap(), 2);
         // ...anyone else's commit does.
         mem.foreign_write(|_| {});
         c.ensure().unwrap();
-        assert_eq!(*count.lock().unwrap(), 2);
+        assert_eq!(*count.lock().unwrap(), 3);
         // A steady state reads from the copy and writes nothing.
         let (reads, writes) = (mem.reads(), mem.writes());
         c.ensure().unwrap();
