@@ -23,6 +23,7 @@ use serde::{Deserialize, Deserializer};
 use serde_saphyr::Spanned;
 
 use crate::admission::{self, MinPrefix};
+use crate::ownership::{self, NftFamily, Object};
 use crate::prefixes;
 
 /// Where the daemon looks when `-c` and `ALLOWSYNC_CONFIG` are not given.
@@ -168,14 +169,70 @@ impl BackendConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NftablesConfig {
-    #[serde(default = "default_table", deserialize_with = "object_name")]
+    /// allowsync's own table, `inet <table>` (written `allowsync` or `inet allowsync`; kept as
+    /// the bare name).
+    #[serde(default = "default_table", deserialize_with = "own_table")]
     pub table: String,
-    #[serde(default = "default_set_v4", deserialize_with = "object_name")]
+    /// A set name (in `table inet <table>`) or a set the way nft writes it, `ip filter chat_v4`
+    /// (see [`NftablesConfig::set_object`]).
+    #[serde(default = "default_set_v4", deserialize_with = "nft_set")]
     pub set_v4: String,
-    #[serde(default = "default_set_v6", deserialize_with = "object_name")]
+    #[serde(default = "default_set_v6", deserialize_with = "nft_set")]
     pub set_v6: String,
     #[serde(default)]
     pub enforce: Option<Enforce>,
+}
+
+impl NftablesConfig {
+    /// The IPv4 (`v6: false`) or IPv6 set: a plain name is that set in `table inet <table>`.
+    pub fn set_object(&self, v6: bool) -> Object {
+        let text = if v6 { &self.set_v6 } else { &self.set_v4 };
+        // Checked when the configuration was read; a value built in code falls back to a name.
+        ownership::parse_nft_set(text, &self.table).unwrap_or_else(|_| Object::NftSet {
+            family: NftFamily::Inet,
+            table: self.table.clone(),
+            name: text.clone(),
+        })
+    }
+
+    /// allowsync's own table, `table inet <table>`.
+    pub fn table_object(&self) -> Object {
+        Object::NftTable { family: NftFamily::Inet, table: self.table.clone() }
+    }
+
+    /// Why these sets cannot work together, if they cannot: each set in a table of its family,
+    /// two different sets, and with `enforce` both in allowsync's table (a rule can only use the
+    /// sets of its own table).
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        let (v4, v6) = (self.set_object(false), self.set_object(true));
+        for (key, set, wrong, holds) in
+            [("set_v4", &v4, NftFamily::Ip6, "IPv4"), ("set_v6", &v6, NftFamily::Ip, "IPv6")]
+        {
+            if matches!(set, Object::NftSet { family, .. } if *family == wrong) {
+                let only = if holds == "IPv4" { "IPv6" } else { "IPv4" };
+                return Err((
+                    key,
+                    format!(
+                        "{set} cannot hold {holds} addresses: an {} table is {only} only",
+                        wrong.as_str()
+                    ),
+                ));
+            }
+        }
+        if v4 == v6 {
+            return Err(("set_v4", "set_v4 and set_v6 must differ".into()));
+        }
+        let own = self.table_object();
+        if self.enforce.is_some() && [&v4, &v6].iter().any(|s| s.nft_table().as_ref() != Some(&own)) {
+            return Err((
+                "enforce",
+                format!(
+                    "enforce needs set_v4 and set_v6 in allowsync's own {own}, and they are {v4} and {v6}: an nftables rule can only use the sets of its own table. With your own sets, write the drop rules in your ruleset next to them (README, \"Using your own ruleset\"), or use plain set names"
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -609,15 +666,44 @@ fn maxelem<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     Ok(v)
 }
 
+/// allowsync's own nftables table: `allowsync` or `inet allowsync`, kept as the bare name. It
+/// holds both families' sets and the enforcement chain, so it is an `inet` table.
+fn own_table<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    let name = match s.split_whitespace().collect::<Vec<_>>().as_slice() {
+        [name] | ["inet", name] => name.to_string(),
+        [family @ ("ip" | "ip6" | "arp" | "bridge" | "netdev"), _] => {
+            return Err(serde::de::Error::custom(format!(
+                "allowsync's own table holds both families, so it is an inet table, not {family}: write `inet <name>` or just the name (your own `{family}` sets go in set_v4/set_v6, e.g. `ip filter chat_v4`)"
+            )));
+        }
+        _ => s.clone(),
+    };
+    name_checked(name).map_err(serde::de::Error::custom)
+}
+
+/// A set: a name, or `<family> <table> <set>` as nft writes it.
+fn nft_set<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    ownership::parse_nft_set(&s, "allowsync").map_err(serde::de::Error::custom)?;
+    Ok(s.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+fn name_checked(s: String) -> Result<String, String> {
+    if ownership::valid_name(&s) {
+        Ok(s)
+    } else {
+        Err(format!(
+            "`{s}` is not a valid name: start with a letter, then letters, digits, _ or -, at most 31 characters"
+        ))
+    }
+}
+
 /// nftables and ipset object names: letters, digits, `_` and `-`, at most 31 characters (ipset's
 /// limit, and well under nftables' 256).
 fn object_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let s = String::deserialize(d)?;
-    let ok = !s.is_empty()
-        && s.len() <= 31
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        && s.as_bytes()[0].is_ascii_alphabetic();
-    if !ok {
+    if !ownership::valid_name(&s) {
         return Err(serde::de::Error::custom(format!(
             "`{s}` is not a valid name: start with a letter, then letters, digits, _ or -, at most 31 characters"
         )));
@@ -794,8 +880,9 @@ fn resolve(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigErr
             enforce: None,
         }),
         Some(b) => match (&b.value.nftables, &b.value.ipset, &b.value.dry_run) {
-            (Some(n), None, None) if n.set_v4 == n.set_v6 => {
-                return Err(at(path, &b, "backend.nftables", "set_v4 and set_v6 must differ"));
+            (Some(n), None, None) if n.check().is_err() => {
+                let (key, message) = n.check().unwrap_err();
+                return Err(at(path, &b, format!("backend.nftables.{key}"), message));
             }
             (None, Some(i), None) if i.set_v4 == i.set_v6 => {
                 return Err(at(path, &b, "backend.ipset", "set_v4 and set_v6 must differ"));

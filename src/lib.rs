@@ -31,6 +31,7 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod logging;
+pub mod ownership;
 pub mod prefixes;
 pub mod source;
 pub mod state;

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
 use crate::clock;
+use crate::ownership::Footprint;
 use crate::prefixes::AllowSet;
 
 /// The only format version this build reads and writes.
@@ -45,11 +46,22 @@ pub struct State {
     /// The last failure or refusal, cleared by the next successful sync.
     #[serde(default)]
     pub last_error: Option<LastError>,
+    /// The kernel objects allowsync created and the sets it fills (see [`crate::ownership`]).
+    /// Absent in a state file from before 0.2: nothing is then recorded as allowsync's.
+    #[serde(default, skip_serializing_if = "Footprint::is_empty")]
+    pub objects: Footprint,
 }
 
 impl Default for State {
     fn default() -> Self {
-        State { version: VERSION, sources: BTreeMap::new(), applied: None, last_sync: None, last_error: None }
+        State {
+            version: VERSION,
+            sources: BTreeMap::new(),
+            applied: None,
+            last_sync: None,
+            last_error: None,
+            objects: Footprint::default(),
+        }
     }
 }
 
