@@ -506,8 +506,8 @@ mod tests {
             }
             self.inner.apply(diff)
         }
-        fn teardown(&mut self) -> Result<(), BackendError> {
-            Ok(())
+        fn teardown(&mut self) -> Result<crate::ownership::Teardown, BackendError> {
+            Ok(Default::default())
         }
     }
 

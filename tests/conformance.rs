@@ -169,7 +169,7 @@ fn foreign_objects_are_reported_and_left_alone<H: Harness>() {
     let before = H::snapshot();
     let err = H::backend(None).ensure().unwrap_err();
     match &err {
-        BackendError::Foreign { object, why } => {
+        BackendError::Foreign { object, why, .. } => {
             assert_eq!(object, want_object, "{why}");
         }
         other => panic!("expected Foreign, got {other}"),

@@ -116,7 +116,9 @@ fn a_set_too_small_is_grown_by_swap_with_a_warning() {
     // raising maxelem in the configuration rebuilds it larger. Contents survive both.
     b.ensure().unwrap();
     assert_eq!(maxelem(SET_V4), 1024);
+    // A new backend (a restart) knows the sets are allowsync's from the state file's record.
     let mut raised = backend(8192, None);
+    raised.set_recorded(&b.footprint().unwrap());
     raised.ensure().unwrap();
     assert_eq!((maxelem(SET_V4), maxelem(SET_V6)), (8192, 8192));
     assert_eq!(raised.read().unwrap(), small);
@@ -137,7 +139,8 @@ fn enforcement_chain_is_idempotent_and_teardown_goes_in_order() {
     }
     sync(&mut b, &set(["192.0.2.0/24", "2001:db8::/32"]));
     for (prog, set) in [("iptables", SET_V4), ("ip6tables", SET_V6)] {
-        let mut want = vec![format!("-N {ENFORCE_CHAIN}"), format!("-A INPUT -j {ENFORCE_CHAIN}")];
+        let jump = format!("-A INPUT -m comment --comment \"managed by allowsync\" -j {ENFORCE_CHAIN}");
+        let mut want = vec![format!("-N {ENFORCE_CHAIN}"), jump.clone()];
         want.extend(enforce_rules(set, &enforce).iter().map(|r| format!("-A {ENFORCE_CHAIN} {r}")));
         let mut got = rules(prog);
         got.sort();
@@ -145,9 +148,10 @@ fn enforcement_chain_is_idempotent_and_teardown_goes_in_order() {
         assert_eq!(got, want, "{prog}");
         // The jump comes first in INPUT, loopback first in the chain.
         let input = run(prog, &["-S", "INPUT"]);
-        assert_eq!(input.lines().nth(1), Some(&*format!("-A INPUT -j {ENFORCE_CHAIN}")), "{input}");
+        assert_eq!(input.lines().nth(1), Some(&*jump), "{input}");
         let chain = run(prog, &["-S", ENFORCE_CHAIN]);
-        assert_eq!(chain.lines().nth(1), Some(&*format!("-A {ENFORCE_CHAIN} -i lo -j RETURN")), "{chain}");
+        let lo = format!("-A {ENFORCE_CHAIN} -i lo -m comment --comment \"managed by allowsync\" -j RETURN");
+        assert_eq!(chain.lines().nth(1), Some(&*lo), "{chain}");
     }
 
     // Other ports: the chain is refilled, not appended to.
@@ -211,7 +215,11 @@ fn a_rule_failure_never_keeps_the_sets_empty() {
     run("iptables", &["-A", ENFORCE_CHAIN, "-j", "ACCEPT"]);
     let o = env.once(Duration::from_secs(20));
     assert_eq!(o.code, Some(1), "{}", o.stderr);
-    assert!(o.stderr.contains("is not what allowsync manages"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("iptables chain filter ALLOWSYNC holds rules allowsync did not write (-j ACCEPT)"),
+        "{}",
+        o.stderr
+    );
     assert_eq!(entries(SET_V4), ["203.0.113.0/24"]);
     assert_eq!(entries(SET_V6), ["2001:db8:6::/48"]);
 
@@ -219,7 +227,8 @@ fn a_rule_failure_never_keeps_the_sets_empty() {
     run("iptables", &["-X", ENFORCE_CHAIN]);
     let o = env.once(Duration::from_secs(20));
     assert_eq!(o.code, Some(0), "{}", o.stderr);
-    let drop = format!("-m set ! --match-set {SET_V4} src -j DROP");
+    let drop =
+        format!("-m set ! --match-set {SET_V4} src -m comment --comment \"managed by allowsync\" -j DROP");
     assert!(rules("iptables").iter().any(|r| r.ends_with(&drop)), "{:?}", rules("iptables"));
 }
 

@@ -103,15 +103,17 @@ fn foreign_sets_and_chains_are_reported_and_left_alone() {
     let before = run("nft", &["list", "ruleset"]);
     let err = backend(None).ensure().unwrap_err();
     assert!(
-        matches!(&err, BackendError::Foreign { object, why } if object == "set inet allowsync allow_v6" && why.contains("ipv6_addr")),
+        matches!(&err, BackendError::Foreign { object, why, .. } if object == "set inet allowsync allow_v6" && why == "has type inet_service, not ipv6_addr"),
         "{err}"
     );
     assert_eq!(run("nft", &["list", "ruleset"]), before);
 
-    // A regular chain with the reserved name is not adopted as the enforcement chain...
+    // A chain with the reserved name that allowsync did not create (no comment), in a table
+    // that is allowsync's, is not adopted as the enforcement chain...
     nft_script(&format!(
         "flush ruleset\n\
          table inet allowsync {{\n\
+           comment \"managed by allowsync\"\n\
            chain {ENFORCE_CHAIN} {{\n counter\n }}\n\
          }}\n"
     ));

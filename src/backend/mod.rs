@@ -29,6 +29,7 @@ pub mod nftables;
 pub use cached::Cached;
 
 use crate::config::BackendConfig;
+use crate::ownership::{Footprint, Object, Teardown};
 use crate::prefixes::{AllowSet, Diff};
 
 /// A place that holds the allowlist. Calls block (netlink round trips, `ipset` and
@@ -45,9 +46,30 @@ pub trait Backend: Send {
         true
     }
 
-    /// Creates the table, sets and (with `enforce`) rules when missing. An existing object of
-    /// the same name but another type or flags is [`BackendError::Foreign`]: never changed.
+    /// Creates the table, sets and (with `enforce`) rules when missing, and removes the objects
+    /// an earlier configuration created that this one no longer uses (see
+    /// [`Backend::set_recorded`]). An existing object that is not allowsync's (see
+    /// [`crate::ownership`]) is never changed: one of the wrong type or flags, or named like
+    /// one allowsync would have to rewrite, is [`BackendError::Foreign`]; an operator's set or
+    /// table that does not exist is [`BackendError::Absent`].
     fn ensure(&mut self) -> Result<(), BackendError>;
+
+    /// The kernel objects this backend writes to: what [`crate::ownership::lock`] keeps a second
+    /// allowsync off. None for backends that keep nothing in the kernel.
+    fn managed(&self) -> Vec<Object> {
+        Vec::new()
+    }
+
+    /// What the state file recorded about the kernel objects (an earlier run's
+    /// [`Backend::footprint`]): `ensure` removes what was owned and is no longer used, `teardown`
+    /// removes it all. Called before either.
+    fn set_recorded(&mut self, _recorded: &Footprint) {}
+
+    /// The objects allowsync owns and the sets it fills, as the last `ensure` or `teardown`
+    /// left them, for the state file. `None`: nothing to record (dry-run, tests' backends).
+    fn footprint(&self) -> Option<Footprint> {
+        None
+    }
 
     /// What the kernel holds now: the truth every diff is computed against.
     fn read(&mut self) -> Result<AllowSet, BackendError>;
@@ -64,8 +86,9 @@ pub trait Backend: Send {
         Ok(())
     }
 
-    /// Removes everything allowsync created (only on `allowsync teardown`).
-    fn teardown(&mut self) -> Result<(), BackendError>;
+    /// Removes exactly what allowsync owns (only on `allowsync teardown`), empties the operator's
+    /// sets it filled, and says what it removed and what it left.
+    fn teardown(&mut self) -> Result<Teardown, BackendError>;
 
     /// A number that changes whenever the kernel's copy may have changed (nftables: the ruleset
     /// generation). Equal to the value seen right after our last apply means nothing changed
@@ -88,11 +111,15 @@ pub enum BackendError {
     #[error("{object} does not exist (allowsync creates it at its next sync)")]
     Missing { object: String },
 
-    /// An object with our name that allowsync did not create, or of another type or flags.
-    #[error(
-        "{object} already exists and is not what allowsync manages: {why}; rename it or configure another name"
-    )]
-    Foreign { object: String, why: String },
+    /// An object allowsync would have to change but may not (it did not create it), or cannot
+    /// use as it is (another type or flags): what is wrong, and the fix. Nothing was changed.
+    #[error("{object} {why}: {fix}")]
+    Foreign { object: String, why: String, fix: String },
+
+    /// An operator's table or set that the configuration names does not exist. allowsync never
+    /// creates it (it creates tables and sets only under its own name).
+    #[error("{object} does not exist: {fix}")]
+    Absent { object: String, fix: String },
 
     /// The kernel (or a helper program) refused the operation.
     #[error("{op} on {object} failed: {cause}")]
@@ -112,6 +139,16 @@ impl BackendError {
     /// True when a table or set allowsync manages does not exist.
     pub fn is_missing(&self) -> bool {
         matches!(self, BackendError::Missing { .. })
+    }
+
+    /// The object a refusal of the kernel names, and its errno, for a transaction that may go
+    /// on without the step that was refused.
+    pub fn refused_object(&self) -> Option<(&str, Option<i32>)> {
+        match self {
+            BackendError::Conflict { object, .. } => Some((object, Some(libc::ENOENT))),
+            BackendError::Kernel { object, cause, .. } => Some((object, cause.raw_os_error())),
+            _ => None,
+        }
     }
 }
 

@@ -7,7 +7,6 @@
 //! cause; the tests read back what a transaction would send, message by message, without a
 //! kernel.
 
-use std::ffi::CString;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -15,13 +14,14 @@ use ::nftnl::expr::{
     Cmp, CmpOp, Meta, Payload, TcpHeaderField, TransportHeaderField, UdpHeaderField, Verdict,
 };
 use ::nftnl::set::Set;
-use ::nftnl::{Batch, Chain, ChainType, Hook, MsgType, NlMsg, Policy, ProtoFamily, Rule, Table};
+use ::nftnl::{Batch, Chain, MsgType, NlMsg, Rule, Table};
 use tracing::debug;
 
-use super::{ENFORCE_CHAIN, Family, NftablesBackend, SetKeyAddr, kernel, nftnl, open_socket};
+use super::{ENFORCE_HOOK, Family, Name, NftablesBackend, SetKeyAddr, kernel, nftnl, open_socket, proto};
 use crate::backend::BackendError;
 use crate::config::{Enforce, NftablesConfig};
-use crate::prefixes::{Diff, Range};
+use crate::ownership::MARK;
+use crate::prefixes::{AllowSet, Diff, Range};
 
 /// Bytes one element takes in a message, roughly (nests, key, flags): sizes the batch pages.
 const ELEMENT_BYTES_ESTIMATE: usize = 40;
@@ -130,6 +130,10 @@ pub(super) struct Sent {
     pub(super) msg: i32,
     /// `(key, is_interval_end)` of each element, for element messages.
     pub(super) elements: Vec<(Vec<u8>, bool)>,
+    /// Whether the message carries [`MARK`] (as a comment in its userdata).
+    pub(super) marked: bool,
+    /// The `nfgenmsg` family (`NFPROTO_*`).
+    pub(super) family: u8,
 }
 
 #[cfg(test)]
@@ -155,7 +159,9 @@ impl Transaction {
                 } else {
                     Vec::new()
                 };
-                out.push(Sent { op, object: object.to_string(), msg, elements });
+                let marked = m.bytes.windows(MARK.len()).any(|w| w == MARK.as_bytes());
+                let family = m.bytes[std::mem::size_of::<libc::nlmsghdr>()];
+                out.push(Sent { op, object: object.to_string(), msg, elements, marked, family });
                 Ok(())
             })
             .expect("the batch parses");
@@ -230,114 +236,136 @@ fn refused(op: &'static str, object: String, errno: i32) -> BackendError {
     }
 }
 
-impl NftablesBackend {
-    fn nft_table(&self) -> Table {
-        Table::new(&self.table, ProtoFamily::Inet)
-    }
+/// One change of a transaction [`NftablesBackend::transaction`] sends, in the order given.
+#[derive(Debug, Clone)]
+pub(super) enum Step {
+    /// A table of allowsync's own, with [`MARK`].
+    AddTable(Name),
+    /// A `flags interval` set of the family's address type, with [`MARK`], filled with `seed`
+    /// (the allowlist the set it replaces held) in the same commit.
+    AddSet {
+        set: Name,
+        family: Family,
+        seed: AllowSet,
+    },
+    /// The enforcement chain, with [`MARK`], its rules flushed and re-added (so a restart never
+    /// duplicates them).
+    Enforce,
+    DeleteChain(Name),
+    DeleteSet(Name),
+    /// A table with everything in it (only one that holds nothing but allowsync's objects).
+    DeleteTable(Name),
+    /// Every element of an operator's set (`teardown`).
+    FlushSet(Name),
+}
 
-    /// Creates what is missing: the table (a no-op when it exists), the missing sets, and
-    /// with `enforce` the chain with its rules (flushed and re-added, so a restart never
-    /// duplicates them); without `enforce` it deletes an enforcement chain left from before.
-    pub(super) fn ensure_transaction(&self, missing_sets: &[Family], chain_exists: bool) -> Transaction {
-        let mut tx = Transaction::new(0);
-        let table = self.nft_table();
-        tx.push(&table, MsgType::Add, "add table", &self.table_object());
-
-        for (id, &family) in (1u32..).zip(missing_sets) {
-            let (name, object) = (self.set_name(family), self.set_object(family));
-            match family {
-                Family::V4 => tx.push(
-                    &nftnl::interval_set::<Ipv4Addr>(name, id, &table),
-                    MsgType::Add,
-                    "add set",
-                    &object,
-                ),
-                Family::V6 => tx.push(
-                    &nftnl::interval_set::<Ipv6Addr>(name, id, &table),
-                    MsgType::Add,
-                    "add set",
-                    &object,
-                ),
-            }
+impl Step {
+    /// The object the step changes, as its messages' labels name it.
+    pub(super) fn object(&self, backend: &NftablesBackend) -> String {
+        match self {
+            Step::AddTable(n)
+            | Step::AddSet { set: n, .. }
+            | Step::DeleteChain(n)
+            | Step::DeleteSet(n)
+            | Step::DeleteTable(n)
+            | Step::FlushSet(n) => n.object.to_string(),
+            Step::Enforce => backend.chain.object.to_string(),
         }
+    }
+}
 
-        let chain_name = CString::new(ENFORCE_CHAIN).expect("no NUL");
-        match &self.enforce {
-            Some(enforce) => {
-                let mut chain = Chain::new(&chain_name, &table);
-                chain.set_hook(Hook::In, 0);
-                chain.set_type(ChainType::Filter);
-                chain.set_policy(Policy::Accept);
-                tx.push(&chain, MsgType::Add, "add chain", &self.chain_object());
-                // A rule without a handle, deleted: the kernel flushes the chain.
-                tx.push(&Rule::new(&chain), MsgType::Del, "flush chain", &self.chain_object());
-                for rule in self.enforcement_rules(&chain, enforce) {
-                    tx.push(&rule, MsgType::Add, "add rule", &self.chain_object());
+fn nft_table(name: &Name) -> Table {
+    Table::new(&name.table, proto(name.family))
+}
+
+impl NftablesBackend {
+    /// `steps` as one transaction.
+    pub(super) fn transaction(&self, steps: &[Step]) -> Transaction {
+        let seeded: usize = steps
+            .iter()
+            .map(|s| match s {
+                Step::AddSet { seed, .. } => 2 * seed.len(),
+                _ => 0,
+            })
+            .sum();
+        let mut tx = Transaction::new(seeded * ELEMENT_BYTES_ESTIMATE);
+        for (id, step) in (1u32..).zip(steps) {
+            let object = step.object(self);
+            match step {
+                Step::AddTable(t) => tx.push(
+                    &nftnl::MarkedTable::new(t.family, &t.table, MARK),
+                    MsgType::Add,
+                    "add table",
+                    &object,
+                ),
+                Step::AddSet { set, family, seed } => {
+                    let table = nft_table(set);
+                    match family {
+                        Family::V4 => tx.push(
+                            &nftnl::interval_set::<Ipv4Addr>(&set.name, id, &table, MARK),
+                            MsgType::Add,
+                            "add set",
+                            &object,
+                        ),
+                        Family::V6 => tx.push(
+                            &nftnl::interval_set::<Ipv6Addr>(&set.name, id, &table, MARK),
+                            MsgType::Add,
+                            "add set",
+                            &object,
+                        ),
+                    }
+                    push_elements(&mut tx, set, seed.v4.as_slice(), MsgType::Add);
+                    push_elements(&mut tx, set, seed.v6.as_slice(), MsgType::Add);
                 }
+                Step::Enforce => self.push_enforcement(&mut tx),
+                Step::DeleteChain(c) => {
+                    let table = nft_table(c);
+                    tx.push(&Chain::new(&c.name, &table), MsgType::Del, "delete chain", &object);
+                }
+                Step::DeleteSet(s) => {
+                    let table = nft_table(s);
+                    let set = Set::<Ipv4Addr>::new_named(&s.name, 0, &table, proto(s.family));
+                    tx.push(&set, MsgType::Del, "delete set", &object);
+                }
+                Step::DeleteTable(t) => tx.push(&nft_table(t), MsgType::Del, "delete table", &object),
+                Step::FlushSet(s) => tx.push(
+                    &nftnl::FlushSet::new(s.family, &s.table, &s.name),
+                    MsgType::Del,
+                    "flush set",
+                    &object,
+                ),
             }
-            None if chain_exists => {
-                tx.push(&Chain::new(&chain_name, &table), MsgType::Del, "delete chain", &self.chain_object());
-            }
-            None => {}
         }
         tx
+    }
+
+    /// The enforcement chain, flushed and refilled: one batch, so it is never seen empty.
+    fn push_enforcement(&self, tx: &mut Transaction) {
+        let Some(enforce) = &self.enforce else { return };
+        let c = &self.chain;
+        let object = c.object.to_string();
+        let (hook, priority) = ENFORCE_HOOK;
+        let marked = nftnl::MarkedChain::new(c.family, &c.table, &c.name, (hook, priority, c"filter"), MARK);
+        tx.push(&marked, MsgType::Add, "add chain", &object);
+        let table = nft_table(c);
+        let chain = Chain::new(&c.name, &table);
+        // A rule without a handle, deleted: the kernel flushes the chain.
+        tx.push(&Rule::new(&chain), MsgType::Del, "flush chain", &object);
+        for rule in self.enforcement_rules(&chain, enforce) {
+            tx.push(&rule, MsgType::Add, "add rule", &object);
+        }
     }
 
     /// Applies a diff: all removals (IPv4, IPv6), then all additions, as interval elements.
     pub(super) fn apply_transaction(&self, diff: &Diff) -> Transaction {
         let elements = 2 * (diff.added() + diff.removed());
         let mut tx = Transaction::new(elements * ELEMENT_BYTES_ESTIMATE);
-        let table = self.nft_table();
-        self.push_elements(&mut tx, &table, &diff.v4.remove, MsgType::Del);
-        self.push_elements(&mut tx, &table, &diff.v6.remove, MsgType::Del);
-        self.push_elements(&mut tx, &table, &diff.v4.add, MsgType::Add);
-        self.push_elements(&mut tx, &table, &diff.v6.add, MsgType::Add);
+        let [v4, v6] = &self.sets;
+        push_elements(&mut tx, v4, &diff.v4.remove, MsgType::Del);
+        push_elements(&mut tx, v6, &diff.v6.remove, MsgType::Del);
+        push_elements(&mut tx, v4, &diff.v4.add, MsgType::Add);
+        push_elements(&mut tx, v6, &diff.v6.add, MsgType::Add);
         tx
-    }
-
-    /// Deletes allowsync's table with everything in it.
-    pub(super) fn teardown_transaction(&self) -> Transaction {
-        let mut tx = Transaction::new(0);
-        tx.push(&self.nft_table(), MsgType::Del, "delete table", &self.table_object());
-        tx
-    }
-
-    /// The element messages of `ranges` (one family) into `tx`.
-    fn push_elements<A: SetKeyAddr>(
-        &self,
-        tx: &mut Transaction,
-        table: &Table,
-        ranges: &[Range<A>],
-        ty: MsgType,
-    ) {
-        if ranges.is_empty() {
-            return;
-        }
-        let family = A::FAMILY;
-        let name = self.set_name(family);
-        let op = match ty {
-            MsgType::Add => "add elements",
-            MsgType::Del => "delete elements",
-        };
-        let object = self.set_object(family);
-        // The set object only carries table and name for the element messages; key type and
-        // flags are not sent with them. Built and serialized a chunk at a time: libnftnl takes
-        // about 300 bytes per element object, so holding all of a 100k-range diff at once cost
-        // 60 MB, while the serialized batch needs about 60 bytes per element.
-        for chunk in ranges.chunks(ELEMENT_CHUNK_RANGES) {
-            match family {
-                Family::V4 => {
-                    let set = Set::<Ipv4Addr>::new_named(name, 0, table, ProtoFamily::Inet);
-                    append_interval_elements(&set, chunk);
-                    tx.push_elements(&set, ty, op, &object);
-                }
-                Family::V6 => {
-                    let set = Set::<Ipv6Addr>::new_named(name, 0, table, ProtoFamily::Inet);
-                    append_interval_elements(&set, chunk);
-                    tx.push_elements(&set, ty, op, &object);
-                }
-            }
-        }
     }
 
     /// The enforcement rules, in the order [`enforce_rule_text`] prints them.
@@ -365,7 +393,7 @@ impl NftablesBackend {
                 r.add_expr(&Meta::NfProto);
                 r.add_expr(&Cmp::new(CmpOp::Eq, family.nfproto()));
                 r.add_expr(&family.saddr());
-                r.add_expr(&nftnl::NotInSet { set: self.set_name(family) });
+                r.add_expr(&nftnl::NotInSet { set: &self.sets[family.index()].name });
                 r.add_expr(&Verdict::Drop);
                 rules.push(r);
             }
@@ -382,9 +410,10 @@ pub fn enforce_rule_text(config: &NftablesConfig, enforce: &Enforce) -> Vec<Stri
     let mut out = vec![r#"iifname "lo" accept"#.to_string()];
     for (l4proto, port) in enforced_ports(enforce) {
         for family in Family::BOTH {
-            let set = match family {
-                Family::V4 => &config.set_v4,
-                Family::V6 => &config.set_v6,
+            // The set's name: with `enforce`, both sets are in allowsync's table.
+            let set = match config.set_object(family == Family::V6) {
+                crate::ownership::Object::NftSet { name, .. } => name,
+                other => other.to_string(),
             };
             out.push(format!("{} dport {port} {} saddr != @{set} drop", l4proto.name(), family.nft_proto()));
         }
@@ -422,6 +451,37 @@ impl L4 {
 /// TCP ports, then UDP ports, in configuration order.
 fn enforced_ports(e: &Enforce) -> impl Iterator<Item = (L4, u16)> + '_ {
     e.tcp_ports.iter().map(|&p| (L4::Tcp, p)).chain(e.udp_ports.iter().map(|&p| (L4::Udp, p)))
+}
+
+/// The element messages of `ranges` (one family) for set `set` into `tx`.
+fn push_elements<A: SetKeyAddr>(tx: &mut Transaction, set: &Name, ranges: &[Range<A>], ty: MsgType) {
+    if ranges.is_empty() {
+        return;
+    }
+    let op = match ty {
+        MsgType::Add => "add elements",
+        MsgType::Del => "delete elements",
+    };
+    let object = set.object.to_string();
+    let table = nft_table(set);
+    // The set object only carries table and name for the element messages; key type and
+    // flags are not sent with them. Built and serialized a chunk at a time: libnftnl takes
+    // about 300 bytes per element object, so holding all of a 100k-range diff at once cost
+    // 60 MB, while the serialized batch needs about 60 bytes per element.
+    for chunk in ranges.chunks(ELEMENT_CHUNK_RANGES) {
+        match A::FAMILY {
+            Family::V4 => {
+                let s = Set::<Ipv4Addr>::new_named(&set.name, 0, &table, proto(set.family));
+                append_interval_elements(&s, chunk);
+                tx.push_elements(&s, ty, op, &object);
+            }
+            Family::V6 => {
+                let s = Set::<Ipv6Addr>::new_named(&set.name, 0, &table, proto(set.family));
+                append_interval_elements(&s, chunk);
+                tx.push_elements(&s, ty, op, &object);
+            }
+        }
+    }
 }
 
 /// Appends the interval elements of `ranges` to `set`'s element list: the start, and the end
@@ -493,15 +553,29 @@ mod tests {
 
     const CHAIN: &str = "chain inet t enforce";
 
+    fn name(text: &str) -> Name {
+        Name::of(&text.parse().unwrap()).unwrap()
+    }
+
     #[test]
-    fn ensure_creates_the_missing_sets_and_rewrites_the_enforcement_chain_in_one_batch() {
+    fn a_move_creates_marked_objects_with_their_elements_then_removes_the_old_ones_in_one_batch() {
         let b = backend(Some(Enforce { tcp_ports: vec![443], udp_ports: vec![] }));
-        let sent = b.ensure_transaction(&[Family::V6], false).recorded();
+        let seed = allowsync_testkit::set(["2001:db8::/48"]);
+        let steps = [
+            Step::AddTable(name("table inet t")),
+            Step::AddSet { set: name("set inet t s6"), family: Family::V6, seed },
+            Step::Enforce,
+            Step::DeleteChain(name("chain inet old enforce")),
+            Step::DeleteSet(name("set inet t old_v6")),
+            Step::DeleteTable(name("table inet old")),
+        ];
+        let sent = b.transaction(&steps).recorded();
         assert_eq!(
             ops(&sent),
             [
                 ("add table", "table inet t", libc::NFT_MSG_NEWTABLE),
                 ("add set", "set inet t s6", libc::NFT_MSG_NEWSET),
+                ("add elements", "set inet t s6", libc::NFT_MSG_NEWSETELEM),
                 ("add chain", CHAIN, libc::NFT_MSG_NEWCHAIN),
                 // A rule without a handle, deleted: the kernel flushes the chain first, so a
                 // restart never duplicates the rules.
@@ -509,32 +583,45 @@ mod tests {
                 ("add rule", CHAIN, libc::NFT_MSG_NEWRULE),
                 ("add rule", CHAIN, libc::NFT_MSG_NEWRULE),
                 ("add rule", CHAIN, libc::NFT_MSG_NEWRULE),
+                ("delete chain", "chain inet old enforce", libc::NFT_MSG_DELCHAIN),
+                ("delete set", "set inet t old_v6", libc::NFT_MSG_DELSET),
+                ("delete table", "table inet old", libc::NFT_MSG_DELTABLE),
             ]
         );
+        // The table, the set and the chain carry the mark; the rules and deletions do not.
+        let marked: Vec<&str> = sent.iter().filter(|s| s.marked).map(|s| s.op).collect();
+        assert_eq!(marked, ["add table", "add set", "add chain"]);
+        assert_eq!(ranges_in::<u128>(&sent, libc::NFT_MSG_NEWSETELEM, "set inet t s6").len(), 1);
     }
 
     #[test]
-    fn without_enforce_an_existing_chain_is_deleted_and_nothing_else_is_sent() {
-        let b = backend(None);
-        let sent = b.ensure_transaction(&[], true).recorded();
+    fn an_operators_set_in_any_family_is_flushed_by_name_and_filled_in_its_own_family() {
+        let b = NftablesBackend::new(&NftablesConfig {
+            table: "t".into(),
+            set_v4: "ip filter chat_v4".into(),
+            set_v6: "ip6 filter chat_v6".into(),
+            enforce: None,
+        })
+        .unwrap();
+        let sent = b.transaction(&[Step::FlushSet(name("set ip filter chat_v4"))]).recorded();
+        assert_eq!(ops(&sent), [("flush set", "set ip filter chat_v4", libc::NFT_MSG_DELSETELEM)]);
+        assert!(sent[0].elements.is_empty(), "no element: the whole set");
+        let diff = Diff {
+            v4: Delta { remove: vec![], add: vec![Range { start: v4("10.0.0.0"), end: v4("10.0.0.255") }] },
+            v6: Delta { remove: vec![], add: vec![Range { start: 1u128, end: 1 }] },
+        };
+        let sent = b.apply_transaction(&diff).recorded();
         assert_eq!(
             ops(&sent),
             [
-                ("add table", "table inet t", libc::NFT_MSG_NEWTABLE),
-                ("delete chain", CHAIN, libc::NFT_MSG_DELCHAIN)
+                ("add elements", "set ip filter chat_v4", libc::NFT_MSG_NEWSETELEM),
+                ("add elements", "set ip6 filter chat_v6", libc::NFT_MSG_NEWSETELEM),
             ]
         );
-        let sent = b.ensure_transaction(&[Family::V4, Family::V6], false).recorded();
         assert_eq!(
-            ops(&sent),
-            [
-                ("add table", "table inet t", libc::NFT_MSG_NEWTABLE),
-                ("add set", "set inet t s4", libc::NFT_MSG_NEWSET),
-                ("add set", "set inet t s6", libc::NFT_MSG_NEWSET),
-            ]
+            sent.iter().map(|s| s.family).collect::<Vec<_>>(),
+            [libc::NFPROTO_IPV4 as u8, libc::NFPROTO_IPV6 as u8]
         );
-        let sent = b.teardown_transaction().recorded();
-        assert_eq!(ops(&sent), [("delete table", "table inet t", libc::NFT_MSG_DELTABLE)]);
     }
 
     #[test]
