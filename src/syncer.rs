@@ -19,6 +19,7 @@ use crate::backend::{self, Backend, BackendError};
 use crate::clock;
 use crate::config::Config;
 use crate::engine::{self, Desired, Outcome, Plan, SourceResult, SourceStatus};
+use crate::ownership::lock::{LockError, ObjectLocks};
 use crate::prefixes::AllowSet;
 use crate::source::{ErrorClass, Fetched, Sources};
 use crate::state::{self, State, StateError, StateFile};
@@ -29,6 +30,8 @@ pub enum SyncerError {
     Locked { pid: String, lock: PathBuf },
     #[error("lock file {path}: {cause}")]
     Lock { path: PathBuf, cause: std::io::Error },
+    #[error(transparent)]
+    Objects(#[from] LockError),
     #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]
@@ -97,21 +100,31 @@ pub struct Syncer {
     state_file: StateFile,
     state: State,
     _lock: Option<File>,
+    /// One manager per kernel object, whatever the state file (see [`crate::ownership::lock`]).
+    objects: Option<ObjectLocks>,
 }
 
 impl Syncer {
-    /// Takes the lock, loads the state and builds sources and backend. With `lock: false`
-    /// (`plan`) nothing is locked and nothing will be written.
+    /// Takes the locks (the state file's, and one per kernel object the configuration writes
+    /// to), loads the state and builds sources and backend. With `lock: false` (`plan`) nothing
+    /// is locked and nothing will be written.
     pub fn new(cfg: Config, lock: bool) -> Result<Syncer, SyncerError> {
         let backend = backend::from_config(&cfg.backend)?;
         Syncer::with_backend(cfg, backend, lock)
     }
 
     /// As [`Syncer::new`], with a backend of the caller's (tests, the bench), used as given.
-    pub fn with_backend(cfg: Config, backend: Box<dyn Backend>, lock: bool) -> Result<Syncer, SyncerError> {
-        let backend = Arc::new(Mutex::new(backend));
+    pub fn with_backend(
+        cfg: Config,
+        mut backend: Box<dyn Backend>,
+        lock: bool,
+    ) -> Result<Syncer, SyncerError> {
         let state_file = StateFile::new(&cfg.state_file);
         let lock = if lock { Some(lock_state(&cfg.state_file)?) } else { None };
+        let objects = match lock {
+            Some(_) => Some(ObjectLocks::take(&backend.managed(), &cfg.path)?),
+            None => None,
+        };
         let mut state = if lock.is_some() {
             state_file.load()?
         } else {
@@ -119,11 +132,16 @@ impl Syncer {
         };
         state::forget_unknown_sources(&mut state, cfg.sources.iter().map(|s| s.name.as_str()));
         let sources = Sources::new(&cfg).map_err(|e| SyncerError::Sources(e.to_string()))?;
-        Ok(Syncer { cfg, sources, backend, state_file, state, _lock: lock })
+        backend.set_recorded(&state.objects);
+        let backend = Arc::new(Mutex::new(backend));
+        Ok(Syncer { cfg, sources, backend, state_file, state, _lock: lock, objects })
     }
 
-    /// Takes a new configuration (SIGHUP): new sources and backend, same lock and state. The
-    /// state file cannot move while running; a changed `state_file` waits for a restart.
+    /// Takes a new configuration (SIGHUP): new sources and backend, same state. The object locks
+    /// move to the new configuration's objects (another allowsync holding one of them refuses
+    /// the reload); the new backend is told what the old one owned, so that its first `ensure`
+    /// removes what the new configuration no longer uses. The state file cannot move while
+    /// running; a changed `state_file` waits for a restart.
     pub fn reload(&mut self, mut cfg: Config) -> Result<(), SyncerError> {
         if cfg.state_file != self.cfg.state_file {
             warn!(
@@ -133,8 +151,13 @@ impl Syncer {
             );
             cfg.state_file = self.cfg.state_file.clone();
         }
-        let backend = Arc::new(Mutex::new(backend::from_config(&cfg.backend)?));
+        let mut backend = backend::from_config(&cfg.backend)?;
         let sources = Sources::new(&cfg).map_err(|e| SyncerError::Sources(e.to_string()))?;
+        if let Some(locks) = &mut self.objects {
+            locks.retarget(&backend.managed())?;
+        }
+        backend.set_recorded(&self.state.objects);
+        let backend = Arc::new(Mutex::new(backend));
         state::forget_unknown_sources(&mut self.state, cfg.sources.iter().map(|s| s.name.as_str()));
         self.backend = backend;
         self.sources = sources;
@@ -161,7 +184,12 @@ impl Syncer {
     /// (and re-open addresses the newer list had removed) until the next sync.
     pub async fn restore(&mut self) -> Result<usize, SyncerError> {
         let applied = self.state.applied.clone();
-        self.on_backend(move |b| restore_into(b, applied)).await
+        let (restored, objects) = self.on_backend(move |b| (restore_into(b, applied), b.footprint())).await;
+        if let Some(objects) = objects {
+            // Written with the first cycle's state.
+            self.state.objects = objects;
+        }
+        restored
     }
 
     /// Runs `f` with the backend on tokio's blocking pool and waits for it without holding up
@@ -230,6 +258,9 @@ impl Syncer {
                 // The enforcement rules after the sets: one that cannot be installed fails this
                 // cycle, but the sets were synced (and are recorded as such).
                 let enforce_error = if enforced { b.enforce().err() } else { None };
+                if let Some(objects) = b.footprint().filter(|_| enforced) {
+                    state.objects = objects;
+                }
                 let drift = match (&result, &state.applied) {
                     // dry-run keeps nothing: every cycle starts from an empty set by design.
                     _ if !b.persists() => None,
@@ -526,7 +557,7 @@ mod tests {
         fn apply(&mut self, diff: &crate::prefixes::Diff) -> Result<(), BackendError> {
             self.inner.apply(diff)
         }
-        fn teardown(&mut self) -> Result<(), BackendError> {
+        fn teardown(&mut self) -> Result<crate::ownership::Teardown, BackendError> {
             self.inner.teardown()
         }
     }

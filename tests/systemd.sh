@@ -533,7 +533,9 @@ ipset_full() { holds ipset_elements allowsync_v4 "${V4[@]}" "$STATIC" && holds i
 ipset_rules() {
   local out
   out=$(c iptables -S 2>/dev/null) || return 1
-  [[ $out == *"-A INPUT -j ALLOWSYNC"* && $out == *"--match-set allowsync_v4 src -j DROP"* ]]
+  # Every rule allowsync writes carries its mark (a comment match).
+  [[ $out == *'-A INPUT -m comment --comment "managed by allowsync" -j ALLOWSYNC'* &&
+     $out == *'--match-set allowsync_v4 src -m comment --comment "managed by allowsync" -j DROP'* ]]
 }
 
 # The ipset backend with enforce under the unit: the sets are filled even while the rules
@@ -552,7 +554,7 @@ check_ipset_enforce() {
   cur=$(cursor)
   start_clean || why "systemctl start failed: $(c systemctl status allowsync --no-pager -l)" || return 1
   ipset_full || why "the ipsets were not filled while the rules failed: v4 [$(ipset_elements allowsync_v4 | tr '\n' ' ')]" || return 1
-  wait_until 20 logged "$cur" "is not what allowsync manages" -p err ||
+  wait_until 20 logged "$cur" "holds rules allowsync did not write" -p err ||
     why "the rule failure is not logged as an error" || return 1
   wait_until 20 connects "$NS_S" "${STRANGER%.*}.1" || why "the stranger cannot connect even without enforcement" || return 1
   c iptables -F ALLOWSYNC && c iptables -X ALLOWSYNC || why "cannot remove the foreign chain" || return 1
