@@ -1383,4 +1383,39 @@ sources:
         let (_, key, _) = invalid(&format!("{BASE}backend:\n  nftables: {{ table: \"bad name\" }}\n"));
         assert_eq!(key, "backend.nftables.table");
     }
+
+    #[test]
+    fn operator_sets_are_named_as_nft_writes_them_and_must_fit_their_family() {
+        let nft = |body: &str| format!("{BASE}backend:\n  nftables: {{ {body} }}\n");
+        let c = parse(&nft(r#"set_v4: "ip filter chat_v4", set_v6: "ip6  filter chat_v6""#)).unwrap();
+        let BackendConfig::Nftables(n) = &c.backend else { panic!() };
+        assert_eq!(n.set_object(false).to_string(), "set ip filter chat_v4");
+        assert_eq!(n.set_object(true).to_string(), "set ip6 filter chat_v6");
+        assert_eq!(n.table_object().to_string(), "table inet allowsync");
+        // Plain names keep meaning the set of `table inet <table>`; `inet <name>` is that table.
+        let c = parse(&nft(r#"table: "inet fw", set_v4: allow_v4"#)).unwrap();
+        let BackendConfig::Nftables(n) = &c.backend else { panic!() };
+        assert_eq!(n.set_object(false).to_string(), "set inet fw allow_v4");
+        assert_eq!(n.set_object(true).to_string(), "set inet fw allow_v6");
+
+        let (line, key, message) = invalid(&nft(r#"table: "ip filter""#));
+        assert_eq!((line, key.as_str()), (6, "backend.nftables.table"));
+        assert!(message.contains("it is an inet table, not ip"), "{message}");
+        let (_, key, message) = invalid(&nft(r#"set_v4: "ip6 filter chat_v4""#));
+        assert_eq!(key, "backend.nftables.set_v4");
+        assert!(message.contains("set ip6 filter chat_v4 cannot hold IPv4 addresses"), "{message}");
+        let (_, key, message) = invalid(&nft(r#"set_v4: "arp filter x""#));
+        assert_eq!(key, "backend.nftables.set_v4");
+        assert!(message.contains("`arp` is not an nftables family"), "{message}");
+        let (_, key, _) = invalid(&nft(r#"set_v4: "inet allowsync allow_v6""#));
+        assert_eq!(key, "backend.nftables.set_v4", "the same set as set_v6");
+        // A rule can only use the sets of its own table.
+        let (_, key, message) =
+            invalid(&nft(r#"set_v4: "ip filter chat_v4", enforce: { tcp_ports: [443] }"#));
+        assert_eq!(key, "backend.nftables.enforce");
+        assert!(
+            message.contains("enforce needs set_v4 and set_v6 in allowsync's own table inet allowsync"),
+            "{message}"
+        );
+    }
 }

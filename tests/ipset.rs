@@ -246,3 +246,57 @@ fn a_missing_set_is_missing_and_ensure_recreates_it() {
     b.ensure().unwrap();
     assert_eq!(b.read().unwrap(), set(["192.0.2.1"]));
 }
+
+/// The state file is the ipsets' record of ownership: what `once` created is recorded there,
+/// `teardown` destroys exactly that (and the marked chain), says so, and forgets it; an ipset
+/// of the same name created by hand afterwards is not allowsync's.
+#[test]
+fn the_state_file_records_the_ipsets_allowsync_created_and_teardown_destroys_only_those() {
+    let lists = [(5, strings(&["203.0.113.0/24"])), (6, strings(&["2001:db8:6::/48"]))].into();
+    let setup = Setup::new("ipset-ownership-test-key", lists);
+    let Some(env) = setup_with(setup, |yaml| {
+        let ipset =
+            format!("ipset: {{ set_v4: {SET_V4}, set_v6: {SET_V6}, enforce: {{ tcp_ports: [443] }} }}");
+        *yaml = yaml.replace("nftables: { table: allowsync, set_v4: allow_v4, set_v6: allow_v6 }", &ipset);
+    }) else {
+        return;
+    };
+    let t = Duration::from_secs(20);
+    let o = env.once(t);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    let owned: Vec<String> = env.parsed_state().objects.owned.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        owned,
+        [
+            "ipset allowsync_v4",
+            "ipset allowsync_v6",
+            "iptables chain filter ALLOWSYNC",
+            "ip6tables chain filter ALLOWSYNC"
+        ]
+    );
+    let o = env.command(&["teardown"], t);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    for line in [
+        "removed iptables chain filter ALLOWSYNC",
+        "removed ipset allowsync_v4",
+        "removed ipset allowsync_v6",
+    ] {
+        assert!(o.stdout.contains(line), "{line:?} in\n{}", o.stdout);
+    }
+    assert_eq!(run("ipset", &["list", "-n"]), "");
+    assert!(env.parsed_state().objects.owned.is_empty(), "forgotten once destroyed");
+
+    // Created by hand now: the operator's. Filled, then emptied, never destroyed.
+    run("ipset", &["create", SET_V4, "hash:net", "family", "inet", "maxelem", "2048"]);
+    run("ipset", &["create", SET_V6, "hash:net", "family", "inet6", "maxelem", "2048"]);
+    let o = env.once(t);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    assert_eq!(entries(SET_V4), ["203.0.113.0/24"], "filled");
+    assert_eq!(maxelem(SET_V4), 2048, "its size is not");
+    let o = env.command(&["teardown"], t);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    assert!(o.stdout.contains("emptied ipset allowsync_v4"), "{}", o.stdout);
+    assert!(o.stdout.contains("left ipset allowsync_v4: allowsync did not create it"), "{}", o.stdout);
+    assert_eq!(run("ipset", &["list", "-n"]).lines().count(), 2);
+    assert!(entries(SET_V4).is_empty());
+}

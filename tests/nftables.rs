@@ -199,3 +199,43 @@ fn ensure_is_idempotent_and_teardown_removes_the_table() {
         "table inet allowsync does not exist (allowsync creates it at its next sync)"
     );
 }
+
+/// A removal the kernel refuses because an operator's rule still uses the object (EBUSY) does not
+/// hold up the rest: the transaction goes ahead without it, the object stays recorded as
+/// allowsync's, and teardown later reports it left, with the operator's chain that holds it.
+#[test]
+fn a_removal_an_operators_rule_blocks_is_left_and_the_rest_goes_ahead() {
+    let Some(_ns) = enter_new_netns() else { return };
+    let mut a = backend(None);
+    a.ensure().unwrap();
+    let list = set(["192.0.2.0/24", "2001:db8::/48"]);
+    sync(&mut a, &list);
+    // The operator's own rule in allowsync's table, on its set (the README of 0.1 suggested it).
+    nft_script(
+        "add chain inet allowsync mine { type filter hook input priority 0; policy accept; }\n\
+         add rule inet allowsync mine tcp dport 443 ip saddr != @allow_v4 drop\n",
+    );
+    let mut b = NftablesBackend::new(&NftablesConfig { set_v4: "chat_v4".into(), ..config(None) }).unwrap();
+    b.set_recorded(&a.footprint().unwrap());
+    b.ensure().unwrap();
+    assert_eq!(b.read().unwrap(), list, "the new set starts with the old one's elements");
+    let listing = run("nft", &["list", "table", "inet", TABLE]);
+    assert!(listing.contains("set allow_v4") && listing.contains("set chat_v4"), "{listing}");
+    let owned: Vec<String> = b.footprint().unwrap().owned.iter().map(ToString::to_string).collect();
+    assert!(owned.contains(&"set inet allowsync allow_v4".to_string()), "still recorded: {owned:?}");
+
+    let report = b.teardown().unwrap();
+    assert_eq!(report.removed, ["set inet allowsync allow_v6", "set inet allowsync chat_v4"], "{report:?}");
+    assert!(
+        report.left.iter().any(|l| l.starts_with("set inet allowsync allow_v4: the kernel refused")),
+        "{report:?}"
+    );
+    assert!(
+        report.left.contains(
+            &"table inet allowsync: it holds chain mine, which allowsync did not create".to_string()
+        ),
+        "{report:?}"
+    );
+    let listing = run("nft", &["list", "table", "inet", TABLE]);
+    assert!(listing.contains("chain mine") && listing.contains("set allow_v4"), "{listing}");
+}

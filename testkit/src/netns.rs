@@ -168,6 +168,83 @@ pub fn nft_set_elements(family: &str, table: &str, set: &str) -> Vec<(std::net::
     ranges
 }
 
+/// `nft monitor` in the current thread's namespace: every committed change, and one
+/// `# new generation N by process P (name)` line per transaction.
+pub struct NftMonitor {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl NftMonitor {
+    /// Starts it and waits (bounded) until it reports a probe commit of its own: from then on it
+    /// sees every commit.
+    pub fn start() -> NftMonitor {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("monitor.txt");
+        let child = Command::new("nft")
+            .arg("monitor")
+            .stdout(File::create(&out).unwrap())
+            .spawn()
+            .expect("nft monitor");
+        let m = NftMonitor { child, out, _dir: dir };
+        let probe = "table inet nft_monitor_probe";
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let _ = Command::new("nft").args(["add", "table", "inet", "nft_monitor_probe"]).status();
+            let _ = Command::new("nft").args(["delete", "table", "inet", "nft_monitor_probe"]).status();
+            if m.text().contains(&format!("delete {probe}")) {
+                return m;
+            }
+            assert!(std::time::Instant::now() < end, "nft monitor reported nothing within 10 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn text(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    /// Commits a probe and waits (bounded) until the monitor reports it: everything committed
+    /// before has been reported too.
+    pub fn barrier(&self) {
+        let seen = |m: &NftMonitor| m.text().matches("delete table inet nft_monitor_probe").count();
+        let before = seen(self);
+        let _ = Command::new("nft").args(["add", "table", "inet", "nft_monitor_probe"]).status();
+        let _ = Command::new("nft").args(["delete", "table", "inet", "nft_monitor_probe"]).status();
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while seen(self) == before {
+            assert!(std::time::Instant::now() < end, "nft monitor did not report the probe within 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The events of each transaction since the start, probe excluded: the lines before each
+    /// `# new generation` line.
+    pub fn transactions(&self) -> Vec<Vec<String>> {
+        let mut out = Vec::new();
+        let mut current = Vec::new();
+        for line in self.text().lines() {
+            if line.starts_with("# new generation") {
+                if !current.is_empty() && !current.iter().any(|l: &String| l.contains("nft_monitor_probe")) {
+                    out.push(std::mem::take(&mut current));
+                }
+                current.clear();
+            } else if !line.trim().is_empty() {
+                current.push(line.to_string());
+            }
+        }
+        out
+    }
+}
+
+impl Drop for NftMonitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 // ---- two hosts: this namespace and a client one, joined by a veth pair ----------------------
 
 /// Whether a TCP connection from `from` (an address of `ns`) to `to` completes within 700 ms.

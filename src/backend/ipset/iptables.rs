@@ -144,15 +144,15 @@ fn remove_chain(restore: &Path, state: &ChainState, object: &str) -> Result<(), 
 fn foreign_chain(object: &str, iptables: &Path, state: &ChainState) -> BackendError {
     let theirs: Vec<&str> =
         state.rules.iter().filter(|r| !r.contains(&mark_match())).map(String::as_str).collect();
-    let why = if theirs.is_empty() {
-        "exists, empty, and allowsync did not create it".to_string()
+    let what = if theirs.is_empty() {
+        "exists, empty,".to_string()
     } else {
-        format!("holds rules allowsync did not write ({})", theirs.join(" | "))
+        format!("holds rules allowsync did not write ({}), so", theirs.join(" | "))
     };
     BackendError::Foreign {
         object: object.to_string(),
         why: format!(
-            "{why}; the name is reserved for allowsync's enforcement, and allowsync never changes a chain it did not create"
+            "{what} allowsync did not create it; allowsync never changes a chain it did not create (the name is reserved for its enforcement)"
         ),
         fix: format!(
             "rename your chain; if an allowsync older than 0.2 wrote it (its rules carry no comment \"{MARK}\"), remove it with `{0} -D INPUT -j {ENFORCE_CHAIN}; {0} -F {ENFORCE_CHAIN}; {0} -X {ENFORCE_CHAIN}` and allowsync installs its own",
