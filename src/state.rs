@@ -47,7 +47,7 @@ pub struct State {
     #[serde(default)]
     pub last_error: Option<LastError>,
     /// The kernel objects allowsync created and the sets it fills (see [`crate::ownership`]).
-    /// Absent in a state file from before 0.2: nothing is then recorded as allowsync's.
+    /// Absent in a state file from before the ownership marks: nothing is then recorded as allowsync's.
     #[serde(default, skip_serializing_if = "Footprint::is_empty")]
     pub objects: Footprint,
 }

@@ -53,10 +53,10 @@ fn summary(cfg: &Config) -> String {
         BackendConfig::Nftables(n) => {
             let _ = writeln!(
                 s,
-                "  backend nftables: table inet {}, sets {} and {}{}",
+                "  backend nftables: own table inet {}, {} and {}{}",
                 n.table,
-                n.set_v4,
-                n.set_v6,
+                n.set_object(false),
+                n.set_object(true),
                 enforce_text(&n.enforce)
             );
         }

@@ -13,9 +13,9 @@
 //! configured set that is not ours, allowsync manages the elements and nothing else. An object
 //! named like one of ours that is not ours is an error naming it and the fix.
 //!
-//! Objects that an allowsync without these marks created (before version 0.2) carry no mark, so
+//! Objects that an earlier allowsync created, before these marks, carry none, so
 //! they are not owned: their sets are filled, their chains left alone, and `teardown` leaves
-//! them and says how to remove them (README, "Upgrading from 0.1").
+//! them and says how to remove them (README, "Upgrading").
 //!
 //! [`lock`] keeps two allowsync processes off the same kernel objects (those a backend's
 //! [`crate::backend::Backend::managed`] names).

@@ -121,7 +121,7 @@ impl IpsetBackend {
             } else if state.exists {
                 warn!(chain = %object, "not removing a chain allowsync did not write");
                 left.push(format!(
-                    "{object}: allowsync did not create it (its rules carry no comment \"{MARK}\"); if an allowsync older than 0.2 did, remove it with `{0} -D INPUT -j {ENFORCE_CHAIN}; {0} -F {ENFORCE_CHAIN}; {0} -X {ENFORCE_CHAIN}`",
+                    "{object}: allowsync did not create it (its rules carry no comment \"{MARK}\"); if an earlier allowsync (one that did not mark its rules) did, remove it with `{0} -D INPUT -j {ENFORCE_CHAIN}; {0} -F {ENFORCE_CHAIN}; {0} -X {ENFORCE_CHAIN}`",
                     program(&iptables)
                 ));
             }
@@ -155,7 +155,7 @@ fn foreign_chain(object: &str, iptables: &Path, state: &ChainState) -> BackendEr
             "{what} allowsync did not create it; allowsync never changes a chain it did not create (the name is reserved for its enforcement)"
         ),
         fix: format!(
-            "rename your chain; if an allowsync older than 0.2 wrote it (its rules carry no comment \"{MARK}\"), remove it with `{0} -D INPUT -j {ENFORCE_CHAIN}; {0} -F {ENFORCE_CHAIN}; {0} -X {ENFORCE_CHAIN}` and allowsync installs its own",
+            "rename your chain; if an earlier allowsync wrote it (its rules carry no comment \"{MARK}\"), remove it with `{0} -D INPUT -j {ENFORCE_CHAIN}; {0} -F {ENFORCE_CHAIN}; {0} -X {ENFORCE_CHAIN}` and allowsync installs its own",
             program(iptables)
         ),
     }
@@ -236,7 +236,7 @@ mod tests {
              -A ALLOWSYNC -p tcp -m tcp --dport 443 -m set ! --match-set v4 src -m comment --comment \"managed by allowsync\" -j DROP\n",
         );
         assert!(s.exists && s.jumps == 1 && s.all_marked());
-        // The same rules without the mark (an allowsync before 0.2, or anyone's): not ours.
+        // The same rules without the mark (an earlier allowsync's, or anyone's): not ours.
         let legacy = ChainState::parse(
             "-N ALLOWSYNC\n-A INPUT -j ALLOWSYNC\n-A ALLOWSYNC -i lo -j RETURN\n\
              -A ALLOWSYNC -p tcp -m tcp --dport 443 -m set ! --match-set v4 src -j DROP\n",

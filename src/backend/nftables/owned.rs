@@ -321,7 +321,7 @@ impl NftablesBackend {
                 "exists ({chain}) and allowsync did not create it (it has no comment \"{MARK}\"); allowsync never deletes, flushes, re-policies or rewrites a chain it did not create"
             ),
             fix: format!(
-                "rename your chain (allowsync's enforcement chain is named `{ENFORCE_CHAIN}`), or set backend.nftables.table to a table of allowsync's own instead of {table} (the default, inet allowsync); if an allowsync older than 0.2 created it, delete it (`nft delete {object}`) and allowsync creates its own"
+                "rename your chain (allowsync's enforcement chain is named `{ENFORCE_CHAIN}`), or set backend.nftables.table to a table of allowsync's own instead of {table} (the default, inet allowsync); if an earlier allowsync (one that did not mark its objects) created it, delete it (`nft delete {object}`) and allowsync creates its own"
             ),
             object,
         }
@@ -471,7 +471,7 @@ impl NftablesBackend {
                 && contents.chains.iter().all(|c| c.name == ENFORCE_CHAIN);
             let legacy = if *t == self.table.object && old_shape {
                 format!(
-                    "; an allowsync older than 0.2 created its table without one: if this is that table, remove it with `nft delete {t}`"
+                    "; an earlier allowsync (one that did not mark its objects) created its table without one: if this is that table, remove it with `nft delete {t}`"
                 )
             } else {
                 String::new()
