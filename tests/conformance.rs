@@ -221,6 +221,16 @@ fn owned_objects_carry_the_mark_and_teardown_removes_exactly_them<H: Harness>() 
     assert!(b.footprint().unwrap().owned.is_empty(), "{}: nothing is owned after teardown", H::NAME);
 }
 
+/// Teardown of a backend that owns nothing: both sets emptied, nothing removed, and it says
+/// what it left.
+fn teardown_removes_nothing<H: Harness>(b: &mut dyn Backend) {
+    assert!(b.footprint().unwrap().owned.is_empty(), "{}: nothing here is allowsync's", H::NAME);
+    let report = b.teardown().unwrap();
+    assert!(report.removed.is_empty(), "{}: {report:?}", H::NAME);
+    assert_eq!(report.emptied.len(), 2, "{}: {report:?}", H::NAME);
+    assert!(!report.left.is_empty(), "{}: teardown says what it left: {report:?}", H::NAME);
+}
+
 fn an_operators_sets_are_filled_and_teardown_leaves_the_rest_as_it_was<H: Harness>() {
     let Some(_ns) = enter_new_netns() else { return };
     let mut b = H::operator_ruleset();
@@ -232,11 +242,7 @@ fn an_operators_sets_are_filled_and_teardown_leaves_the_rest_as_it_was<H: Harnes
     let list = set(["192.0.2.0/24", "2001:db8::/48"]);
     sync(&mut *b, &list);
     assert_eq!(H::operator_read(), list, "{}", H::NAME);
-    assert!(b.footprint().unwrap().owned.is_empty(), "{}: nothing of the operator's is owned", H::NAME);
-    let report = b.teardown().unwrap();
-    assert!(report.removed.is_empty(), "{}: {report:?}", H::NAME);
-    assert_eq!(report.emptied.len(), 2, "{}: {report:?}", H::NAME);
-    assert!(!report.left.is_empty(), "{}: teardown says what it left: {report:?}", H::NAME);
+    teardown_removes_nothing::<H>(&mut *b);
     assert_eq!(H::snapshot(), before, "{}: teardown changed the operator's ruleset", H::NAME);
 }
 
@@ -264,12 +270,8 @@ fn objects_without_the_mark_are_used_but_never_changed_or_removed<H: Harness>() 
     b.enforce().unwrap();
     assert_eq!(b.read().unwrap(), list);
     assert_eq!(H::enforcement_chain_listing(), chain, "{}", H::NAME);
-    assert!(b.footprint().unwrap().owned.is_empty(), "{}", H::NAME);
     // Teardown empties the sets and leaves everything, saying so.
-    let report = b.teardown().unwrap();
-    assert!(report.removed.is_empty(), "{}: {report:?}", H::NAME);
-    assert_eq!(report.emptied.len(), 2, "{}: {report:?}", H::NAME);
-    assert!(!report.left.is_empty(), "{}: {report:?}", H::NAME);
+    teardown_removes_nothing::<H>(&mut *b);
     assert!(H::objects_exist(false), "{}", H::NAME);
     assert_eq!(H::enforcement_chain_listing(), chain, "{}", H::NAME);
 }
@@ -757,54 +759,29 @@ impl Harness for Ipset {
     }
 }
 
+/// One `#[test]` per case and backend: `nftables::<case>` and `ipset::<case>`.
 macro_rules! conformance {
-    ($module:ident, $harness:ty) => {
-        mod $module {
+    ($($case:ident),* $(,)?) => {
+        mod nftables {
             use super::*;
-
-            #[test]
-            fn objects_are_created_and_changes_applied() {
-                super::objects_are_created_and_changes_applied::<$harness>();
-            }
-            #[test]
-            fn large_sets_load() {
-                super::large_sets_load::<$harness>();
-            }
-            #[test]
-            fn a_failing_apply_changes_nothing() {
-                super::a_failing_apply_changes_nothing::<$harness>();
-            }
-            #[test]
-            fn drift_is_read_and_repaired() {
-                super::drift_is_read_and_repaired::<$harness>();
-            }
-            #[test]
-            fn foreign_objects_are_reported_and_left_alone() {
-                super::foreign_objects_are_reported_and_left_alone::<$harness>();
-            }
-            #[test]
-            fn enforcement_filters_traffic_by_the_allowlist() {
-                super::enforcement_filters_traffic_by_the_allowlist::<$harness>();
-            }
-            #[test]
-            fn owned_objects_carry_the_mark_and_teardown_removes_exactly_them() {
-                super::owned_objects_carry_the_mark_and_teardown_removes_exactly_them::<$harness>();
-            }
-            #[test]
-            fn an_operators_sets_are_filled_and_teardown_leaves_the_rest_as_it_was() {
-                super::an_operators_sets_are_filled_and_teardown_leaves_the_rest_as_it_was::<$harness>();
-            }
-            #[test]
-            fn objects_without_the_mark_are_used_but_never_changed_or_removed() {
-                super::objects_without_the_mark_are_used_but_never_changed_or_removed::<$harness>();
-            }
-            #[test]
-            fn a_new_configuration_replaces_the_owned_objects_and_leaves_an_operators_alone() {
-                super::a_new_configuration_replaces_the_owned_objects_and_leaves_an_operators_alone::<$harness>();
-            }
+            $(#[test] fn $case() { super::$case::<Nft>(); })*
+        }
+        mod ipset {
+            use super::*;
+            $(#[test] fn $case() { super::$case::<Ipset>(); })*
         }
     };
 }
 
-conformance!(nftables, Nft);
-conformance!(ipset, Ipset);
+conformance!(
+    objects_are_created_and_changes_applied,
+    large_sets_load,
+    a_failing_apply_changes_nothing,
+    drift_is_read_and_repaired,
+    foreign_objects_are_reported_and_left_alone,
+    enforcement_filters_traffic_by_the_allowlist,
+    owned_objects_carry_the_mark_and_teardown_removes_exactly_them,
+    an_operators_sets_are_filled_and_teardown_leaves_the_rest_as_it_was,
+    objects_without_the_mark_are_used_but_never_changed_or_removed,
+    a_new_configuration_replaces_the_owned_objects_and_leaves_an_operators_alone,
+);

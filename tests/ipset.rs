@@ -197,20 +197,23 @@ fn a_foreign_chain_is_reported_and_left_alone() {
     assert_eq!(strip(&run("iptables-save", &["-t", "filter"])), strip(&before));
 }
 
+/// The binary with the ipset backend (`enforce` on TCP 443) and a Chat source whose answer is
+/// `203.0.113.0/24` and `2001:db8:6::/48`.
+fn enforcing_env(key: &str) -> Option<allowsync_testkit::daemon::Env> {
+    let lists = [(5, strings(&["203.0.113.0/24"])), (6, strings(&["2001:db8:6::/48"]))].into();
+    setup_with(Setup::new(key, lists), |yaml| {
+        let ipset =
+            format!("ipset: {{ set_v4: {SET_V4}, set_v6: {SET_V6}, enforce: {{ tcp_ports: [443] }} }}");
+        *yaml = yaml.replace("nftables: { table: allowsync, set_v4: allow_v4, set_v6: allow_v6 }", &ipset);
+    })
+}
+
 /// The rules come after the sets: a rule iptables refuses (a foreign chain of that name here;
 /// under systemd, a missing CAP_NET_RAW) fails the cycle, but the sets are filled all the same,
 /// and the next cycle installs the rules once it can.
 #[test]
 fn a_rule_failure_never_keeps_the_sets_empty() {
-    let lists = [(5, strings(&["203.0.113.0/24"])), (6, strings(&["2001:db8:6::/48"]))].into();
-    let setup = Setup::new("ipset-rule-failure-test-key", lists);
-    let Some(env) = setup_with(setup, |yaml| {
-        let ipset =
-            format!("ipset: {{ set_v4: {SET_V4}, set_v6: {SET_V6}, enforce: {{ tcp_ports: [443] }} }}");
-        *yaml = yaml.replace("nftables: { table: allowsync, set_v4: allow_v4, set_v6: allow_v6 }", &ipset);
-    }) else {
-        return;
-    };
+    let Some(env) = enforcing_env("ipset-rule-failure-test-key") else { return };
     run("iptables", &["-N", ENFORCE_CHAIN]);
     run("iptables", &["-A", ENFORCE_CHAIN, "-j", "ACCEPT"]);
     let o = env.once(Duration::from_secs(20));
@@ -252,15 +255,7 @@ fn a_missing_set_is_missing_and_ensure_recreates_it() {
 /// of the same name created by hand afterwards is not allowsync's.
 #[test]
 fn the_state_file_records_the_ipsets_allowsync_created_and_teardown_destroys_only_those() {
-    let lists = [(5, strings(&["203.0.113.0/24"])), (6, strings(&["2001:db8:6::/48"]))].into();
-    let setup = Setup::new("ipset-ownership-test-key", lists);
-    let Some(env) = setup_with(setup, |yaml| {
-        let ipset =
-            format!("ipset: {{ set_v4: {SET_V4}, set_v6: {SET_V6}, enforce: {{ tcp_ports: [443] }} }}");
-        *yaml = yaml.replace("nftables: { table: allowsync, set_v4: allow_v4, set_v6: allow_v6 }", &ipset);
-    }) else {
-        return;
-    };
+    let Some(env) = enforcing_env("ipset-ownership-test-key") else { return };
     let t = Duration::from_secs(20);
     let o = env.once(t);
     assert_eq!(o.code, Some(0), "{}", o.stderr);

@@ -165,11 +165,7 @@ impl NftnlSet {
         // when unset), copied at once.
         unsafe {
             let p = sys::nftnl_set_get_data(self.ptr(), sys::NFTNL_SET_USERDATA as u16, &mut len);
-            if p.is_null() {
-                Vec::new()
-            } else {
-                std::slice::from_raw_parts(p.cast::<u8>(), len as usize).to_vec()
-            }
+            copy_data(p, len)
         }
     }
 
@@ -225,11 +221,7 @@ pub(super) fn parse_table(m: &Message<'_>) -> io::Result<TableInfo> {
         };
         let mut len = 0u32;
         let p = sys::nftnl_table_get_data(t, sys::NFTNL_TABLE_USERDATA as u16, &mut len);
-        let udata = if p.is_null() {
-            Vec::new()
-        } else {
-            std::slice::from_raw_parts(p.cast::<u8>(), len as usize).to_vec()
-        };
+        let udata = copy_data(p, len);
         sys::nftnl_table_free(t);
         if parsed < 0 {
             return Err(io::Error::from_raw_os_error(libc::EBADMSG));
@@ -257,11 +249,7 @@ pub(super) fn parse_chain(m: &Message<'_>) -> io::Result<ChainInfo> {
         };
         let mut len = 0u32;
         let p = sys::nftnl_chain_get_data(c, sys::NFTNL_CHAIN_USERDATA as u16, &mut len);
-        let udata = if p.is_null() {
-            Vec::new()
-        } else {
-            std::slice::from_raw_parts(p.cast::<u8>(), len as usize).to_vec()
-        };
+        let udata = copy_data(p, len);
         let info = ChainInfo {
             table: text(sys::NFTNL_CHAIN_TABLE),
             name: text(sys::NFTNL_CHAIN_NAME),
@@ -465,15 +453,10 @@ unsafe impl NlMsg for MarkedTable {
             MsgType::Add => libc::NFT_MSG_NEWTABLE,
             MsgType::Del => libc::NFT_MSG_DELTABLE,
         };
+        let flags = libc::NLM_F_ACK | libc::NLM_F_CREATE;
         // SAFETY: the caller's buffer holds a maximal message; the table is live.
         unsafe {
-            let nlh = sys::nftnl_nlmsg_build_hdr(
-                buf.cast(),
-                ty as u16,
-                self.family.nfproto(),
-                (libc::NLM_F_ACK | libc::NLM_F_CREATE) as u16,
-                seq,
-            );
+            let nlh = message_header(buf, ty, self.family, flags, seq);
             sys::nftnl_table_nlmsg_build_payload(nlh, self.table.as_ptr());
         }
     }
@@ -531,15 +514,10 @@ unsafe impl NlMsg for MarkedChain {
             MsgType::Add => libc::NFT_MSG_NEWCHAIN,
             MsgType::Del => libc::NFT_MSG_DELCHAIN,
         };
+        let flags = libc::NLM_F_ACK | libc::NLM_F_CREATE;
         // SAFETY: the caller's buffer holds a maximal message; the chain is live.
         unsafe {
-            let nlh = sys::nftnl_nlmsg_build_hdr(
-                buf.cast(),
-                ty as u16,
-                self.family.nfproto(),
-                (libc::NLM_F_ACK | libc::NLM_F_CREATE) as u16,
-                seq,
-            );
+            let nlh = message_header(buf, ty, self.family, flags, seq);
             sys::nftnl_chain_nlmsg_build_payload(nlh, self.chain.as_ptr());
         }
     }
@@ -564,16 +542,37 @@ unsafe impl NlMsg for FlushSet {
         // SAFETY: the caller's buffer holds a maximal message; the set is live and has no
         // elements, so only its table and name are written.
         unsafe {
-            let nlh = sys::nftnl_nlmsg_build_hdr(
-                buf.cast(),
-                libc::NFT_MSG_DELSETELEM as u16,
-                self.family.nfproto(),
-                libc::NLM_F_ACK as u16,
-                seq,
-            );
+            let nlh = message_header(buf, libc::NFT_MSG_DELSETELEM, self.family, libc::NLM_F_ACK, seq);
             sys::nftnl_set_elems_nlmsg_build_payload(nlh, self.set.ptr());
         }
     }
+}
+
+/// The header of one batch message of type `ty` at the start of `buf`.
+///
+/// # Safety
+/// `buf` must have room for a maximal nf_tables message (the batch guarantees it to `write`).
+unsafe fn message_header(
+    buf: *mut c_void,
+    ty: libc::c_int,
+    family: NftFamily,
+    flags: libc::c_int,
+    seq: u32,
+) -> *mut libc::nlmsghdr {
+    // SAFETY: the caller's buffer holds a maximal message.
+    unsafe { sys::nftnl_nlmsg_build_hdr(buf.cast(), ty as u16, family.nfproto(), flags as u16, seq) }
+}
+
+/// A copy of `len` bytes of userdata at `p` (nothing when NULL).
+///
+/// # Safety
+/// `p` must be NULL or point at `len` readable bytes.
+unsafe fn copy_data(p: *const c_void, len: u32) -> Vec<u8> {
+    if p.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: as the caller promises.
+    unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len as usize).to_vec() }
 }
 
 #[cfg(test)]
