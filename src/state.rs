@@ -351,6 +351,26 @@ mod tests {
     }
 
     #[test]
+    fn the_owned_objects_round_trip_and_a_file_without_them_records_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = StateFile::new(dir.path().join("state.json"));
+        let mut st = sample();
+        st.objects.owned.insert("table inet allowsync".parse().unwrap());
+        st.objects.sets =
+            vec!["set ip filter chat_v4".parse().unwrap(), "set ip6 filter chat_v6".parse().unwrap()];
+        f.save(&st).unwrap();
+        assert_eq!(f.load().unwrap(), st);
+        let text = fs::read_to_string(f.path()).unwrap();
+        assert!(
+            text.contains("\"table inet allowsync\"") && text.contains("\"set ip filter chat_v4\""),
+            "{text}"
+        );
+        // A state file written before the ownership record: loaded, nothing owned.
+        fs::write(f.path(), "{\"version\": 1, \"applied\": [\"10.0.0.0/24\"]}").unwrap();
+        assert!(f.load().unwrap().objects.is_empty());
+    }
+
+    #[test]
     fn forgetting_removed_sources() {
         let mut s = sample();
         forget_unknown_sources(&mut s, ["other"]);
