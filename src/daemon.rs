@@ -23,10 +23,10 @@ use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
+use crate::clock;
 use crate::config::Config;
 use crate::engine::Outcome;
 use crate::source::ErrorClass;
-use crate::clock;
 use crate::syncer::{CycleReport, Syncer, SyncerError};
 
 /// First retry delay after a retryable failure.

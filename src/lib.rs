@@ -56,14 +56,15 @@ mod tests {
         let path = || PathBuf::from("/var/lib/allowsync/state.json");
         let kernel =
             || BackendError::Kernel { op: "commit", object: "table inet allowsync".into(), cause: erofs() };
-        let lock = || SyncerError::Lock { path: path(), cause: erofs() };
+        let lock = || StateError::Lock { path: path(), cause: erofs() };
         let state = || StateError::Io { path: path(), op: "write", cause: erofs() };
         let errors: Vec<anyhow::Error> = vec![
             ConfigError::Read { path: path(), cause: erofs() }.into(),
             state().into(),
             SyncerError::State(state()).into(),
             lock().into(),
-            DaemonError::Syncer(lock()).into(),
+            SyncerError::State(lock()).into(),
+            DaemonError::Syncer(SyncerError::State(lock())).into(),
             DaemonError::Signals(erofs()).into(),
             SourceError::CaFileRead { path: path(), cause: erofs() }.into(),
             kernel().into(),

@@ -7,9 +7,6 @@
 //! fsync): they run on tokio's blocking pool, so the runtime's own thread stays free for
 //! signals, timers and other tasks while a sync runs.
 
-use std::fs::File;
-use std::io::{Read, Seek, Write};
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -21,14 +18,10 @@ use crate::config::Config;
 use crate::engine::{self, Desired, Outcome, Plan, SourceResult, SourceStatus};
 use crate::prefixes::AllowSet;
 use crate::source::{ErrorClass, Fetched, Sources};
-use crate::state::{self, State, StateError, StateFile};
+use crate::state::{self, State, StateError, StateFile, StateLock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncerError {
-    #[error("another allowsync (pid {pid}) already manages this state ({lock}); stop it first")]
-    Locked { pid: String, lock: PathBuf },
-    #[error("lock file {path}: {cause}")]
-    Lock { path: PathBuf, cause: std::io::Error },
     #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]
@@ -96,7 +89,7 @@ pub struct Syncer {
     backend: Arc<Mutex<Box<dyn Backend>>>,
     state_file: StateFile,
     state: State,
-    _lock: Option<File>,
+    _lock: Option<StateLock>,
 }
 
 impl Syncer {
@@ -111,7 +104,7 @@ impl Syncer {
     pub fn with_backend(cfg: Config, backend: Box<dyn Backend>, lock: bool) -> Result<Syncer, SyncerError> {
         let backend = Arc::new(Mutex::new(backend));
         let state_file = StateFile::new(&cfg.state_file);
-        let lock = if lock { Some(lock_state(&cfg.state_file)?) } else { None };
+        let lock = if lock { Some(state_file.lock()?) } else { None };
         let mut state = if lock.is_some() {
             state_file.load()?
         } else {
@@ -394,71 +387,9 @@ fn log_cycle(r: &CycleReport) {
     }
 }
 
-/// The lock file next to the state file: one allowsync per state (and so per table).
-pub fn lock_path(state_file: &Path) -> PathBuf {
-    let mut p = state_file.as_os_str().to_owned();
-    p.push(".lock");
-    PathBuf::from(p)
-}
-
-/// Takes the lock on `state_file` that `run`, `once` and `teardown` hold while they work: one
-/// allowsync at a time on a state (and so on its table). Released when the file is dropped; a
-/// lock already held is [`SyncerError::Locked`], naming the holder's pid.
-pub fn lock_state(state_file: &Path) -> Result<File, SyncerError> {
-    take_lock(&lock_path(state_file))
-}
-
-/// Takes an exclusive `flock` on the lock file and writes our pid into it. The kernel drops the
-/// lock when the process dies, however it dies, so a stale lock cannot block a restart.
-fn take_lock(path: &Path) -> Result<File, SyncerError> {
-    let io = |cause| SyncerError::Lock { path: path.to_path_buf(), cause };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(io)?;
-    if let Err(errno) = rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        let err = std::io::Error::from(errno);
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            let mut pid = String::new();
-            let _ = f.read_to_string(&mut pid);
-            let pid = pid.trim();
-            return Err(SyncerError::Locked {
-                pid: if pid.is_empty() { "unknown".into() } else { pid.into() },
-                lock: path.to_path_buf(),
-            });
-        }
-        return Err(io(err));
-    }
-    f.set_len(0).map_err(io)?;
-    f.rewind().map_err(io)?;
-    writeln!(f, "{}", std::process::id()).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    Ok(f)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_second_lock_names_the_first_holder() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("state.json.lock");
-        let _first = take_lock(&p).unwrap();
-        match take_lock(&p) {
-            Err(SyncerError::Locked { pid, .. }) => assert_eq!(pid, std::process::id().to_string()),
-            other => panic!("{:?}", other.map(|_| ())),
-        }
-        drop(_first);
-        assert!(take_lock(&p).is_ok(), "released with the file");
-    }
 
     /// Found by tests/crash.rs: killed between the kernel commit of list B and the state write
     /// (which still said A), a restart restored A into the set holding B, and a second kill left

@@ -239,7 +239,10 @@ fn teardown_refuses_while_the_daemon_runs_and_names_its_pid() {
     stop(d);
     let o = env.command(&["teardown"], t);
     assert_eq!(o.code, Some(0), "{}", output(&o));
-    assert!(allowsync_testkit::daemon::backend().read().unwrap_err().is_missing(), "teardown removed the table");
+    assert!(
+        allowsync_testkit::daemon::backend().read().unwrap_err().is_missing(),
+        "teardown removed the table"
+    );
 }
 
 #[test]
