@@ -401,10 +401,11 @@ mod tests {
         use crate::backend::memory::MemoryBackend;
         let dir = tempfile::tempdir().unwrap();
         let cfg_path = dir.path().join("config.yaml");
-        let cfg = Config::parse(
+        let cfg = crate::config::parse(
             "sources:\n  - name: s\n    static: [192.0.2.1]\nstate_file: state.json\n",
             &cfg_path,
         )
+        .and_then(crate::config::Parsed::resolve)
         .unwrap();
         let (a, b): (AllowSet, AllowSet) = (set(["10.0.0.1", "10.0.0.3"]), set(["10.1.0.1"]));
         let st = State { applied: Some(a.clone()), ..State::default() };
@@ -465,10 +466,11 @@ mod tests {
     #[test]
     fn the_runtime_keeps_serving_other_tasks_while_a_backend_call_blocks() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = Config::parse(
+        let cfg = crate::config::parse(
             "sources:\n  - name: s\n    static: [192.0.2.1]\nstate_file: state.json\n",
             &dir.path().join("config.yaml"),
         )
+        .and_then(crate::config::Parsed::resolve)
         .unwrap();
         let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
         let (release, release_rx) = std::sync::mpsc::channel();

@@ -106,7 +106,9 @@ mod tests {
     #[test]
     fn the_summary_never_shows_the_key() {
         let text = "sources:\n  - name: sgp\n    tencent_chat:\n      region: singapore\n      sdkappid: 1400000000\n      identifier: administrator\n      secret_key: s3cr3t-value\n";
-        let cfg = Config::parse(text, Path::new("/etc/allowsync/config.yaml")).unwrap();
+        let cfg = allowsync::config::parse(text, Path::new("/etc/allowsync/config.yaml"))
+            .and_then(allowsync::config::Parsed::resolve)
+            .unwrap();
         let shown = summary(&cfg);
         assert!(shown.contains("sgp: tencent_chat sdkappid 1400000000 as administrator"), "{shown}");
         assert!(!shown.contains("s3cr3t-value"), "{shown}");

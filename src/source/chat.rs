@@ -19,7 +19,7 @@ use tracing::{debug, error, warn};
 use super::{ErrorClass, FetchError};
 use crate::admission::{self, MinPrefix, Refused};
 use crate::clock;
-use crate::config::TencentChatConfig;
+use crate::config::{Region, TencentChatConfig};
 use crate::logging::Untrusted;
 use crate::prefixes::{self, AllowSet};
 use crate::usersig::{Minted, UsersigCache};
@@ -31,6 +31,23 @@ pub const MAX_BODY: usize = 1024 * 1024;
 /// Invalid or refused entries logged one by one per response; the rest are counted in one
 /// summary line, so that a broken list cannot flood the journal.
 const MAX_ENTRY_WARNINGS: usize = 20;
+
+impl Region {
+    /// The REST API domains of the region's data centre, primary first, as documented. Tokyo
+    /// and Mumbai have no documented backup.
+    pub fn domains(self) -> &'static [&'static str] {
+        match self {
+            Region::China => &["console.tim.qq.com", "adminapi.my-imcloud.com"],
+            Region::Singapore => &["adminapisgp.im.qcloud.com", "adminapisgp.my-imcloud.com"],
+            Region::Seoul => &["adminapikr.im.qcloud.com", "adminapikr.my-imcloud.com"],
+            Region::Frankfurt => &["adminapiger.im.qcloud.com", "adminapiger.my-imcloud.com"],
+            Region::SiliconValley => &["adminapiusa.im.qcloud.com", "adminapiusa.my-imcloud.com"],
+            Region::Jakarta => &["adminapiidn.im.qcloud.com", "adminapiidn.my-imcloud.com"],
+            Region::Tokyo => &["adminapijpn.im.qcloud.com"],
+            Region::Mumbai => &["adminapiind.im.qcloud.com"],
+        }
+    }
+}
 
 /// What one nettype's request gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
