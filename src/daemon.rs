@@ -229,13 +229,13 @@ fn stop() -> Result<(), DaemonError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::SourceReport;
     use crate::engine::{Refusal, SourceStatus};
-    use crate::syncer::SourceLine;
 
     fn report(outcome: Result<Outcome, String>, class: Option<ErrorClass>) -> CycleReport {
         CycleReport {
             outcome,
-            sources: vec![SourceLine {
+            sources: vec![SourceReport {
                 name: "chat".into(),
                 status: match class {
                     None => SourceStatus::Fresh { ranges: 1 },

@@ -40,7 +40,9 @@ pub fn init(cfg: &LogConfig) -> Option<String> {
                 tracing_subscriber::fmt::layer()
                     .json()
                     .flatten_event(true)
-                    .with_current_span(false)
+                    // A source's fetch logs inside its span (`fetch`, with `source` and
+                    // `nettype`): the object's `span` carries them.
+                    .with_current_span(true)
                     .with_span_list(false)
                     .with_writer(stderr),
             )

@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 use crate::backend::{self, Backend, BackendError};
 use crate::clock;
 use crate::config::Config;
-use crate::engine::{self, Desired, Outcome, Plan, SourceResult, SourceStatus};
+use crate::engine::{self, Desired, Outcome, Plan, SourceReport, SourceStatus};
 use crate::prefixes::AllowSet;
 use crate::source::{ErrorClass, Fetched, Sources};
 use crate::state::{self, State, StateError, StateFile, StateLock};
@@ -35,7 +35,8 @@ pub enum SyncerError {
 pub struct CycleReport {
     /// `Err` carries the failure's message.
     pub outcome: Result<Outcome, String>,
-    pub sources: Vec<SourceLine>,
+    /// What became of each source.
+    pub sources: Vec<SourceReport>,
     pub v4: usize,
     pub v6: usize,
     pub duration_ms: u128,
@@ -44,16 +45,6 @@ pub struct CycleReport {
     /// The ranges per family the kernel holds after the cycle (`None`: unreadable), read on
     /// the blocking pool with the sync itself, for systemd's `STATUS=`.
     pub kernel: Option<(usize, usize)>,
-}
-
-/// One source's result in a cycle.
-#[derive(Debug, Clone)]
-pub struct SourceLine {
-    pub name: String,
-    pub status: SourceStatus,
-    /// The class of the fetch error, when the fetch failed.
-    pub error_class: Option<ErrorClass>,
-    pub skipped: usize,
 }
 
 impl CycleReport {
@@ -187,14 +178,7 @@ impl Syncer {
     /// but this syncer's copy of the state does not learn of them.
     pub async fn finish(&mut self, fetches: Fetches, force: bool) -> CycleReport {
         let Fetches { started, fetched } = fetches;
-        let mut lines = Vec::with_capacity(fetched.len());
-        let results: Vec<SourceResult> = fetched
-            .iter()
-            .map(|f| SourceResult { name: f.name.clone(), list: f.result.clone().map_err(|e| e.to_string()) })
-            .collect();
-        let desired = Desired::build(results, &self.state);
-        for (f, report) in fetched.iter().zip(&desired.sources) {
-            let error_class = f.result.as_ref().err().map(|e| e.class());
+        for f in &fetched {
             if let Err(e) = &f.result {
                 let class = e.class();
                 if class == ErrorClass::Configuration {
@@ -203,13 +187,9 @@ impl Syncer {
                     warn!(source = %f.name, ?class, error = %e, "source failed");
                 }
             }
-            lines.push(SourceLine {
-                name: f.name.clone(),
-                status: report.status.clone(),
-                error_class,
-                skipped: f.skipped,
-            });
         }
+        let desired = Desired::build(fetched, &self.state);
+        let sources = desired.sources.clone();
 
         // The kernel transaction and the state file write in one trip to the blocking pool. The
         // state goes as a copy: if this future is dropped meanwhile, `self.state` stays whole.
@@ -259,7 +239,7 @@ impl Syncer {
         };
         let report = CycleReport {
             outcome,
-            sources: lines,
+            sources,
             v4,
             v6,
             duration_ms: started.elapsed().as_millis(),
@@ -273,11 +253,7 @@ impl Syncer {
     /// Fetches and plans against the live set without changing anything, not even the state.
     pub async fn plan(&mut self) -> Result<(Desired, Plan), SyncerError> {
         let fetched = self.sources.fetch_all().await;
-        let results: Vec<SourceResult> = fetched
-            .into_iter()
-            .map(|f| SourceResult { name: f.name, list: f.result.map_err(|e| e.to_string()) })
-            .collect();
-        let desired = Desired::build(results, &self.state);
+        let desired = Desired::build(fetched, &self.state);
         let current = match self.on_backend(|b| b.read()).await {
             // On a host where allowsync never ran the set does not exist yet: plan against
             // nothing rather than fail, since plan creates nothing.

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use reqwest::Url;
 use serde_json::Value;
-use tracing::{debug, error, warn};
+use tracing::{Instrument, debug, error, warn};
 
 use super::{ErrorClass, FetchError, SourceError};
 use crate::admission::{self, MinPrefix, Refused};
@@ -110,18 +110,34 @@ impl ChatSource {
         &self.nettypes
     }
 
-    /// Fetches one nettype: the list, or why not. A usersig rejected as expired is re-minted
-    /// and the request retried once; a primary domain that cannot be reached is replaced by the
-    /// next endpoint once.
+    /// The span every log line of one nettype's fetch is in: `fetch{source=… nettype=…}`. At
+    /// error level, so that it is there whatever level the log is filtered at.
+    pub fn span(&self, nettype: u8) -> tracing::Span {
+        tracing::error_span!("fetch", source = %self.name, nettype)
+    }
+
+    /// Fetches one nettype: the list, or why not (logged). A usersig rejected as expired is
+    /// re-minted and the request retried once; a primary domain that cannot be reached is
+    /// replaced by the next endpoint once.
     pub async fn fetch_nettype(&self, nettype: u8) -> Result<NettypeList, FetchError> {
+        async {
+            let result = self.fetch_with_retries(nettype).await;
+            if let Err(e) = &result {
+                warn!(class = %e.class(), error = %e, "GetIPList failed");
+            }
+            result
+        }
+        .instrument(self.span(nettype))
+        .await
+    }
+
+    async fn fetch_with_retries(&self, nettype: u8) -> Result<NettypeList, FetchError> {
         let mut sig = self.sigs.get(clock::now_unix());
         let mut reminted = false;
         loop {
             match self.request(nettype, &sig).await {
                 Err(e) if e.class() == ErrorClass::UsersigExpired && !reminted => {
                     warn!(
-                        source = %self.name,
-                        nettype,
                         code = e.code().unwrap_or_default(),
                         "the server rejected the usersig as expired; minting a new one and retrying once"
                     );
@@ -131,8 +147,6 @@ impl ChatSource {
                 Err(e) if e.class() == ErrorClass::UsersigExpired => {
                     // Still expired with a usersig signed seconds ago: the clocks disagree.
                     warn!(
-                        source = %self.name,
-                        nettype,
                         "a freshly minted usersig was rejected as expired too: check this host's clock (NTP)"
                     );
                     return Err(e);
@@ -148,11 +162,11 @@ impl ChatSource {
         // Only one fallback: the configuration holds [primary, backup] or a single endpoint.
         for (i, endpoint) in self.endpoints.iter().take(2).enumerate() {
             if i > 0 {
-                warn!(source = %self.name, nettype, endpoint = %endpoint, "trying the backup endpoint");
+                warn!(endpoint = %endpoint, "trying the backup endpoint");
             }
             match self.attempt(endpoint, nettype, sig).await {
                 Err(e @ FetchError::Connect { .. }) => {
-                    warn!(source = %self.name, nettype, endpoint = %endpoint, error = %e, "cannot reach the endpoint");
+                    warn!(endpoint = %endpoint, error = %e, "cannot reach the endpoint");
                     last = Some(e);
                 }
                 other => return other,
@@ -166,7 +180,7 @@ impl ChatSource {
     async fn attempt(&self, endpoint: &str, nettype: u8, sig: &Minted) -> Result<NettypeList, FetchError> {
         let url = build_url(endpoint, self.sdkappid, &self.identifier, sig.usersig.expose(), nettype)?;
         let shown = redact_url(&url);
-        debug!(source = %self.name, nettype, url = %shown, "GetIPList");
+        debug!(url = %shown, "GetIPList");
         let mut body = self.post(url, &shown).await?;
         // ErrorInfo is the server's text: make sure it cannot carry our usersig (nor its TLS.sig,
         // nor the key: a server, proxy or wrong endpoint may echo anything) into a log. Scrubbed
@@ -177,8 +191,7 @@ impl ChatSource {
         for secret in &secrets {
             body = scrub_bytes(body, secret.as_bytes());
         }
-        let parsed =
-            parse_response(&body, &self.name, nettype, self.sdkappid, &self.identifier, &self.min_prefix);
+        let parsed = parse_response(&body, self.sdkappid, &self.identifier, &self.min_prefix);
         parsed.map_err(|e| secrets.iter().fold(e, |e, secret| e.scrub(secret)))
     }
 
@@ -271,8 +284,8 @@ pub fn redact_url(url: &Url) -> String {
     shown.to_string()
 }
 
-/// Parses a GetIPList answer. `source`, `nettype`, `sdkappid` and `identifier` only word logs
-/// and error messages.
+/// Parses a GetIPList answer. `sdkappid` and `identifier` only word error messages; the log
+/// lines name the source and nettype through the caller's span ([`ChatSource::span`]).
 ///
 /// - `ActionStatus` must be a string and `ErrorCode` an integer; `FAIL` or a non-zero code is
 ///   an API error, classified by its code.
@@ -291,8 +304,6 @@ pub fn redact_url(url: &Url) -> String {
 ///   whole desired set; refusing it here would hide it from them.
 pub fn parse_response(
     body: &[u8],
-    source: &str,
-    nettype: u8,
     sdkappid: u64,
     identifier: &str,
     min_prefix: &MinPrefix,
@@ -348,7 +359,7 @@ pub fn parse_response(
             Err(reason) => {
                 skipped += 1;
                 if skipped <= MAX_ENTRY_WARNINGS {
-                    warn!(source = %source, nettype, entry = %shown(item), reason = %reason, "skipping invalid entry");
+                    warn!(entry = %shown(item), reason = %reason, "skipping invalid entry");
                 }
                 continue;
             }
@@ -357,24 +368,24 @@ pub fn parse_response(
             Ok(()) => {}
             Err(r @ Refused::TooShort { .. }) => {
                 let entry = shown(item);
-                error!(source = %source, nettype, entry = %entry, reason = %r, "suspicious answer: an entry is wider than the minimum prefix length; not using any of it");
+                error!(entry = %entry, reason = %r, "suspicious answer: an entry is wider than the minimum prefix length; not using any of it");
                 return Err(FetchError::Suspicious { entry, reason: r.to_string() });
             }
             Err(r @ Refused::Special { .. }) => {
                 skipped += 1;
                 if refused.insert(e.net) && skipped <= MAX_ENTRY_WARNINGS {
-                    warn!(source = %source, nettype, entry = %shown(item), reason = %r, "skipping an entry that is never allowed");
+                    warn!(entry = %shown(item), reason = %r, "skipping an entry that is never allowed");
                 }
                 continue;
             }
         }
         if let Some(orig) = e.masked_from {
-            warn!(source = %source, nettype, entry = %orig, used = %e.net, "entry has host bits set; using its network");
+            warn!(entry = %orig, used = %e.net, "entry has host bits set; using its network");
         }
         nets.push(e.net);
     }
     if skipped > MAX_ENTRY_WARNINGS {
-        warn!(source = %source, nettype, skipped, "more entries skipped without a warning each");
+        warn!(skipped, "more entries skipped without a warning each");
     }
     if nets.is_empty() && skipped > 0 {
         return Err(FetchError::AllInvalid { count: skipped });
@@ -540,7 +551,7 @@ mod tests {
 
     fn answer(entries: &[&str]) -> Result<NettypeList, FetchError> {
         let body = serde_json::json!({"ActionStatus": "OK", "ErrorCode": 0, "IPList": entries});
-        parse_response(body.to_string().as_bytes(), "chat", 5, 1, "a", &MinPrefix::default())
+        parse_response(body.to_string().as_bytes(), 1, "a", &MinPrefix::default())
     }
     fn listed(l: &NettypeList) -> Vec<String> {
         l.list.to_nets().iter().map(ToString::to_string).collect()
@@ -573,7 +584,7 @@ mod tests {
         // The operator's lower minimum is honoured.
         let body = r#"{"ActionStatus":"OK","ErrorCode":0,"IPList":["16.0.0.0/4"]}"#.as_bytes();
         let low = MinPrefix { v4: 4, v6: 32 };
-        assert_eq!(listed(&parse_response(body, "chat", 5, 1, "a", &low).unwrap()), ["16.0.0.0/4"]);
+        assert_eq!(listed(&parse_response(body, 1, "a", &low).unwrap()), ["16.0.0.0/4"]);
     }
 
     #[test]
@@ -604,8 +615,7 @@ mod tests {
     #[test]
     fn error_info_reaches_the_error_escaped() {
         let body = serde_json::json!({"ActionStatus": "FAIL", "ErrorCode": 70009, "ErrorInfo": "bad\n\u{1b}[31mINFO forged"});
-        let e = parse_response(body.to_string().as_bytes(), "chat", 5, 1, "a", &MinPrefix::default())
-            .unwrap_err();
+        let e = parse_response(body.to_string().as_bytes(), 1, "a", &MinPrefix::default()).unwrap_err();
         let text = e.to_string();
         assert!(text.ends_with(r#"(server: "bad\n\u{1b}[31mINFO forged")"#), "{text}");
         assert!(!text.chars().any(char::is_control), "{text}");

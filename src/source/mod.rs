@@ -282,12 +282,13 @@ async fn fetch_chat(c: &Arc<ChatSource>) -> Fetched {
         .collect();
     let mut nettypes = Vec::with_capacity(handles.len());
     for (nettype, h) in handles {
+        // The fetch logs its own failure; a task that did not finish is logged here.
         let result = h.await.unwrap_or_else(|e| {
-            Err(FetchError::Internal { message: format!("the fetch task for nettype {nettype} failed: {e}") })
+            let e =
+                FetchError::Internal { message: format!("the fetch task for nettype {nettype} failed: {e}") };
+            c.span(nettype).in_scope(|| warn!(class = %e.class(), error = %e, "GetIPList failed"));
+            Err(e)
         });
-        if let Err(e) = &result {
-            warn!(source = %c.name(), nettype, class = %e.class(), error = %e, "GetIPList failed");
-        }
         nettypes.push(NettypeFetched { nettype, result });
     }
     let ok: Vec<&NettypeList> = nettypes.iter().filter_map(|n| n.result.as_ref().ok()).collect();

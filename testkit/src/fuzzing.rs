@@ -30,8 +30,7 @@ pub const TARGETS: &[(&str, Target)] = &[
 
 /// The GetIPList response parser, on any body.
 pub fn get_ip_list(data: &[u8]) {
-    let Ok(list) = chat::parse_response(data, "fuzz", 5, 1400000000, "administrator", &Default::default())
-    else {
+    let Ok(list) = chat::parse_response(data, 1400000000, "administrator", &Default::default()) else {
         return;
     };
     // An accepted answer is a canonical set (sorted, disjoint, merged), whatever order and
