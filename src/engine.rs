@@ -49,6 +49,13 @@ pub struct SourceReport {
     pub skipped: usize,
 }
 
+impl SourceReport {
+    /// Fetched now: not standing in with a last good list, not missing.
+    pub fn is_fresh(&self) -> bool {
+        matches!(self.status, SourceStatus::Fresh { .. })
+    }
+}
+
 impl fmt::Display for SourceReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.status {
@@ -125,7 +132,7 @@ impl Desired {
 
     /// True when every source was fetched fresh.
     pub fn all_fresh(&self) -> bool {
-        self.sources.iter().all(|s| matches!(s.status, SourceStatus::Fresh { .. }))
+        self.sources.iter().all(SourceReport::is_fresh)
     }
 }
 
@@ -358,12 +365,8 @@ pub fn record(
             }
             state.applied = Some(plan.target.clone());
             state.last_sync = Some(now);
-            let failed: Vec<String> = desired
-                .sources
-                .iter()
-                .filter(|s| !matches!(s.status, SourceStatus::Fresh { .. }))
-                .map(ToString::to_string)
-                .collect();
+            let failed: Vec<String> =
+                desired.sources.iter().filter(|s| !s.is_fresh()).map(ToString::to_string).collect();
             state.last_error =
                 (!failed.is_empty()).then(|| LastError { at: now, message: failed.join("; ") });
         }

@@ -66,14 +66,14 @@ pub fn init(cfg: &LogConfig) -> Option<String> {
 }
 
 /// The longest text from outside shown anywhere, in characters, quotes included.
-pub const MAX_UNTRUSTED: usize = 256;
+pub(crate) const MAX_UNTRUSTED: usize = 256;
 
 /// Text from outside as it may be shown: in double quotes, every control, format, separator
 /// and other non-printable character escaped the way `{:?}` does (`\n`, `\r`, `\u{1b}`, …),
 /// cut to [`MAX_UNTRUSTED`] characters with a `…` where it was cut. Whatever the server sends,
 /// it cannot end a log line early, start a forged one or reach the terminal as an escape
 /// sequence.
-pub struct Untrusted<'a>(pub &'a str);
+pub(crate) struct Untrusted<'a>(pub &'a str);
 
 impl fmt::Display for Untrusted<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -28,7 +28,7 @@ use crate::clock;
 use crate::prefixes::AllowSet;
 
 /// The only format version this build reads and writes.
-pub const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -170,7 +170,7 @@ impl StateFile {
 
     /// First half of [`StateFile::save`]: the new state written and fsynced to a temporary file
     /// next to the real one, which is not touched yet.
-    pub fn stage(&self, state: &State) -> Result<Staged<'_>, StateError> {
+    pub(crate) fn stage(&self, state: &State) -> Result<Staged<'_>, StateError> {
         self.refuse_symlink()?;
         let dir = self.dir();
         if !dir.exists() {
@@ -210,7 +210,7 @@ pub struct StateLock {
 
 impl StateFile {
     /// The lock file: the state file's path with `.lock` appended.
-    pub fn lock_path(&self) -> PathBuf {
+    pub(crate) fn lock_path(&self) -> PathBuf {
         let mut p = self.path.as_os_str().to_owned();
         p.push(".lock");
         PathBuf::from(p)
@@ -253,7 +253,7 @@ fn take_lock(path: &Path) -> Result<File, StateError> {
 }
 
 /// A state written to its temporary file, not yet in place.
-pub struct Staged<'a> {
+pub(crate) struct Staged<'a> {
     file: &'a StateFile,
     tmp: tempfile::NamedTempFile,
 }
@@ -269,9 +269,9 @@ impl Staged<'_> {
         Ok(())
     }
 
-    /// Leaves the temporary file behind as a crash would (tests only).
-    #[doc(hidden)]
-    pub fn abandon(self) -> PathBuf {
+    /// Leaves the temporary file behind as a crash would.
+    #[cfg(test)]
+    fn abandon(self) -> PathBuf {
         let (_, path) = self.tmp.keep().expect("keep temporary file");
         path
     }
@@ -297,7 +297,7 @@ pub fn parse(bytes: &[u8]) -> Result<State, String> {
 
 /// Warns about a state that references sources no longer configured: their lists are dropped
 /// from the fallback so a removed source stops contributing.
-pub fn forget_unknown_sources<'a>(state: &mut State, configured: impl IntoIterator<Item = &'a str>) {
+pub(crate) fn forget_unknown_sources<'a>(state: &mut State, configured: impl IntoIterator<Item = &'a str>) {
     let keep: std::collections::HashSet<&str> = configured.into_iter().collect();
     let gone: Vec<String> = state.sources.keys().filter(|k| !keep.contains(k.as_str())).cloned().collect();
     for name in gone {

@@ -49,7 +49,7 @@ pub struct CycleReport {
 
 impl CycleReport {
     /// The most urgent fetch error class of the cycle (for backoff), if any source failed.
-    pub fn worst_error_class(&self) -> Option<ErrorClass> {
+    pub(crate) fn worst_error_class(&self) -> Option<ErrorClass> {
         // Locked needs the longest wait, then configuration (normal interval, loud), then the
         // retryable ones.
         let rank = |c: &ErrorClass| match c {

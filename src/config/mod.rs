@@ -21,11 +21,10 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde_saphyr::Spanned;
 
-pub use raw::{
-    Enforce, IpsetConfig, LogConfig, LogFormat, NftablesConfig, Region, Safety, check_endpoint, fmt_duration,
-    parse_duration,
-};
+pub use raw::{Enforce, IpsetConfig, LogConfig, LogFormat, NftablesConfig, Region, Safety, fmt_duration};
 use raw::{RawChat, RawConfig, secs};
+#[cfg(test)]
+use raw::{check_endpoint, parse_duration};
 pub use secret::{SecretKey, SecretRef};
 
 use crate::admission::{self, MinPrefix};

@@ -249,7 +249,7 @@ fn default_usersig_ttl() -> Duration {
 // Value checks, run while deserializing so that errors carry the value's line.
 
 /// Parses `500ms`, `30s`, `5m`, `1h`, `2d` and sums like `1h30m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || {
         format!("`{s}` is not a duration: write a number and a unit, like 30s, 5m, 1h (units ms, s, m, h, d)")
     };
@@ -359,7 +359,7 @@ fn endpoint<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error>
 
 /// `https://host[:port]`, or `http://` to a loopback address (tests, local mirrors). The
 /// usersig travels in the query string: it must not cross a network in clear text.
-pub fn check_endpoint(s: &str) -> Result<(), String> {
+pub(crate) fn check_endpoint(s: &str) -> Result<(), String> {
     let (scheme, rest) =
         s.split_once("://").ok_or_else(|| format!("`{s}` is not a URL: write https://host"))?;
     let authority = rest.split('/').next().unwrap_or_default();

@@ -26,9 +26,9 @@ use crate::prefixes::{self, AllowSet};
 use crate::usersig::{self, Minted, UsersigCache};
 
 /// The path of the API, appended to an endpoint's base URL.
-pub const GET_IP_LIST: &str = "/v4/ConfigSvc/GetIPList";
+pub(crate) const GET_IP_LIST: &str = "/v4/ConfigSvc/GetIPList";
 /// Largest response body read; a longer one is an error and nothing of it is used.
-pub const MAX_BODY: usize = 1024 * 1024;
+pub(crate) const MAX_BODY: usize = 1024 * 1024;
 /// Invalid or refused entries logged one by one per response; the rest are counted in one
 /// summary line, so that a broken list cannot flood the journal.
 const MAX_ENTRY_WARNINGS: usize = 20;
@@ -62,7 +62,7 @@ pub struct NettypeList {
 
 /// One `tencent_chat` source.
 #[derive(Debug)]
-pub struct ChatSource {
+pub(crate) struct ChatSource {
     name: String,
     endpoints: Vec<String>,
     sdkappid: u64,
@@ -112,14 +112,14 @@ impl ChatSource {
 
     /// The span every log line of one nettype's fetch is in: `fetch{source=… nettype=…}`. At
     /// error level, so that it is there whatever level the log is filtered at.
-    pub fn span(&self, nettype: u8) -> tracing::Span {
+    pub(crate) fn span(&self, nettype: u8) -> tracing::Span {
         tracing::error_span!("fetch", source = %self.name, nettype)
     }
 
     /// Fetches one nettype: the list, or why not (logged). A usersig rejected as expired is
     /// re-minted and the request retried once; a primary domain that cannot be reached is
     /// replaced by the next endpoint once.
-    pub async fn fetch_nettype(&self, nettype: u8) -> Result<NettypeList, FetchError> {
+    pub(crate) async fn fetch_nettype(&self, nettype: u8) -> Result<NettypeList, FetchError> {
         async {
             let result = self.fetch_with_retries(nettype).await;
             if let Err(e) = &result {
@@ -248,7 +248,7 @@ fn scrub_bytes(body: Vec<u8>, secret: &[u8]) -> Vec<u8> {
 
 /// `{endpoint}/v4/ConfigSvc/GetIPList?sdkappid=..&identifier=..&usersig=..&random=..&contenttype=json&nettype=..`
 /// with every value URL-encoded and a fresh random number.
-pub fn build_url(
+pub(crate) fn build_url(
     endpoint: &str,
     sdkappid: u64,
     identifier: &str,
@@ -270,7 +270,7 @@ pub fn build_url(
 }
 
 /// The URL as it may be shown: the usersig replaced by `REDACTED`.
-pub fn redact_url(url: &Url) -> String {
+pub(crate) fn redact_url(url: &Url) -> String {
     let mut shown = url.clone();
     let pairs: Vec<(String, String)> =
         url.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
@@ -466,7 +466,7 @@ impl FetchError {
 
 /// The class of an API error code, after the reference's table. Unknown codes are treated as
 /// transient: retried with backoff, never hammered.
-pub fn classify_code(code: i64) -> ErrorClass {
+pub(crate) fn classify_code(code: i64) -> ErrorClass {
     match code {
         60007 | 60011 | 60018 | 60019 => ErrorClass::RateLimited,
         60008 | 60013 | 60014 | 70169 | 70500 => ErrorClass::Transient,
@@ -482,7 +482,7 @@ pub fn classify_code(code: i64) -> ErrorClass {
 
 /// `usersig=<anything>` in free text becomes `usersig=REDACTED`, up to the next `&`, space or
 /// quote: the last line of defence for messages built by libraries.
-pub fn redact_query_param(text: &str, param: &str) -> String {
+pub(crate) fn redact_query_param(text: &str, param: &str) -> String {
     let needle = format!("{param}=");
     let mut out = String::with_capacity(text.len());
     let mut rest = text;

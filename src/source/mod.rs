@@ -16,7 +16,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use tracing::warn;
 
-pub use chat::{ChatSource, NettypeList};
+use chat::ChatSource;
+pub use chat::NettypeList;
 
 use crate::admission::MinPrefix;
 use crate::config::{Config, SourceConfig, SourceKind, TencentChatConfig};

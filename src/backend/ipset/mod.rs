@@ -33,11 +33,11 @@ use crate::prefixes::{Addr, AllowSet, Delta, Diff, Range, Ranges};
 /// and swapping it in rather than line by line in the live set: a failure then costs nothing
 /// (and a rollback of thousands of lines is avoided), and rebuilding a set of that order costs
 /// about as much as editing it (measured: 100k prefixes in about 2 s).
-pub const FULL_REPLACE_OPS: usize = 4096;
+const FULL_REPLACE_OPS: usize = 4096;
 
 /// The two sets, by address family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Family {
+enum Family {
     V4,
     V6,
 }
@@ -128,7 +128,7 @@ fn grown_maxelem(count: usize) -> u32 {
 
 /// The temporary set used to replace `name` (`<name>_t4`/`_t6`, truncated to ipset's 31
 /// characters). Reserved like the set names themselves.
-pub fn temp_name(name: &str, family: Family) -> String {
+fn temp_name(name: &str, family: Family) -> String {
     let keep = name.len().min(31 - 3);
     format!("{}_t{}", &name[..keep], family.suffix())
 }
