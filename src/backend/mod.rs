@@ -31,6 +31,17 @@ pub use cached::Cached;
 use crate::config::BackendConfig;
 use crate::prefixes::{AllowSet, Diff};
 
+/// The two sets of every backend, by address family (each backend adds what it calls them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub(crate) const BOTH: [Family; 2] = [Family::V4, Family::V6];
+}
+
 /// A place that holds the allowlist. Calls block (netlink round trips, `ipset` and
 /// `iptables` processes): [`crate::syncer::Syncer`] runs each on tokio's blocking pool
 /// (`spawn_blocking`), never on a runtime thread. Direct callers (`status`, `teardown`, tests)

@@ -49,31 +49,26 @@ fn summary(cfg: &Config) -> String {
             }
         }
     }
-    match &cfg.backend {
-        BackendConfig::Nftables(n) => {
-            let _ = writeln!(
-                s,
-                "  backend nftables: table inet {}, sets {} and {}{}",
-                n.table,
-                n.set_v4,
-                n.set_v6,
-                enforce_text(&n.enforce)
-            );
-        }
+    let backend = match &cfg.backend {
+        BackendConfig::Nftables(n) => format!(
+            "nftables: table inet {}, sets {} and {}{}",
+            n.table,
+            n.set_v4,
+            n.set_v6,
+            enforce_text(&n.enforce)
+        ),
         BackendConfig::Ipset(i) => {
-            let _ = writeln!(
-                s,
-                "  backend ipset: sets {} and {}, maxelem {}{}",
+            format!(
+                "ipset: sets {} and {}, maxelem {}{}",
                 i.set_v4,
                 i.set_v6,
                 i.maxelem,
                 enforce_text(&i.enforce)
-            );
+            )
         }
-        BackendConfig::DryRun => {
-            let _ = writeln!(s, "  backend dry_run: nothing is written to the firewall");
-        }
-    }
+        BackendConfig::DryRun => "dry_run: nothing is written to the firewall".into(),
+    };
+    let _ = writeln!(s, "  backend {backend}");
     let sf = &cfg.safety;
     let _ = writeln!(
         s,

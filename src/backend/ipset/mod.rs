@@ -25,7 +25,7 @@ pub use iptables::{ENFORCE_CHAIN, enforce_rules};
 
 use cmd::{Output, Tools, run};
 
-use super::{Backend, BackendError};
+use super::{Backend, BackendError, Family};
 use crate::config::{Enforce, IpsetConfig};
 use crate::prefixes::{Addr, AllowSet, Delta, Diff, Range, Ranges};
 
@@ -35,16 +35,7 @@ use crate::prefixes::{Addr, AllowSet, Delta, Diff, Range, Ranges};
 /// about as much as editing it (measured: 100k prefixes in about 2 s).
 const FULL_REPLACE_OPS: usize = 4096;
 
-/// The two sets, by address family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Family {
-    V4,
-    V6,
-}
-
 impl Family {
-    const BOTH: [Family; 2] = [Family::V4, Family::V6];
-
     /// ipset's name of the family.
     fn ipset_family(self) -> &'static str {
         match self {

@@ -37,7 +37,7 @@ pub use batch::enforce_rule_text;
 use query::{SetInfo, get_generation};
 
 use super::netlink::NfSocket;
-use super::{Backend, BackendError};
+use super::{Backend, BackendError, Family};
 use crate::config::{Enforce, NftablesConfig};
 use crate::prefixes::{Addr, AllowSet, Diff};
 
@@ -49,16 +49,7 @@ pub const ENFORCE_CHAIN: &str = "enforce";
 const TYPE_IPV4_ADDR: u32 = 7;
 const TYPE_IPV6_ADDR: u32 = 8;
 
-/// The two sets, by address family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Family {
-    V4,
-    V6,
-}
-
 impl Family {
-    const BOTH: [Family; 2] = [Family::V4, Family::V6];
-
     fn key_type(self) -> u32 {
         match self {
             Family::V4 => TYPE_IPV4_ADDR,

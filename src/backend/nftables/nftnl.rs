@@ -42,8 +42,7 @@ pub(super) fn table_request(seq: u32, table: &CStr) -> Request {
         // the request buffer behind `nlh` (room checked by `build`), and the object is freed
         // afterwards.
         unsafe {
-            let Some(t) = NonNull::new(sys::nftnl_table_alloc()) else { std::process::abort() };
-            let t = t.as_ptr();
+            let t = allocated(sys::nftnl_table_alloc()).as_ptr();
             sys::nftnl_table_set_u32(t, sys::NFTNL_TABLE_FAMILY as u16, libc::NFPROTO_INET as u32);
             sys::nftnl_table_set_str(t, sys::NFTNL_TABLE_NAME as u16, table.as_ptr());
             sys::nftnl_table_nlmsg_build_payload(nlh, t);
@@ -57,8 +56,7 @@ pub(super) fn chain_request(seq: u32, table: &CStr, chain: &CStr) -> Request {
     inet_request(seq, libc::NFT_MSG_GETCHAIN, libc::NLM_F_ACK, |nlh| {
         // SAFETY: as in `table_request`.
         unsafe {
-            let Some(c) = NonNull::new(sys::nftnl_chain_alloc()) else { std::process::abort() };
-            let c = c.as_ptr();
+            let c = allocated(sys::nftnl_chain_alloc()).as_ptr();
             sys::nftnl_chain_set_u32(c, sys::NFTNL_CHAIN_FAMILY as u16, libc::NFPROTO_INET as u32);
             sys::nftnl_chain_set_str(c, sys::NFTNL_CHAIN_TABLE as u16, table.as_ptr());
             sys::nftnl_chain_set_str(c, sys::NFTNL_CHAIN_NAME as u16, chain.as_ptr());
@@ -126,16 +124,18 @@ fn build(
     Request { buf, len }
 }
 
+/// A libnftnl allocation, checked: out of memory aborts, as nftnl itself handles it.
+fn allocated<T>(p: *mut T) -> NonNull<T> {
+    NonNull::new(p).unwrap_or_else(|| std::process::abort())
+}
+
 /// An owned `nftnl_set` used for requests and for parsing replies.
 struct NftnlSet(NonNull<sys::nftnl_set>);
 
 impl NftnlSet {
     fn alloc() -> Self {
-        // SAFETY: plain allocation, checked for NULL.
-        match NonNull::new(unsafe { sys::nftnl_set_alloc() }) {
-            Some(p) => NftnlSet(p),
-            None => std::process::abort(),
-        }
+        // SAFETY: plain allocation, checked for NULL by `allocated`.
+        NftnlSet(allocated(unsafe { sys::nftnl_set_alloc() }))
     }
 
     /// A set named `name` in `inet table`, to address requests.
@@ -190,8 +190,7 @@ pub(super) fn parse_chain(m: &Message<'_>) -> io::Result<ChainInfo> {
     // getters are only called for attributes that are set, and the type string is copied
     // before the chain is freed.
     unsafe {
-        let Some(c) = NonNull::new(sys::nftnl_chain_alloc()) else { std::process::abort() };
-        let c = c.as_ptr();
+        let c = allocated(sys::nftnl_chain_alloc()).as_ptr();
         let parsed = sys::nftnl_chain_nlmsg_parse(m.as_ptr(), c);
         let is = |a: u32| sys::nftnl_chain_is_set(c, a as u16);
         let info = ChainInfo {
@@ -231,9 +230,7 @@ pub(super) fn for_each_element(m: &Message<'_>, mut f: impl FnMut(&[u8], bool)) 
     // Element getters return pointers into the element (valid while the set lives) with
     // their length; attributes are checked with `is_set` before being read.
     unsafe {
-        let Some(iter) = NonNull::new(sys::nftnl_set_elems_iter_create(s.ptr())) else {
-            std::process::abort()
-        };
+        let iter = allocated(sys::nftnl_set_elems_iter_create(s.ptr()));
         // `iter_next` returns the current element and advances (NULL at the end).
         loop {
             let elem = sys::nftnl_set_elems_iter_next(iter.as_ptr());
@@ -262,8 +259,7 @@ pub(super) fn parse_generation(m: &Message<'_>) -> io::Result<u32> {
     // SAFETY: allocation checked for NULL; `m` is one complete, aligned message; the id is read
     // only when present; the object is freed before returning.
     unsafe {
-        let Some(g) = NonNull::new(sys::nftnl_gen_alloc()) else { std::process::abort() };
-        let g = g.as_ptr();
+        let g = allocated(sys::nftnl_gen_alloc()).as_ptr();
         let ok = sys::nftnl_gen_nlmsg_parse(m.as_ptr(), g) >= 0
             && sys::nftnl_gen_is_set(g, sys::NFTNL_GEN_ID as u16);
         let id = ok.then(|| sys::nftnl_gen_get_u32(g, sys::NFTNL_GEN_ID as u16));
@@ -282,9 +278,7 @@ impl Expression for NotInSet<'_> {
         // SAFETY: libnftnl allocates the expression (checked for NULL below) and copies the
         // set name; the rule takes ownership of the returned expression.
         unsafe {
-            let Some(expr) = NonNull::new(sys::nftnl_expr_alloc(c"lookup".as_ptr())) else {
-                std::process::abort(); // out of memory, as nftnl itself handles it
-            };
+            let expr = allocated(sys::nftnl_expr_alloc(c"lookup".as_ptr()));
             let e = expr.as_ptr();
             sys::nftnl_expr_set_u32(e, sys::NFTNL_EXPR_LOOKUP_SREG as u16, libc::NFT_REG_1 as u32);
             sys::nftnl_expr_set_str(e, sys::NFTNL_EXPR_LOOKUP_SET as u16, self.set.as_ptr());
@@ -315,10 +309,7 @@ pub(super) fn append_element<K>(set: &Set<'_, K>, key: &[u8], flags: u32) {
     // copies `key` (at most 16 bytes, checked above, within libnftnl's key buffer), and
     // `nftnl_set_elem_add` hands the element to the live set, which frees it.
     unsafe {
-        let Some(elem) = NonNull::new(sys::nftnl_set_elem_alloc()) else {
-            std::process::abort(); // out of memory, as nftnl itself handles it
-        };
-        let e = elem.as_ptr();
+        let e = allocated(sys::nftnl_set_elem_alloc()).as_ptr();
         sys::nftnl_set_elem_set(e, sys::NFTNL_SET_ELEM_KEY as u16, key.as_ptr().cast(), key.len() as u32);
         if flags != 0 {
             sys::nftnl_set_elem_set_u32(e, sys::NFTNL_SET_ELEM_FLAGS as u16, flags);

@@ -20,7 +20,7 @@ use tracing::debug;
 
 use super::{ENFORCE_CHAIN, Family, NftablesBackend, SetKeyAddr, kernel, nftnl};
 use crate::backend::BackendError;
-use crate::backend::netlink::{DumpInterrupted, NfSocket};
+use crate::backend::netlink::{DumpInterrupted, Message, NfSocket};
 use crate::prefixes::{Addr, Range, Ranges};
 
 /// What matters about an existing set.
@@ -71,34 +71,16 @@ impl NftablesBackend {
     /// The kernel's description of one of our sets, `None` when it (or the table) is missing.
     pub(super) fn get_set(&self, sock: &NfSocket, family: Family) -> Result<Option<SetInfo>, BackendError> {
         let seq = sock.next_seq();
-        let request = nftnl::set_request(seq, &self.table, self.set_name(family));
-        let mut info = None;
-        let result = sock.request(request.bytes(), seq, |m| {
-            info = Some(nftnl::parse_set(m)?);
-            Ok(())
-        });
-        match result {
-            Ok(()) => Ok(info),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-            Err(e) => Err(kernel("get set", self.set_object(family), e)),
-        }
+        get_one(sock, seq, nftnl::set_request(seq, &self.table, self.set_name(family)), nftnl::parse_set)
+            .map_err(|e| kernel("get set", self.set_object(family), e))
     }
 
     /// The kernel's description of the enforcement chain, `None` when it is missing.
     pub(super) fn get_chain(&self, sock: &NfSocket) -> Result<Option<ChainInfo>, BackendError> {
         let chain_name = CString::new(ENFORCE_CHAIN).expect("no NUL");
         let seq = sock.next_seq();
-        let request = nftnl::chain_request(seq, &self.table, &chain_name);
-        let mut info = None;
-        let result = sock.request(request.bytes(), seq, |m| {
-            info = Some(nftnl::parse_chain(m)?);
-            Ok(())
-        });
-        match result {
-            Ok(()) => Ok(info),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-            Err(e) => Err(kernel("get chain", self.chain_object(), e)),
-        }
+        get_one(sock, seq, nftnl::chain_request(seq, &self.table, &chain_name), nftnl::parse_chain)
+            .map_err(|e| kernel("get chain", self.chain_object(), e))
     }
 
     /// Dumps one set's elements and rebuilds its ranges, exactly as the kernel holds them.
@@ -138,6 +120,25 @@ impl NftablesBackend {
             .map_err(|why| BackendError::Foreign { object: object.clone(), why: why.clone() })?;
         Ranges::from_disjoint(ranges)
             .map_err(|e| BackendError::Foreign { object, why: format!("its elements overlap: {e}") })
+    }
+}
+
+/// Sends a request for one object and parses the answer; `None` when the kernel has no such
+/// object (ENOENT).
+fn get_one<T>(
+    sock: &NfSocket,
+    seq: u32,
+    request: nftnl::Request,
+    parse: impl Fn(&Message<'_>) -> io::Result<T>,
+) -> io::Result<Option<T>> {
+    let mut found = None;
+    match sock.request(request.bytes(), seq, |m| {
+        found = Some(parse(m)?);
+        Ok(())
+    }) {
+        Ok(()) => Ok(found),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
