@@ -11,10 +11,13 @@
 //!   -> state (last good list, written atomically)
 //! ```
 //!
+//! [`engine`] takes every decision of a sync without I/O; [`syncer`] runs one cycle with its I/O
+//! (fetch, backend, state file, the log line) and [`daemon`] runs cycles on a schedule.
 //! [`usersig`] mints the TLSSigAPIv2 usersig that authenticates GetIPList calls.
 //!
-//! [`config`] reads the YAML file, [`cli`] defines the command line; the binary in `main.rs`
-//! only wires them together.
+//! [`config`] reads the YAML file, [`cli`] defines the command line; the binary (`main.rs`,
+//! `commands/`) runs the commands and owns their output and exit codes. Test support lives in
+//! its own crate, `testkit/`, never in this one.
 //!
 //! Errors: every error type's message includes its cause (`lock file …: Read-only file system
 //! (os error 30)`), and none returns it again as [`std::error::Error::source`]. Logs print an

@@ -3,7 +3,7 @@
 //! the configuration; `RUST_LOG` overrides it.
 //!
 //! Text from outside (API entries, the server's `ErrorInfo`) reaches a log line or an error
-//! message only through [`Untrusted`]: escaped and capped, whatever the format.
+//! message only through `Untrusted`: escaped and capped, whatever the format.
 
 //!
 //! Under systemd, stderr is usually a stream to journald, which stores every line at the unit's

@@ -10,6 +10,9 @@
 //! or the new file. A file that does not parse, or has an unknown version, is never trusted and
 //! never deleted: it is renamed to `state.json.corrupt-<unix time>` and allowsync starts empty.
 //!
+//! Next to it lives the lock (`state.json.lock`, [`StateFile::lock`]) that `run`, `once` and
+//! `teardown` hold: one allowsync at a time on a state, and so on its table.
+//!
 //! A state file that is a symbolic link is refused, for reading and writing: the rename would
 //! replace the link with a regular file (leaving its target stale), and the lock is taken by
 //! the configured path, so a second configuration naming the target would not see it.

@@ -7,7 +7,7 @@
 //!
 //! - [`dry_run`]: logs the transaction it would send and keeps nothing;
 //! - [`nftables`]: two interval sets (and optionally an enforcement chain) in an nftables table,
-//!   over netlink.
+//!   over netlink (`netlink.rs`, the transport);
 //! - [`ipset`]: two `hash:net` ipsets (and optionally an iptables enforcement chain), through
 //!   the `ipset` and `iptables-restore` programs. `ipset restore` is not atomic: that module's
 //!   docs say how a failed apply still leaves the sets as they were (swap, or roll back).

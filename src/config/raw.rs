@@ -281,7 +281,7 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
-/// A duration as [`parse_duration`] reads it: `30s`, `5m`, `1h`, `250ms`.
+/// A duration as `parse_duration` reads it: `30s`, `5m`, `1h`, `250ms`.
 pub fn fmt_duration(d: Duration) -> String {
     let ms = d.as_millis();
     for (unit, size) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {

@@ -7,7 +7,7 @@
 //! on the backup domain. Everything else (backoff, the next cycle) is the scheduler's.
 //!
 //! Secrets: the usersig travels in the query string, so every URL that may reach a log or an
-//! error goes through [`redact_url`], and reqwest errors are stripped of their URL.
+//! error goes through `redact_url`, and reqwest errors are stripped of their URL.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -285,7 +285,7 @@ pub(crate) fn redact_url(url: &Url) -> String {
 }
 
 /// Parses a GetIPList answer. `sdkappid` and `identifier` only word error messages; the log
-/// lines name the source and nettype through the caller's span ([`ChatSource::span`]).
+/// lines name the source and nettype through the caller's span (`ChatSource::span`).
 ///
 /// - `ActionStatus` must be a string and `ErrorCode` an integer; `FAIL` or a non-zero code is
 ///   an API error, classified by its code.
@@ -298,7 +298,7 @@ pub(crate) fn redact_url(url: &Url) -> String {
 ///
 ///   If no element is valid the whole answer is an error: a list of nothing but garbage says
 ///   the service is broken, not that the allowlist is empty.
-/// - Every text of the answer that reaches a log or an error goes through [`Untrusted`].
+/// - Every text of the answer that reaches a log or an error goes through `Untrusted`.
 /// - An empty `IPList` is a success with an empty list. Whether to apply it is the engine's
 ///   decision, taken with its safety guards (`allow_empty`, `max_removal_percent`) that see the
 ///   whole desired set; refusing it here would hide it from them.

@@ -4,7 +4,11 @@
 //!
 //! A source's result is all or nothing: a Chat source with several nettypes succeeds only if
 //! every nettype did, so the engine never mistakes half a list for the whole one (it keeps the
-//! source's last good list instead).
+//! source's last good list instead). What became of each source is the engine's
+//! [`crate::engine::SourceReport`].
+//!
+//! This module is the orchestration; everything about the Chat REST API itself (requests,
+//! answers, its error codes, the HTTP client, the region domains) is in [`chat`].
 
 pub mod chat;
 
@@ -85,7 +89,7 @@ pub enum FetchError {
     #[error("every one of the {count} entries of IPList is invalid or never allowed")]
     AllInvalid { count: usize },
     /// An entry wider than `safety.min_prefix_v4` / `_v6`: the whole answer is not used.
-    /// `entry` is the entry as sent, escaped ([`crate::logging::Untrusted`]).
+    /// `entry` is the entry as sent, escaped (`logging::Untrusted`).
     #[error("suspicious answer, none of it used: entry {entry}: {reason}")]
     Suspicious { entry: String, reason: String },
     /// A bug: a fetch task panicked. Reported, never propagated as a panic.

@@ -375,7 +375,7 @@ impl NftablesBackend {
 }
 
 /// The rules an operator would write by hand for `enforce`'s ports, as `nft` prints them (and as
-/// [`Backend::ensure`] installs them in [`ENFORCE_CHAIN`] when `enforce` is configured): loopback
+/// [`Backend::ensure`](crate::backend::Backend::ensure) installs them in [`ENFORCE_CHAIN`] when `enforce` is configured): loopback
 /// first, then one drop rule per port and family. nftables sets are per table, so such rules
 /// must live in a chain of `table inet <table>` to reference the sets.
 pub fn enforce_rule_text(config: &NftablesConfig, enforce: &Enforce) -> Vec<String> {
