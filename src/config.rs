@@ -203,6 +203,21 @@ pub struct Enforce {
     pub tcp_ports: Vec<u16>,
     #[serde(default, deserialize_with = "ports")]
     pub udp_ports: Vec<u16>,
+    #[serde(default)]
+    pub scope: EnforceScope,
+}
+
+/// Which packets `enforce` filters (`enforce.scope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EnforceScope {
+    /// Every packet addressed to one of this host's addresses, judged by its original
+    /// destination port before any DNAT: local sockets, and containers, VMs and pods behind a
+    /// published port alike (a prerouting hook).
+    #[default]
+    Host,
+    /// Only packets delivered to a local socket (the input hook): a DNATed port is not covered.
+    Local,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -1236,5 +1251,23 @@ sources:
         );
         let (_, key, _) = invalid(&format!("{BASE}backend:\n  nftables: {{ table: \"bad name\" }}\n"));
         assert_eq!(key, "backend.nftables.table");
+    }
+
+    #[test]
+    fn enforce_scope_defaults_to_host() {
+        let enforce =
+            |yaml: &str| match parse(&format!("{BASE}backend:\n  nftables: {{ enforce: {yaml} }}\n")) {
+                Ok(Config { backend: BackendConfig::Nftables(n), .. }) => n.enforce.unwrap(),
+                other => panic!("{other:?}"),
+            };
+        // A configuration written before the key existed gets the wider scope.
+        assert_eq!(enforce("{ tcp_ports: [443] }").scope, EnforceScope::Host);
+        assert_eq!(enforce("{ tcp_ports: [443], scope: host }").scope, EnforceScope::Host);
+        assert_eq!(enforce("{ tcp_ports: [443], scope: local }").scope, EnforceScope::Local);
+        let (line, key, msg) = invalid(&format!(
+            "{BASE}backend:\n  ipset:\n    enforce: {{ tcp_ports: [443], scope: input }}\n"
+        ));
+        assert_eq!((line, key.as_str()), (7, "backend.ipset.enforce.scope"), "{msg}");
+        assert!(msg.contains("host") && msg.contains("local"), "{msg}");
     }
 }

@@ -228,7 +228,7 @@ fn enforcement_filters_traffic_by_the_allowlist<H: Harness>() {
         assert!(tcp_connects(&client, from, tcp6), "baseline tcp6 from {from}");
     }
 
-    let enforce = Enforce { tcp_ports: vec![TCP_PORT], udp_ports: vec![UDP_PORT] };
+    let enforce = Enforce { tcp_ports: vec![TCP_PORT], udp_ports: vec![UDP_PORT], ..Enforce::default() };
     let mut b = H::backend(Some(enforce));
     b.ensure().unwrap();
     sync(&mut *b, &set(["10.200.0.2", "fd00:200::2"]));

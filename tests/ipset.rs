@@ -129,7 +129,7 @@ fn rules(prog: &str) -> Vec<String> {
 #[test]
 fn enforcement_chain_is_idempotent_and_teardown_goes_in_order() {
     let Some(_ns) = enter_new_netns() else { return };
-    let enforce = Enforce { tcp_ports: vec![443, 8443], udp_ports: vec![53] };
+    let enforce = Enforce { tcp_ports: vec![443, 8443], udp_ports: vec![53], ..Enforce::default() };
     let mut b = backend(65536, Some(enforce.clone()));
     for _ in 0..3 {
         b.ensure().unwrap();
@@ -151,7 +151,7 @@ fn enforcement_chain_is_idempotent_and_teardown_goes_in_order() {
     }
 
     // Other ports: the chain is refilled, not appended to.
-    let mut other = backend(65536, Some(Enforce { tcp_ports: vec![22], udp_ports: vec![] }));
+    let mut other = backend(65536, Some(Enforce { tcp_ports: vec![22], udp_ports: vec![], ..Enforce::default() }));
     other.ensure().unwrap();
     other.enforce().unwrap();
     assert_eq!(rules("iptables").len(), 4, "{:?}", rules("iptables"));
@@ -176,7 +176,7 @@ fn a_foreign_chain_is_reported_and_left_alone() {
     run("iptables", &["-N", ENFORCE_CHAIN]);
     run("iptables", &["-A", ENFORCE_CHAIN, "-p", "tcp", "--dport", "22", "-j", "ACCEPT"]);
     let before = run("iptables-save", &["-t", "filter"]);
-    let enforce = Enforce { tcp_ports: vec![443], udp_ports: vec![] };
+    let enforce = Enforce { tcp_ports: vec![443], udp_ports: vec![], ..Enforce::default() };
     let mut b = backend(65536, Some(enforce));
     b.ensure().unwrap();
     let err = b.enforce().unwrap_err();

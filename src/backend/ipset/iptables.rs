@@ -180,7 +180,7 @@ mod tests {
         );
         assert!(s.exists && s.jumps == 1 && s.is_ours("v4"));
         assert!(!s.is_ours("other"));
-        let e = Enforce { tcp_ports: vec![443], udp_ports: vec![53] };
+        let e = Enforce { tcp_ports: vec![443], udp_ports: vec![53], ..Enforce::default() };
         assert_eq!(
             enforce_rules("v4", &e)[1],
             "-p tcp -m tcp --dport 443 -m set ! --match-set v4 src -j DROP"
