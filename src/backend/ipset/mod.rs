@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 mod cmd;
 mod iptables;
 
-pub use iptables::{ENFORCE_CHAIN, enforce_rules};
+pub use iptables::{ENFORCE_CHAIN, enforce_rules, hook_of};
 
 use cmd::{Output, Tools, run};
 
@@ -666,7 +666,7 @@ impl Backend for IpsetBackend {
         self.ensure_enforcement()
     }
 
-    /// Removes INPUT's jumps and the enforcement chain (iptables and ip6tables) first, then the
+    /// Removes the jumps and the enforcement chains (iptables and ip6tables) first, then the
     /// sets and any temporary set: the kernel refuses to destroy a set a rule still uses. A chain
     /// of that name that allowsync did not write is left alone (and then its set too, which the
     /// kernel reports as in use).
