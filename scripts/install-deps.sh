@@ -8,9 +8,11 @@ set -euo pipefail
 # and util-linux (nsenter): the packages under a real systemd (tests/systemd.sh).
 packages=(pkg-config libnftnl-dev libmnl-dev nftables ipset iptables iproute2 util-linux procps
   lintian rpm binutils man-db debootstrap debian-archive-keyring systemd-container)
+# No `dpkg-query | grep -q` under pipefail: grep may exit before dpkg-query has written all.
+installed() { [[ "$(dpkg-query -W -f='${Status}\n' "$1" 2>/dev/null)" == *"install ok installed"* ]]; }
 missing=()
 for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  installed "$p" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

@@ -33,12 +33,8 @@ pub const DEFAULT_STATE_FILE: &str = "/var/lib/allowsync/state.json";
 /// A configuration mistake, located.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: cannot read the configuration: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{path}: cannot read the configuration: {cause}")]
+    Read { path: PathBuf, cause: std::io::Error },
     /// `file:line:column: key: what is wrong`.
     #[error("{path}:{line}:{column}: {key}: {message}")]
     Invalid { path: PathBuf, line: u64, column: u64, key: String, message: String },
@@ -291,8 +287,8 @@ impl Default for LogConfig {
 struct RawConfig {
     #[serde(default, deserialize_with = "interval")]
     interval: Option<Duration>,
-    #[serde(default, deserialize_with = "jitter")]
-    jitter: Option<Duration>,
+    #[serde(default)]
+    jitter: Option<Spanned<Jitter>>,
     #[serde(default)]
     state_file: Option<Spanned<PathBuf>>,
     sources: Spanned<Vec<RawSource>>,
@@ -471,8 +467,13 @@ const fn secs(s: u64) -> Duration {
 fn interval<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     duration_in(d, secs(10), secs(7 * 86_400), "interval").map(Some)
 }
-fn jitter<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    duration_in(d, secs(0), secs(86_400), "jitter").map(Some)
+/// `jitter`, spanned so that its bound by `interval` (known only later) can name its line.
+#[derive(Debug)]
+struct Jitter(Duration);
+impl<'de> Deserialize<'de> for Jitter {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        duration_in(d, secs(0), secs(86_400), "jitter").map(Jitter)
+    }
 }
 fn timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     duration_in(d, secs(1), secs(120), "timeout")
@@ -655,7 +656,7 @@ impl Config {
     /// Reads, validates and resolves the configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+            .map_err(|cause| ConfigError::Read { path: path.to_path_buf(), cause })?;
         Config::parse(&text, path)
     }
 
@@ -728,7 +729,23 @@ fn absolute(base: &Path, p: &Path) -> PathBuf {
 fn resolve(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, ConfigError> {
     let mut warnings = Vec::new();
     let interval = raw.interval.unwrap_or(secs(300));
-    let jitter = raw.jitter.unwrap_or(interval / 10);
+    let jitter = match &raw.jitter {
+        None => interval / 10,
+        Some(j) if j.value.0 > interval => {
+            let default = if raw.interval.is_none() { ", the default" } else { "" };
+            return Err(at(
+                path,
+                j,
+                "jitter",
+                format!(
+                    "jitter {} is longer than interval ({}{default}): it must be at most the interval",
+                    fmt_duration(j.value.0),
+                    fmt_duration(interval)
+                ),
+            ));
+        }
+        Some(j) => j.value.0,
+    };
     let state_file =
         raw.state_file.map_or_else(|| PathBuf::from(DEFAULT_STATE_FILE), |s| absolute(base, &s.value));
 
@@ -885,7 +902,19 @@ fn resolve_chat(
                 ));
             }
         }
-        let key_text = text.trim();
+        // An editor's UTF-8 byte order mark is not part of the key: signed with it, every
+        // usersig is refused (70009, as if the key were wrong).
+        let key_text = match text.strip_prefix('\u{feff}') {
+            Some(rest) => {
+                warnings.push(format!(
+                    "secret key file {} starts with a UTF-8 byte order mark (BOM): ignored",
+                    file.display()
+                ));
+                rest
+            }
+            None => &text,
+        }
+        .trim();
         if key_text.is_empty() && credential.is_some() {
             // The unit's SetCredential= fallback: LoadCredential= found no file to copy.
             return Err(at(
@@ -1027,6 +1056,19 @@ sources:
         assert_eq!(c.jitter, secs(360));
     }
 
+    #[test]
+    fn jitter_is_at_most_the_interval() {
+        let e = parse(&format!("interval: 10s\njitter: 1d\n{BASE}")).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "/etc/allowsync/config.yaml:2:9: jitter: jitter 1d is longer than interval (10s): it must be at most the interval"
+        );
+        let (line, key, msg) = invalid(&format!("jitter: 6m\n{BASE}"));
+        assert_eq!((line, key.as_str()), (1, "jitter"));
+        assert!(msg.contains("longer than interval (5m, the default)"), "{msg}");
+        assert_eq!(parse(&format!("interval: 10s\njitter: 10s\n{BASE}")).unwrap().jitter, secs(10));
+    }
+
     fn chat(extra: &str) -> String {
         format!(
             "sources:\n  - name: sgp\n    tencent_chat:\n      region: singapore\n      sdkappid: 1400000000\n      identifier: administrator\n{extra}"
@@ -1079,6 +1121,23 @@ sources:
         std::fs::set_permissions(dir.path().join("keys/app.key"), std::fs::Permissions::from_mode(0o600))
             .unwrap();
         assert!(Config::load(&cfg).unwrap().warnings.is_empty());
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("c.yaml");
+        std::fs::write(&cfg, chat("      secret_key_file: app.key\n")).unwrap();
+        std::fs::write(dir.path().join("app.key"), "\u{feff}filekey\r\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path().join("app.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = Config::load(&cfg).unwrap();
+        let SourceKind::TencentChat(t) = &c.sources[0].kind else { panic!() };
+        assert_eq!(t.secret_key.expose(), "filekey");
+        let file = dir.path().join("app.key");
+        let want =
+            format!("secret key file {} starts with a UTF-8 byte order mark (BOM): ignored", file.display());
+        assert_eq!(c.warnings, [want]);
     }
 
     #[test]

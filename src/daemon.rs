@@ -12,7 +12,8 @@
 //! | locked (70050) | at least 60 s |
 //!
 //! Signals: SIGHUP reloads the configuration (a broken one is logged and the old one kept),
-//! SIGUSR1 syncs now, SIGTERM/SIGINT stop at once. Nothing is flushed on the way out: the sets
+//! SIGUSR1 syncs now, SIGTERM/SIGINT stop at once (a fetch is abandoned; a kernel transaction
+//! under way is finished and recorded first). Nothing is flushed on the way out: the sets
 //! and rules stay as they are, enforcing the last good allowlist.
 
 use std::path::Path;
@@ -38,7 +39,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Syncer(#[from] SyncerError),
     #[error("signal handling: {0}")]
-    Signals(#[source] std::io::Error),
+    Signals(std::io::Error),
 }
 
 /// When to run the next cycle, given how the last one went.
@@ -99,15 +100,15 @@ fn notify(states: &[NotifyState]) {
 /// `STATUS=`: what the kernel holds after the cycle (read back, not the state file's last
 /// applied list: the two differ whenever an apply failed or someone changed the set), when the
 /// last sync succeeded, and whether this cycle failed, was refused or lost a source.
-fn status_line(s: &mut Syncer, report: &CycleReport) -> String {
+fn status_line(s: &Syncer, report: &CycleReport) -> String {
     let names = match &s.config().backend {
         crate::config::BackendConfig::Nftables(n) => (n.set_v4.clone(), n.set_v6.clone()),
         crate::config::BackendConfig::Ipset(i) => (i.set_v4.clone(), i.set_v6.clone()),
         crate::config::BackendConfig::DryRun => ("v4".into(), "v6".into()),
     };
-    let held = match s.read_kernel() {
-        Ok(k) => format!("{} {}, {} {}", names.0, k.v4.len(), names.1, k.v6.len()),
-        Err(_) => format!("{} and {} unreadable", names.0, names.1),
+    let held = match report.kernel {
+        Some((v4, v6)) => format!("{} {v4}, {} {v6}", names.0, names.1),
+        None => format!("{} and {} unreadable", names.0, names.1),
     };
     let last = s.state().last_sync.map_or("never".into(), |t| clock::rfc3339(t)[11..19].to_string());
     let cycle = match &report.outcome {
@@ -132,7 +133,7 @@ pub async fn run(config_path: &Path, cfg: Config) -> Result<(), DaemonError> {
     let mut syncer = Syncer::new(cfg, true)?;
     info!(config = %config_path.display(), pid = std::process::id(), "allowsync starting");
 
-    match syncer.restore() {
+    match syncer.restore().await {
         Ok(_) => {}
         Err(e) => {
             error!(error = %e, "cannot restore the last good allowlist; will retry with the first sync")
@@ -145,19 +146,22 @@ pub async fn run(config_path: &Path, cfg: Config) -> Result<(), DaemonError> {
     let mut ready = false;
 
     loop {
-        // A cycle only awaits while fetching: cancelling it there (on SIGTERM) changes nothing.
-        let report = tokio::select! {
-            r = syncer.cycle(false) => r,
+        // Cancelling the fetch (on SIGTERM) changes nothing. The rest of the cycle (kernel
+        // transaction, state file) runs on the blocking pool and is never cut short: a signal
+        // arriving meanwhile waits in its stream until the next select, milliseconds later.
+        let fetches = tokio::select! {
+            f = syncer.fetch() => f,
             _ = term.recv() => { info!("SIGTERM during a fetch: stopping; the sets stay in place"); return stop(); }
             _ = int.recv() => { info!("SIGINT during a fetch: stopping; the sets stay in place"); return stop(); }
         };
+        let report = syncer.finish(fetches, false).await;
         let delay = schedule.next(&report, rand::random());
         if !matches!(report.outcome, Ok(Outcome::InSync | Outcome::Applied { .. })) {
             warn!(retry_in_s = delay.as_secs(), "next attempt scheduled");
         } else if report.worst_error_class().is_some() {
             warn!(retry_in_s = delay.as_secs(), "a source failed: backing off");
         }
-        let status = status_line(&mut syncer, &report);
+        let status = status_line(&syncer, &report);
         if ready {
             notify(&[NotifyState::Status(&status)]);
         } else {
@@ -243,6 +247,7 @@ mod tests {
             v4: 1,
             v6: 0,
             duration_ms: 1,
+            kernel: Some((1, 0)),
             drift: None,
         }
     }

@@ -15,6 +15,11 @@
 //!
 //! [`config`] reads the YAML file, [`cli`] defines the command line; the binary in `main.rs`
 //! only wires them together.
+//!
+//! Errors: every error type's message includes its cause (`lock file …: Read-only file system
+//! (os error 30)`), and none returns it again as [`std::error::Error::source`]. Logs print an
+//! error with `%e` (its message only) and the binary with `{e:#}` (the message and its source
+//! chain): either way each cause appears once.
 
 #![deny(unsafe_code)]
 
@@ -31,3 +36,44 @@ pub mod source;
 pub mod state;
 pub mod syncer;
 pub mod usersig;
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::path::PathBuf;
+
+    use crate::backend::BackendError;
+    use crate::config::ConfigError;
+    use crate::daemon::DaemonError;
+    use crate::source::SourceError;
+    use crate::state::StateError;
+    use crate::syncer::SyncerError;
+
+    /// Each error with an I/O cause, alone and wrapped, printed as the binary prints errors.
+    #[test]
+    fn every_cause_is_printed_once() {
+        let erofs = || io::Error::from_raw_os_error(libc::EROFS);
+        let path = || PathBuf::from("/var/lib/allowsync/state.json");
+        let kernel =
+            || BackendError::Kernel { op: "commit", object: "table inet allowsync".into(), cause: erofs() };
+        let lock = || SyncerError::Lock { path: path(), cause: erofs() };
+        let state = || StateError::Io { path: path(), op: "write", cause: erofs() };
+        let errors: Vec<anyhow::Error> = vec![
+            ConfigError::Read { path: path(), cause: erofs() }.into(),
+            state().into(),
+            SyncerError::State(state()).into(),
+            lock().into(),
+            DaemonError::Syncer(lock()).into(),
+            DaemonError::Signals(erofs()).into(),
+            SourceError::CaFileRead { path: path(), cause: erofs() }.into(),
+            kernel().into(),
+            SyncerError::Backend(kernel()).into(),
+        ];
+        let cause = erofs().to_string();
+        for e in errors {
+            let shown = format!("{e:#}");
+            assert_eq!(shown.matches(&cause).count(), 1, "{shown}");
+            assert_eq!(e.chain().count(), 1, "no source() behind the message: {shown}");
+        }
+    }
+}

@@ -9,6 +9,10 @@
 //! over the old file, and the directory fsynced, so a crash at any moment leaves either the old
 //! or the new file. A file that does not parse, or has an unknown version, is never trusted and
 //! never deleted: it is renamed to `state.json.corrupt-<unix time>` and allowsync starts empty.
+//!
+//! A state file that is a symbolic link is refused, for reading and writing: the rename would
+//! replace the link with a regular file (leaving its target stale), and the lock is taken by
+//! the configured path, so a second configuration naming the target would not see it.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -66,13 +70,12 @@ pub struct LastError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("state file {path}: {op}: {source}")]
-    Io {
-        path: PathBuf,
-        op: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("state file {path}: {op}: {cause}")]
+    Io { path: PathBuf, op: &'static str, cause: std::io::Error },
+    #[error(
+        "state file {path} is a symbolic link (to {target}): allowsync does not follow it; set state_file to the file itself"
+    )]
+    Symlink { path: PathBuf, target: PathBuf },
 }
 
 /// The state file on disk.
@@ -91,13 +94,14 @@ impl StateFile {
     }
 
     fn io(&self, op: &'static str) -> impl FnOnce(std::io::Error) -> StateError + '_ {
-        move |source| StateError::Io { path: self.path.clone(), op, source }
+        move |cause| StateError::Io { path: self.path.clone(), op, cause }
     }
 
     /// Reads the state. A missing file is an empty state. A corrupt or unknown-version file is
     /// set aside (renamed, logged as an error) and an empty state returned: never trusted.
     /// Only an I/O error other than "not found" is an error.
     pub fn load(&self) -> Result<State, StateError> {
+        self.refuse_symlink()?;
         let bytes = match fs::read(&self.path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
@@ -121,10 +125,22 @@ impl StateFile {
     /// Reads the state without side effects (for `status`): `Err` with the reason when the file
     /// is corrupt, instead of setting it aside.
     pub fn peek(&self) -> Result<Option<State>, String> {
+        self.refuse_symlink().map_err(|e| e.to_string())?;
         match fs::read(&self.path) {
             Ok(b) => parse(&b).map(Some),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// See the module header.
+    fn refuse_symlink(&self) -> Result<(), StateError> {
+        match fs::symlink_metadata(&self.path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let target = fs::read_link(&self.path).map_err(self.io("read link"))?;
+                Err(StateError::Symlink { path: self.path.clone(), target })
+            }
+            _ => Ok(()),
         }
     }
 
@@ -150,6 +166,7 @@ impl StateFile {
     /// First half of [`StateFile::save`]: the new state written and fsynced to a temporary file
     /// next to the real one, which is not touched yet.
     pub fn stage(&self, state: &State) -> Result<Staged<'_>, StateError> {
+        self.refuse_symlink()?;
         let dir = self.dir();
         if !dir.exists() {
             fs::DirBuilder::new()
@@ -299,6 +316,26 @@ mod tests {
             assert!(aside[0].starts_with("state.json.corrupt-"), "{aside:?}");
             assert_eq!(fs::read_to_string(dir.path().join(&aside[0])).unwrap(), bad, "kept as it was");
         }
+    }
+
+    #[test]
+    fn a_symlinked_state_file_is_refused_and_left_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("real.json");
+        let f = StateFile::new(dir.path().join("state.json"));
+        StateFile::new(&target).save(&sample()).unwrap();
+        std::os::unix::fs::symlink(&target, f.path()).unwrap();
+        let before = fs::read(&target).unwrap();
+        let want = format!(
+            "state file {} is a symbolic link (to {}): allowsync does not follow it; set state_file to the file itself",
+            f.path().display(),
+            target.display()
+        );
+        assert_eq!(f.load().unwrap_err().to_string(), want);
+        assert_eq!(f.peek().unwrap_err(), want);
+        assert_eq!(f.save(&State::default()).unwrap_err().to_string(), want);
+        assert!(fs::symlink_metadata(f.path()).unwrap().file_type().is_symlink(), "the link stays a link");
+        assert_eq!(fs::read(&target).unwrap(), before, "the target is untouched");
     }
 
     #[test]

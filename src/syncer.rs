@@ -2,10 +2,15 @@
 //! backend, record the outcome in the state file, and log one line about it. `allowsync once`
 //! runs one cycle; the daemon runs one per interval. The decisions themselves live in
 //! [`crate::engine`].
+//!
+//! Every backend call and the state file write block (netlink round trips, `ipset` processes,
+//! fsync): they run on tokio's blocking pool, so the runtime's own thread stays free for
+//! signals, timers and other tasks while a sync runs.
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tracing::{error, info, warn};
@@ -15,19 +20,15 @@ use crate::clock;
 use crate::config::Config;
 use crate::engine::{self, Desired, Outcome, Plan, SourceResult, SourceStatus};
 use crate::prefixes::AllowSet;
-use crate::source::{ErrorClass, Sources};
+use crate::source::{ErrorClass, Fetched, Sources};
 use crate::state::{self, State, StateError, StateFile};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncerError {
     #[error("another allowsync (pid {pid}) already manages this state ({lock}); stop it first")]
     Locked { pid: String, lock: PathBuf },
-    #[error("lock file {path}: {source}")]
-    Lock {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("lock file {path}: {cause}")]
+    Lock { path: PathBuf, cause: std::io::Error },
     #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]
@@ -47,6 +48,9 @@ pub struct CycleReport {
     pub duration_ms: u128,
     /// Set when the kernel no longer held what allowsync last applied.
     pub drift: Option<String>,
+    /// The ranges per family the kernel holds after the cycle (`None`: unreadable), read on
+    /// the blocking pool with the sync itself, for systemd's `STATUS=`.
+    pub kernel: Option<(usize, usize)>,
 }
 
 /// One source's result in a cycle.
@@ -77,12 +81,19 @@ impl CycleReport {
     }
 }
 
+/// The first half of a cycle: what every source answered (see [`Syncer::fetch`]).
+pub struct Fetches {
+    started: Instant,
+    fetched: Vec<Fetched>,
+}
+
 /// Holds what a cycle needs between cycles: the sources (connection pool, usersig caches), the
 /// backend, the state and the lock that makes this the only allowsync on this state.
 pub struct Syncer {
     cfg: Config,
     sources: Sources,
-    backend: Box<dyn Backend>,
+    /// Shared with the blocking-pool thread each call runs on (see [`Syncer::on_backend`]).
+    backend: Arc<Mutex<Box<dyn Backend>>>,
     state_file: StateFile,
     state: State,
     _lock: Option<File>,
@@ -98,8 +109,9 @@ impl Syncer {
 
     /// As [`Syncer::new`], with a backend of the caller's (tests, the bench), used as given.
     pub fn with_backend(cfg: Config, backend: Box<dyn Backend>, lock: bool) -> Result<Syncer, SyncerError> {
+        let backend = Arc::new(Mutex::new(backend));
         let state_file = StateFile::new(&cfg.state_file);
-        let lock = if lock { Some(take_lock(&lock_path(&cfg.state_file))?) } else { None };
+        let lock = if lock { Some(lock_state(&cfg.state_file)?) } else { None };
         let mut state = if lock.is_some() {
             state_file.load()?
         } else {
@@ -121,7 +133,7 @@ impl Syncer {
             );
             cfg.state_file = self.cfg.state_file.clone();
         }
-        let backend = backend::from_config(&cfg.backend)?;
+        let backend = Arc::new(Mutex::new(backend::from_config(&cfg.backend)?));
         let sources = Sources::new(&cfg).map_err(|e| SyncerError::Sources(e.to_string()))?;
         state::forget_unknown_sources(&mut self.state, cfg.sources.iter().map(|s| s.name.as_str()));
         self.backend = backend;
@@ -147,44 +159,41 @@ impl Syncer {
     /// written *after* each commit, so a crash between the two leaves a kernel newer than the
     /// state file; adding the state's older list to it would mix the old and new allowlists
     /// (and re-open addresses the newer list had removed) until the next sync.
-    pub fn restore(&mut self) -> Result<usize, SyncerError> {
-        self.backend.ensure()?;
-        let Some(applied) = self.state.applied.clone() else { return Ok(0) };
-        let mut retried = false;
-        loop {
-            let current = self.backend.read()?;
-            if !current.is_empty() {
-                return Ok(0);
-            }
-            let diff = current.diff_to(&applied);
-            if diff.is_empty() {
-                return Ok(0);
-            }
-            match self.backend.apply(&diff) {
-                Ok(()) => {
-                    info!(
-                        added = diff.added(),
-                        v4 = applied.v4.len(),
-                        v6 = applied.v6.len(),
-                        "restored the last good allowlist from the state file"
-                    );
-                    return Ok(diff.added());
-                }
-                // Someone filled the set meanwhile: read again; if it now holds anything, it
-                // is left alone like any non-empty set.
-                Err(e) if e.is_conflict() && !retried => {
-                    warn!(error = %e, "the set changed while restoring: reading it again");
-                    retried = true;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+    pub async fn restore(&mut self) -> Result<usize, SyncerError> {
+        let applied = self.state.applied.clone();
+        self.on_backend(move |b| restore_into(b, applied)).await
+    }
+
+    /// Runs `f` with the backend on tokio's blocking pool and waits for it without holding up
+    /// the runtime. Dropping the future does not stop `f`: it runs to its end, and the backend
+    /// stays usable (the next call waits for it).
+    async fn on_backend<T, F>(&self, f: F) -> T
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn Backend) -> T + Send + 'static,
+    {
+        let backend = Arc::clone(&self.backend);
+        blocking(move || f(backend.lock().expect("a backend call panicked").as_mut())).await
     }
 
     /// One sync cycle: fetch, build, guard, apply, record, log.
     pub async fn cycle(&mut self, force: bool) -> CycleReport {
+        let fetches = self.fetch().await;
+        self.finish(fetches, force).await
+    }
+
+    /// The first half of a cycle: every source fetched. The only part that waits on the
+    /// network, and the only one the daemon cancels (on SIGTERM): it changes nothing.
+    pub async fn fetch(&self) -> Fetches {
         let started = Instant::now();
-        let fetched = self.sources.fetch_all().await;
+        Fetches { started, fetched: self.sources.fetch_all().await }
+    }
+
+    /// The second half: build, guard, apply, record, log. Meant to run to its end: dropped once
+    /// the backend call has started, the transaction and the state file write still happen,
+    /// but this syncer's copy of the state does not learn of them.
+    pub async fn finish(&mut self, fetches: Fetches, force: bool) -> CycleReport {
+        let Fetches { started, fetched } = fetches;
         let mut lines = Vec::with_capacity(fetched.len());
         let results: Vec<SourceResult> = fetched
             .iter()
@@ -209,32 +218,43 @@ impl Syncer {
             });
         }
 
-        let ensured = self.backend.ensure();
-        let enforced = ensured.is_ok();
-        let result =
-            ensured.and_then(|()| engine::sync(self.backend.as_mut(), &desired, &self.cfg.safety, force));
-        // The enforcement rules after the sets: one that cannot be installed fails this cycle,
-        // but the sets were synced (and are recorded as such).
-        let enforce_error = if enforced { self.backend.enforce().err() } else { None };
+        // The kernel transaction and the state file write in one trip to the blocking pool. The
+        // state goes as a copy: if this future is dropped meanwhile, `self.state` stays whole.
+        let safety = self.cfg.safety.clone();
+        let (file, mut state) = (self.state_file.clone(), self.state.clone());
+        let (result, enforce_error, drift, state, saved, kernel) = self
+            .on_backend(move |b| {
+                let ensured = b.ensure();
+                let enforced = ensured.is_ok();
+                let result = ensured.and_then(|()| engine::sync(b, &desired, &safety, force));
+                // The enforcement rules after the sets: one that cannot be installed fails this
+                // cycle, but the sets were synced (and are recorded as such).
+                let enforce_error = if enforced { b.enforce().err() } else { None };
+                let drift = match (&result, &state.applied) {
+                    // dry-run keeps nothing: every cycle starts from an empty set by design.
+                    _ if !b.persists() => None,
+                    (Ok((_, plan)), Some(applied)) => drift_of(plan, applied),
+                    _ => None,
+                };
+                engine::record(&mut state, &desired, &result, clock::now_unix());
+                let saved = file.save(&state);
+                // Cheap after our own commit: the cache answers while the generation is ours.
+                let kernel = b.read().ok().map(|k| (k.v4.len(), k.v6.len()));
+                (result, enforce_error, drift, state, saved, kernel)
+            })
+            .await;
+        self.state = state;
         if let Some(e) = &enforce_error {
             error!(error = %e, "cannot install the enforcement rules; the sets are in place");
         }
-        let drift = match (&result, &self.state.applied) {
-            // dry-run keeps nothing: every cycle starts from an empty set by design.
-            _ if !self.backend.persists() => None,
-            (Ok((_, plan)), Some(applied)) => drift_of(plan, applied),
-            _ => None,
-        };
         if let Some(d) = &drift {
             error!(drift = %d, "drift: the kernel set differs from what allowsync last applied; repairing");
         }
-        let now = clock::now_unix();
-        engine::record(&mut self.state, &desired, &result, now);
         let mut outcome = result.map(|(o, _)| o).map_err(|e| e.to_string());
         if let (Some(e), Ok(Outcome::InSync | Outcome::Applied { .. })) = (&enforce_error, &outcome) {
             outcome = Err(format!("enforcement: {e}"));
         }
-        if let Err(e) = self.state_file.save(&self.state) {
+        if let Err(e) = saved {
             error!(error = %e, "cannot write the state file");
             if outcome.is_ok() {
                 outcome = Err(e.to_string());
@@ -251,6 +271,7 @@ impl Syncer {
             v6,
             duration_ms: started.elapsed().as_millis(),
             drift,
+            kernel,
         };
         log_cycle(&report);
         report
@@ -264,10 +285,10 @@ impl Syncer {
             .map(|f| SourceResult { name: f.name, list: f.result.map_err(|e| e.to_string()) })
             .collect();
         let desired = Desired::build(results, &self.state);
-        let current = match self.backend.read() {
+        let current = match self.on_backend(|b| b.read()).await {
             // On a host where allowsync never ran the set does not exist yet: plan against
             // nothing rather than fail, since plan creates nothing.
-            Err(e) if e.is_conflict() => {
+            Err(e) if e.is_missing() => {
                 warn!(error = %e, "cannot read the live set: planning against an empty one");
                 AllowSet::default()
             }
@@ -276,10 +297,51 @@ impl Syncer {
         let p = engine::plan(current, &desired, &self.cfg.safety, false);
         Ok((desired, p))
     }
+}
 
-    /// What the kernel holds now (the daemon's `STATUS=` line).
-    pub fn read_kernel(&mut self) -> Result<AllowSet, BackendError> {
-        self.backend.read()
+/// [`Syncer::restore`]'s work, on a blocking-pool thread.
+fn restore_into(backend: &mut dyn Backend, applied: Option<AllowSet>) -> Result<usize, SyncerError> {
+    backend.ensure()?;
+    let Some(applied) = applied else { return Ok(0) };
+    let mut retried = false;
+    loop {
+        let current = backend.read()?;
+        if !current.is_empty() {
+            return Ok(0);
+        }
+        let diff = current.diff_to(&applied);
+        if diff.is_empty() {
+            return Ok(0);
+        }
+        match backend.apply(&diff) {
+            Ok(()) => {
+                info!(
+                    added = diff.added(),
+                    v4 = applied.v4.len(),
+                    v6 = applied.v6.len(),
+                    "restored the last good allowlist from the state file"
+                );
+                return Ok(diff.added());
+            }
+            // Someone filled the set meanwhile: read again; if it now holds anything, it
+            // is left alone like any non-empty set.
+            Err(e) if e.is_conflict() && !retried => {
+                warn!(error = %e, "the set changed while restoring: reading it again");
+                retried = true;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Runs `f` on tokio's blocking pool and waits for it; a panic in `f` is resumed here.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => panic!("a blocking task did not finish: {e}"),
+        },
     }
 }
 
@@ -339,10 +401,17 @@ pub fn lock_path(state_file: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// Takes the lock on `state_file` that `run`, `once` and `teardown` hold while they work: one
+/// allowsync at a time on a state (and so on its table). Released when the file is dropped; a
+/// lock already held is [`SyncerError::Locked`], naming the holder's pid.
+pub fn lock_state(state_file: &Path) -> Result<File, SyncerError> {
+    take_lock(&lock_path(state_file))
+}
+
 /// Takes an exclusive `flock` on the lock file and writes our pid into it. The kernel drops the
 /// lock when the process dies, however it dies, so a stale lock cannot block a restart.
 fn take_lock(path: &Path) -> Result<File, SyncerError> {
-    let io = |source| SyncerError::Lock { path: path.to_path_buf(), source };
+    let io = |cause| SyncerError::Lock { path: path.to_path_buf(), cause };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
@@ -414,14 +483,82 @@ mod tests {
         let mem = MemoryBackend::new();
         *mem.shared().lock().unwrap() = b.clone();
         let mut syncer = Syncer::with_backend(cfg.clone(), Box::new(mem.clone()), true).unwrap();
-        assert_eq!(syncer.restore().unwrap(), 0);
+        let rt = runtime();
+        assert_eq!(rt.block_on(syncer.restore()).unwrap(), 0);
         assert_eq!(*mem.shared().lock().unwrap(), b);
         drop(syncer);
 
         // An empty set (after a reboot) gets the last applied list back.
         let mem = MemoryBackend::new();
         let mut syncer = Syncer::with_backend(cfg, Box::new(mem.clone()), true).unwrap();
-        assert_eq!(syncer.restore().unwrap(), 2);
+        assert_eq!(rt.block_on(syncer.restore()).unwrap(), 2);
         assert_eq!(*mem.shared().lock().unwrap(), a);
+    }
+
+    /// The daemon's runtime: one thread, so a backend call on it would stall everything.
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    /// A backend whose every `ensure` blocks until the test lets it go.
+    struct Gate {
+        inner: crate::backend::memory::MemoryBackend,
+        entered: tokio::sync::mpsc::UnboundedSender<()>,
+        release: std::sync::mpsc::Receiver<()>,
+    }
+
+    impl Backend for Gate {
+        fn name(&self) -> &'static str {
+            "gate"
+        }
+        fn ensure(&mut self) -> Result<(), BackendError> {
+            self.entered.send(()).unwrap();
+            // Bounded: if this blocks the runtime's only thread, nothing can release it, and
+            // the call fails rather than hanging the test.
+            self.release.recv_timeout(std::time::Duration::from_secs(20)).map_err(|_| {
+                BackendError::Unavailable("never released: the backend call blocked the runtime".into())
+            })?;
+            self.inner.ensure()
+        }
+        fn read(&mut self) -> Result<AllowSet, BackendError> {
+            self.inner.read()
+        }
+        fn apply(&mut self, diff: &crate::prefixes::Diff) -> Result<(), BackendError> {
+            self.inner.apply(diff)
+        }
+        fn teardown(&mut self) -> Result<(), BackendError> {
+            self.inner.teardown()
+        }
+    }
+
+    #[test]
+    fn the_runtime_keeps_serving_other_tasks_while_a_backend_call_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::parse(
+            "sources:\n  - name: s\n    static: [192.0.2.1]\nstate_file: state.json\n",
+            &dir.path().join("config.yaml"),
+        )
+        .unwrap();
+        let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        let mem = crate::backend::memory::MemoryBackend::new();
+        let gate = Gate { inner: mem.clone(), entered: entered_tx, release: release_rx };
+        let mut syncer = Syncer::with_backend(cfg, Box::new(gate), true).unwrap();
+        // Runs next to a blocked backend call: waits until the call has started, shows that
+        // the runtime still runs another task meanwhile, then lets the call go.
+        let meanwhile = async |entered: &mut tokio::sync::mpsc::UnboundedReceiver<()>| {
+            entered.recv().await.unwrap();
+            let served = tokio::spawn(async { "served" }).await.unwrap();
+            release.send(()).unwrap();
+            served
+        };
+        runtime().block_on(async {
+            let (restored, served) = tokio::join!(syncer.restore(), meanwhile(&mut entered));
+            assert_eq!((restored.unwrap(), served), (0, "served"));
+            let (report, served) = tokio::join!(syncer.cycle(false), meanwhile(&mut entered));
+            assert!(report.outcome.is_ok(), "{:?}", report.outcome);
+            assert_eq!(served, "served");
+        });
+        assert_eq!(*mem.shared().lock().unwrap(), AllowSet::from_nets(["192.0.2.1/32".parse().unwrap()]));
     }
 }

@@ -1,4 +1,4 @@
-//! The command line as an operator meets it: help, check-config, exit codes.
+//! The command line as an operator meets it: help, check-config, exit codes, error messages.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -128,4 +128,85 @@ fn under_systemd_a_missing_key_file_is_named() {
         "{}",
         text(&o)
     );
+}
+
+/// A configuration with one static source, the dry-run backend and `state_file`.
+fn dry_run_config(dir: &Path, state_file: &Path) -> String {
+    let p = dir.join("c.yaml");
+    let yaml = format!(
+        "sources:\n  - name: a\n    static: [10.0.0.1]\nbackend:\n  dry_run: {{}}\nstate_file: {}\n",
+        state_file.display()
+    );
+    std::fs::write(&p, yaml).unwrap();
+    p.display().to_string()
+}
+
+/// `allowsync -c CFG once`: its exit code and its whole stderr.
+fn once(cfg: &str) -> (Option<i32>, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_allowsync"))
+        .args(["-c", cfg, "once"])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+#[test]
+fn an_io_error_names_its_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // The state directory is a regular file: the lock file cannot be created.
+    std::fs::write(dir.path().join("file"), "").unwrap();
+    let state = dir.path().join("file/sub/state.json");
+    let got = once(&dry_run_config(dir.path(), &state));
+    let want = format!("allowsync: lock file {}.lock: Not a directory (os error 20)\n", state.display());
+    assert_eq!(got, (Some(1), want));
+    // The state file is a directory: it cannot be read.
+    let state = dir.path().join("state.json");
+    std::fs::create_dir(&state).unwrap();
+    let got = once(&dry_run_config(dir.path(), &state));
+    let want = format!("allowsync: state file {}: read: Is a directory (os error 21)\n", state.display());
+    assert_eq!(got, (Some(1), want));
+}
+
+#[test]
+fn a_read_only_state_directory_names_its_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state/state.json");
+    std::fs::create_dir(dir.path().join("state")).unwrap();
+    let cfg = dry_run_config(dir.path(), &state);
+    // A read-only bind mount of the state directory, in a mount namespace of its own.
+    let script = r#"mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && exec "$2" -c "$3" once"#;
+    let o = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", script, "sh"])
+        .arg(dir.path().join("state"))
+        .args([env!("CARGO_BIN_EXE_allowsync"), &cfg])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    if stderr.starts_with("unshare:") || stderr.starts_with("mount:") {
+        assert!(std::env::var_os("CI").is_none(), "must run in CI: {stderr}");
+        eprintln!("skipping: needs root for a mount namespace ({stderr})");
+        return;
+    }
+    let want =
+        format!("allowsync: lock file {}.lock: Read-only file system (os error 30)\n", state.display());
+    assert_eq!((o.status.code(), stderr.into_owned()), (Some(1), want));
+}
+
+#[test]
+fn a_symlinked_state_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let target = dir.path().join("elsewhere.json");
+    std::os::unix::fs::symlink(&target, &state).unwrap();
+    let got = once(&dry_run_config(dir.path(), &state));
+    let want = format!(
+        "allowsync: state file {} is a symbolic link (to {}): allowsync does not follow it; set state_file to the file itself\n",
+        state.display(),
+        target.display()
+    );
+    assert_eq!(got, (Some(1), want));
+    assert!(!target.exists(), "nothing written through the link");
+    assert!(std::fs::symlink_metadata(&state).unwrap().file_type().is_symlink());
 }

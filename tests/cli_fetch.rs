@@ -1,5 +1,5 @@
-//! `allowsync fetch` and `allowsync usersig` end to end: the real binary, a configuration file
-//! and the mock Chat API.
+//! `allowsync fetch`, `allowsync plan` and `allowsync usersig` end to end: the real binary, a
+//! configuration file (dry-run backend) and the mock Chat API.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -11,15 +11,20 @@ use allowsync_testkit::mock::{Fault, MockChatApi, MockConfig};
 const KEY: &str = "cli-test-secret-key-0123456789";
 
 fn write_config(dir: &Path, endpoint: &str) -> std::path::PathBuf {
+    write_config_with_key(dir, endpoint, &format!("{KEY}\n"))
+}
+
+/// As [`write_config`], with `key_file` as the key file's content.
+fn write_config_with_key(dir: &Path, endpoint: &str, key_file: &str) -> std::path::PathBuf {
     let key = dir.join("chat.key");
-    std::fs::write(&key, format!("{KEY}\n")).unwrap();
+    std::fs::write(&key, key_file).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     let cfg = dir.join("config.yaml");
     std::fs::write(
         &cfg,
         format!(
-            "sources:\n  - name: chat\n    tencent_chat:\n      endpoint: {endpoint}\n      sdkappid: 1400000000\n      identifier: administrator\n      secret_key_file: chat.key\n      timeout: 2s\n  - name: office\n    static: [\"192.0.2.0/24\"]\nbackend:\n  dry_run: {{}}\n"
+            "sources:\n  - name: chat\n    tencent_chat:\n      endpoint: {endpoint}\n      sdkappid: 1400000000\n      identifier: administrator\n      secret_key_file: chat.key\n      timeout: 2s\n  - name: office\n    static: [\"192.0.2.0/24\"]\nbackend:\n  dry_run: {{}}\nstate_file: state.json\n"
         ),
     )
     .unwrap();
@@ -104,6 +109,45 @@ async fn fetch_prints_every_source_and_exits_by_outcome() {
             assert!(!text.contains(req.param("usersig").unwrap()), "a usersig leaked: {text}");
         }
     }
+}
+
+fn mock_config() -> MockConfig {
+    let mut mc = MockConfig::new(1400000000, "administrator", KEY);
+    mc.lists.insert(5, vec!["203.0.113.0/24".into()]);
+    mc.lists.insert(6, vec!["2001:db8::/48".into()]);
+    mc
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_exits_1_when_a_source_failed_and_still_prints_the_plan() {
+    let mock = MockChatApi::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &mock.url());
+    let out = run(&cfg, &["plan"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("verdict: would apply 3 additions and 0 removals"), "{stdout}");
+
+    mock.inject(Fault::Status(502));
+    let out = run(&cfg, &["plan"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "as once would: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("source chat: HTTP 502"), "{stdout}");
+    assert!(stdout.contains("no last good list, so nothing is removed this cycle"), "{stdout}");
+    assert!(stdout.contains("ipv4: +1 -0\n  + 192.0.2.0/24\n"), "{stdout}");
+    assert!(stdout.contains("verdict: would apply 1 additions and 0 removals"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_file_with_a_byte_order_mark_still_signs_right() {
+    let mock = MockChatApi::start(mock_config()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config_with_key(dir.path(), &mock.url(), &format!("\u{feff}{KEY}\n"));
+    let out = run(&cfg, &["fetch"]).await;
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("source chat: ok, 2 entries"), "{stdout}");
+    assert!(stderr.contains("starts with a UTF-8 byte order mark (BOM): ignored"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -223,6 +223,48 @@ fn status_reports_the_last_sync_and_drift() {
     stop(d);
 }
 
+#[test]
+fn teardown_refuses_while_the_daemon_runs_and_names_its_pid() {
+    let Some(env) = setup() else { return };
+    let d = env.start(&full_list());
+    let t = Duration::from_secs(10);
+    let o = env.command(&["teardown"], t);
+    assert_eq!(o.code, Some(1), "{}", output(&o));
+    assert!(
+        o.stderr.contains(&format!("another allowsync (pid {}) already manages this state", d.id())),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(env.kernel(), full_list(), "the table and sets stay");
+    stop(d);
+    let o = env.command(&["teardown"], t);
+    assert_eq!(o.code, Some(0), "{}", output(&o));
+    assert!(
+        allowsync_testkit::daemon::backend().read().unwrap_err().is_missing(),
+        "teardown removed the table"
+    );
+}
+
+#[test]
+fn status_says_a_missing_table_or_set_is_missing() {
+    let Some(env) = setup() else { return };
+    let t = Duration::from_secs(10);
+    let o = env.command(&["status"], t);
+    assert_eq!(o.code, Some(1), "{}", output(&o));
+    let want = "kernel:       cannot read: table inet allowsync does not exist (allowsync creates it at its next sync)\n";
+    assert!(o.stdout.ends_with(want), "{}", output(&o));
+    let o = env.once(t);
+    assert_eq!(o.code, Some(0), "{}", output(&o));
+    netns::run("nft", &["delete", "set", "inet", "allowsync", "allow_v6"]);
+    let o = env.command(&["status", "--json"], t);
+    assert_eq!(o.code, Some(1), "{}", output(&o));
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(
+        v["kernel_error"],
+        "set inet allowsync allow_v6 does not exist (allowsync creates it at its next sync)"
+    );
+}
+
 fn output(f: &allowsync_testkit::daemon::Finished) -> String {
     format!("{}{}", f.stdout, f.stderr)
 }

@@ -299,14 +299,16 @@ fn a_rule_failure_never_keeps_the_sets_empty() {
 }
 
 #[test]
-fn a_missing_set_is_a_conflict_and_ensure_recreates_it() {
+fn a_missing_set_is_missing_and_ensure_recreates_it() {
     let Some(_ns) = enter_new_netns() else { return };
     let mut b = backend(65536, None);
-    assert!(b.read().unwrap_err().is_conflict());
+    assert!(b.read().unwrap_err().is_missing());
     b.ensure().unwrap();
     sync(&mut b, &set(["192.0.2.1"]));
     run("ipset", &["destroy", SET_V6]);
-    assert!(b.read().unwrap_err().is_conflict());
+    let err = b.read().unwrap_err();
+    assert!(err.is_missing(), "{err}");
+    assert!(err.to_string().starts_with(&format!("ipset {SET_V6} does not exist")), "{err}");
     b.ensure().unwrap();
     assert_eq!(b.read().unwrap(), set(["192.0.2.1"]));
 }

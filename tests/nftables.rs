@@ -189,8 +189,14 @@ fn ensure_is_idempotent_and_teardown_removes_the_table() {
     b.teardown().unwrap();
     assert!(!run("nft", &["list", "tables"]).contains(TABLE));
     b.teardown().unwrap(); // already gone: fine
-    // Reading without the table is an error that makes the daemon run ensure again.
-    assert!(b.read().unwrap_err().is_conflict());
+    // Reading without the table is an error that makes the daemon run ensure again, and says
+    // what is missing.
+    let err = b.read().unwrap_err();
+    assert!(err.is_missing(), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "table inet allowsync does not exist (allowsync creates it at its next sync)"
+    );
 }
 
 /// A kernel that holds what an earlier version wrote for `enforce` (its chain in the input

@@ -9,6 +9,11 @@
 #      enable nor start the service
 #   4. lintian: no errors (warnings are listed)
 #   5. the .rpm: present, and its file list when `rpm` is installed
+#
+# Under pipefail no producer may be piped into a consumer that stops reading early (`head`,
+# `grep -q`, `awk '... exit'`): the producer then dies of SIGPIPE (exit 141) whenever it is still
+# writing, which depends on timing and output size. Such consumers read a variable instead
+# (tests/scripts.rs checks this).
 set -euo pipefail
 trap 'echo "packaging: ABORTED at line $LINENO (exit $?)" >&2' ERR
 cd "$(dirname "$0")/.."
@@ -124,7 +129,7 @@ for e in "${expect[@]}"; do
     ok "$path $got"
   fi
 done
-if printf '%s\n' "$contents" | awk '$6 == "./etc/allowsync/config.yaml" { exit !($1 ~ /---$/) }'; then
+if awk '$6 == "./etc/allowsync/config.yaml" { exit !($1 ~ /---$/) }' <<<"$contents"; then
   ok "the configuration is not world-readable"
 else
   fail "the configuration is world-readable"
@@ -144,13 +149,14 @@ cmp -s "$x/usr/lib/systemd/system/allowsync.service" "$UNIT" && ok "the packaged
   fail "the packaged unit differs from $UNIT"
 cmp -s "$x/etc/allowsync/config.yaml" config/allowsync.yaml && ok "the packaged configuration is config/allowsync.yaml" ||
   fail "the packaged configuration differs from config/allowsync.yaml"
-if zcat "$x/usr/share/man/man8/allowsync.8.gz" | grep -q '^\.TH allowsync 8'; then
+man_page=$(zcat "$x/usr/share/man/man8/allowsync.8.gz")
+if grep -q '^\.TH allowsync 8' <<<"$man_page"; then
   ok "allowsync(8): section 8"
 else
   fail "the man page is not allowsync(8)"
 fi
 for s in "EXIT STATUS" FILES COMMANDS; do
-  zcat "$x/usr/share/man/man8/allowsync.8.gz" | grep -q "^\.SH \"*$s" && ok "allowsync(8) has $s" ||
+  grep -q "^\.SH \"*$s" <<<"$man_page" && ok "allowsync(8) has $s" ||
     fail "allowsync(8) lacks a $s section"
 done
 bash -n "$x/usr/share/bash-completion/completions/allowsync" && ok "bash completion parses" ||
@@ -169,13 +175,17 @@ provided=$depends
 for p in $(tr ',|' '\n\n' <<<"$depends" | awk '{ print $1 }'); do
   provided+=", $(dpkg-query -W -f='${Depends}, ${Pre-Depends}' "$p" 2>/dev/null || true)"
 done
+ld_cache=$(ldconfig -p)
 for lib in $needed; do
-  path=$(ldconfig -p | awk -v l="$lib" '$1 == l { print $NF; exit }')
+  path=$(awk -v l="$lib" '$1 == l { print $NF; exit }' <<<"$ld_cache")
   # On merged-/usr systems ldconfig may name /lib/... while dpkg knows /usr/lib/...: try both.
   pkg=""
   for candidate in "$path" "/usr$path" "$(readlink -f "$path")"; do
-    pkg=$(dpkg -S "$candidate" 2>/dev/null | head -1 | cut -d: -f1 || true)
-    [ -n "$pkg" ] && break
+    # "libc6:amd64: /usr/lib/x86_64-linux-gnu/libm.so.6": the package is up to the first colon.
+    if owner=$(dpkg -S "$candidate" 2>/dev/null); then
+      pkg=${owner%%:*}
+      break
+    fi
   done
   if [ -z "$pkg" ]; then
     fail "cannot find the package of $lib ($path)"
@@ -252,9 +262,11 @@ else
     done
     grep -q ' cn /etc/allowsync/config.yaml$' <<<"$rpm_files" && ok "rpm: config(noreplace) /etc/allowsync/config.yaml" ||
       fail "rpm: /etc/allowsync/config.yaml is not %config(noreplace)"
-    rpm -qpR "$rpmfile" | grep -q '^libc.so.6' && ok "rpm: auto-req found the shared libraries" ||
+    rpm_requires=$(rpm -qpR "$rpmfile")
+    rpm_recommends=$(rpm -qp --recommends "$rpmfile")
+    grep -q '^libc.so.6' <<<"$rpm_requires" && ok "rpm: auto-req found the shared libraries" ||
       fail "rpm: no shared-library Requires"
-    rpm -qp --recommends "$rpmfile" | grep -qx '(nftables or ipset)' && ok "rpm: Recommends (nftables or ipset)" ||
+    grep -qx '(nftables or ipset)' <<<"$rpm_recommends" && ok "rpm: Recommends (nftables or ipset)" ||
       fail "rpm: Recommends lacks (nftables or ipset)"
     if rpm -qp --scripts "$rpmfile" | grep -nE 'systemctl[^|]* (start|enable|preset)'; then
       fail "an rpm scriptlet starts or enables the service"

@@ -122,3 +122,16 @@ pub fn thread_cpu() -> Duration {
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, (t.tv_usec as u32) * 1000);
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
+
+/// The CPU time another live thread of this process has used (its `pthread_getcpuclockid`).
+pub fn cpu_of(thread: libc::pthread_t) -> Duration {
+    let mut clock: libc::clockid_t = 0;
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `thread` is a live thread of this process (the caller keeps it alive); both
+    // out-pointers are live locals.
+    unsafe {
+        assert_eq!(libc::pthread_getcpuclockid(thread, &mut clock), 0);
+        assert_eq!(libc::clock_gettime(clock, &mut ts), 0);
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}

@@ -87,7 +87,7 @@ impl Backend for MemoryBackend {
                 return Err(BackendError::Kernel {
                     op: "apply",
                     object: "memory set".into(),
-                    source: std::io::Error::from_raw_os_error(libc::ENOBUFS),
+                    cause: std::io::Error::from_raw_os_error(libc::ENOBUFS),
                 });
             }
         }

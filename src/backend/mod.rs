@@ -31,8 +31,10 @@ pub use cached::Cached;
 use crate::config::BackendConfig;
 use crate::prefixes::{AllowSet, Diff};
 
-/// A place that holds the allowlist. Calls are blocking; the daemon runs them off its async
-/// threads.
+/// A place that holds the allowlist. Calls block (netlink round trips, `ipset` and
+/// `iptables` processes): [`crate::syncer::Syncer`] runs each on tokio's blocking pool
+/// (`spawn_blocking`), never on a runtime thread. Direct callers (`status`, `teardown`, tests)
+/// call them outside any runtime.
 pub trait Backend: Send {
     /// What the logs call this backend: `nftables`, `ipset`, `dry-run`, …
     fn name(&self) -> &'static str;
@@ -81,6 +83,11 @@ pub enum BackendError {
     #[error("{op} on {object}: {detail} (the set changed under us)")]
     Conflict { op: &'static str, object: String, detail: String },
 
+    /// A table or set allowsync manages does not exist: not created yet, deleted by hand, or
+    /// gone with a reboot. Never read as empty; the next sync's `ensure` creates it again.
+    #[error("{object} does not exist (allowsync creates it at its next sync)")]
+    Missing { object: String },
+
     /// An object with our name that allowsync did not create, or of another type or flags.
     #[error(
         "{object} already exists and is not what allowsync manages: {why}; rename it or configure another name"
@@ -88,13 +95,8 @@ pub enum BackendError {
     Foreign { object: String, why: String },
 
     /// The kernel (or a helper program) refused the operation.
-    #[error("{op} on {object} failed: {source}")]
-    Kernel {
-        op: &'static str,
-        object: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{op} on {object} failed: {cause}")]
+    Kernel { op: &'static str, object: String, cause: std::io::Error },
 
     /// The backend cannot work on this host (missing program, module or permission).
     #[error("{0}")]
@@ -105,6 +107,11 @@ impl BackendError {
     /// True for the errors a re-read and a single retry can fix.
     pub fn is_conflict(&self) -> bool {
         matches!(self, BackendError::Conflict { .. })
+    }
+
+    /// True when a table or set allowsync manages does not exist.
+    pub fn is_missing(&self) -> bool {
+        matches!(self, BackendError::Missing { .. })
     }
 }
 

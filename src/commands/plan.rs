@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use allowsync::cli::Cli;
-use allowsync::engine::Verdict;
+use allowsync::engine::{SourceStatus, Verdict};
 use allowsync::prefixes::{Addr, Delta, Range};
 use allowsync::syncer::Syncer;
 
@@ -29,10 +29,13 @@ pub fn run(cli: &Cli) -> CmdResult {
         plan.widening.v6_nets,
         safety.max_added_addresses_v6
     )?;
+    // As `once` would exit: 3 refused, else 1 when a source failed, else 0.
+    let source_failed = desired.sources.iter().any(|s| !matches!(s.status, SourceStatus::Fresh { .. }));
+    let ok = if source_failed { exit::FAILURE } else { 0 };
     let code = match &plan.verdict {
         Verdict::InSync => {
             writeln!(out, "verdict: in sync, nothing to do")?;
-            0
+            ok
         }
         Verdict::Apply => {
             writeln!(
@@ -41,7 +44,7 @@ pub fn run(cli: &Cli) -> CmdResult {
                 plan.diff.added(),
                 plan.diff.removed()
             )?;
-            0
+            ok
         }
         Verdict::Refused(r) => {
             writeln!(out, "verdict: REFUSED: {r}")?;

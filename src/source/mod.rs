@@ -229,12 +229,8 @@ pub fn redact_query_param(text: &str, param: &str) -> String {
 /// Why the sources could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("cannot read ca_file {}: {source}", path.display())]
-    CaFileRead {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot read ca_file {}: {cause}", path.display())]
+    CaFileRead { path: PathBuf, cause: std::io::Error },
     #[error("ca_file {} holds no usable PEM certificate: {message}", path.display())]
     CaFile { path: PathBuf, message: String },
     #[error("cannot build the HTTP client: {0}")]
@@ -409,7 +405,7 @@ fn build_client(chats: &[&TencentChatConfig]) -> Result<reqwest::Client, SourceE
             continue;
         }
         let pem =
-            std::fs::read(path).map_err(|source| SourceError::CaFileRead { path: path.clone(), source })?;
+            std::fs::read(path).map_err(|cause| SourceError::CaFileRead { path: path.clone(), cause })?;
         let certs = reqwest::Certificate::from_pem_bundle(&pem)
             .map_err(|e| SourceError::CaFile { path: path.clone(), message: e.to_string() })?;
         if certs.is_empty() {

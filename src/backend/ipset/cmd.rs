@@ -78,7 +78,7 @@ pub(super) fn run(
     let mut child = cmd.spawn().map_err(|e| BackendError::Kernel {
         op,
         object: object.to_string(),
-        source: io::Error::new(e.kind(), format!("cannot run {}: {e}", program.display())),
+        cause: io::Error::new(e.kind(), format!("cannot run {}: {e}", program.display())),
     })?;
     let output = std::thread::scope(|s| {
         // Write from another thread: a program that fails early stops reading its stdin, and
@@ -94,7 +94,7 @@ pub(super) fn run(
         let written = writer.map_or(Ok(()), |w| w.join().unwrap_or_else(|_| Err(io::Error::other("panic"))));
         out.and_then(|o| written.map(|()| o))
     });
-    let output = output.map_err(|source| BackendError::Kernel { op, object: object.to_string(), source })?;
+    let output = output.map_err(|cause| BackendError::Kernel { op, object: object.to_string(), cause })?;
     if output.status.success() {
         return Ok(Output { stdout: String::from_utf8_lossy(&output.stdout).into_owned() });
     }
@@ -111,11 +111,11 @@ pub(super) fn classify(op: &'static str, object: &str, msg: &str) -> BackendErro
     let kernel = |kind: io::ErrorKind| BackendError::Kernel {
         op,
         object: object.clone(),
-        source: io::Error::new(kind, msg),
+        cause: io::Error::new(kind, msg),
     };
     if lower.contains("set with the given name does not exist") {
         // Like a missing nftables set: not "empty"; `ensure` recreates it.
-        BackendError::Conflict { op, object, detail: format!("{msg} (ensure recreates it)") }
+        BackendError::Missing { object }
     } else if lower.contains("already added") || lower.contains("it's not added") {
         // Cannot happen with `-exist`; if it does, someone changed the set under us.
         BackendError::Conflict { op, object, detail: msg.to_string() }
@@ -141,10 +141,10 @@ mod tests {
 
     #[test]
     fn errors_are_classified() {
-        assert!(classify("x", "s", "ipset v7.17: The set with the given name does not exist").is_conflict());
+        assert!(classify("x", "s", "ipset v7.17: The set with the given name does not exist").is_missing());
         assert!(matches!(
             classify("x", "s", "Error in line 3: Hash is full, cannot add more elements"),
-            BackendError::Kernel { source, .. } if source.kind() == io::ErrorKind::StorageFull
+            BackendError::Kernel { cause, .. } if cause.kind() == io::ErrorKind::StorageFull
         ));
         assert!(matches!(classify("x", "s", "Operation not permitted"), BackendError::Unavailable(_)));
     }

@@ -8,7 +8,7 @@
 //! apply sends the prefix-level difference to its target (`/0` as two `/1`). `ipset restore` is
 //! not atomic: each family's change is a temporary set swapped in, or one incremental restore
 //! with its exact inverse at hand, and a failure in the second family takes the first one's
-//! change back (see `change`).
+//! change back (see `change`). A set that does not exist is [`BackendError::Missing`].
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -264,10 +264,10 @@ impl IpsetBackend {
                 Header::parse(line).map(Some).ok_or_else(|| BackendError::Kernel {
                     op: "list set",
                     object: set_object(name),
-                    source: io::Error::new(io::ErrorKind::InvalidData, format!("unexpected header {line:?}")),
+                    cause: io::Error::new(io::ErrorKind::InvalidData, format!("unexpected header {line:?}")),
                 })
             }
-            Err(BackendError::Conflict { .. }) => Ok(None),
+            Err(BackendError::Missing { .. }) => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -281,7 +281,7 @@ impl IpsetBackend {
         let header = lines.next().and_then(Header::parse).ok_or_else(|| BackendError::Kernel {
             op: "list set",
             object: object.clone(),
-            source: io::Error::new(io::ErrorKind::InvalidData, "no create line in `ipset list -o save`"),
+            cause: io::Error::new(io::ErrorKind::InvalidData, "no create line in `ipset list -o save`"),
         })?;
         if let Some(why) = header.foreign(A::FAMILY) {
             return Err(BackendError::Foreign { object, why });
@@ -538,7 +538,7 @@ fn partly_changed(object: &str, first: &BackendError, rollback: &BackendError) -
     BackendError::Kernel {
         op: "update set",
         object: object.to_string(),
-        source: io::Error::other(format!(
+        cause: io::Error::other(format!(
             "{first}; rolling back failed too ({rollback}): the set holds part of the change until the next sync"
         )),
     }
@@ -677,7 +677,7 @@ impl Backend for IpsetBackend {
             let name = self.set_name(family);
             for set in [name.to_string(), temp_name(name, family)] {
                 match self.ipset(&["destroy", &set], None, "destroy set", &set_object(&set)) {
-                    Ok(_) | Err(BackendError::Conflict { .. }) => {}
+                    Ok(_) | Err(BackendError::Missing { .. }) => {}
                     Err(e) => return Err(e),
                 }
             }

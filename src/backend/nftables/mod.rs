@@ -353,7 +353,7 @@ fn kernel(op: &'static str, object: String, source: io::Error) -> BackendError {
         Some(libc::EPERM) | Some(libc::EACCES) => {
             BackendError::Unavailable(format!("{op} on {object}: {source} (needs CAP_NET_ADMIN)"))
         }
-        _ => BackendError::Kernel { op, object, source },
+        _ => BackendError::Kernel { op, object, cause: source },
     }
 }
 

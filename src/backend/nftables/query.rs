@@ -3,9 +3,9 @@
 //! elements.
 //!
 //! Reading dumps both sets (`NFT_MSG_GETSETELEM`) between two reads of the ruleset generation;
-//! a change in between, a dump the kernel flags as interrupted, or a missing table or set is a
-//! [`BackendError::Conflict`]: read again, or run `ensure` again, which recreates what is
-//! missing. A missing set is never read as empty. The ranges are rebuilt exactly as the kernel
+//! a change in between or a dump the kernel flags as interrupted is a
+//! [`BackendError::Conflict`] (read again), a missing table or set [`BackendError::Missing`]
+//! (run `ensure` again, which recreates it). A missing set is never read as empty. The ranges are rebuilt exactly as the kernel
 //! holds them (adjacent elements stay separate), because removals must name exact intervals.
 //!
 //! Interval encoding (kernel facts): a range `start..=end` is the element `start` plus the
@@ -129,11 +129,8 @@ impl NftablesBackend {
             // No table or no set: not something to read as "empty" (an apply against it could
             // only fail); the caller runs `ensure` again, which recreates them.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                return Err(BackendError::Conflict {
-                    op: "list elements",
-                    object,
-                    detail: "the set or its table does not exist (ensure recreates it)".into(),
-                });
+                let object = if self.table_exists(sock)? { object } else { self.table_object() };
+                return Err(BackendError::Missing { object });
             }
             Err(e) if DumpInterrupted::is(&e) => {
                 return Err(BackendError::Conflict { op: "list elements", object, detail: e.to_string() });
