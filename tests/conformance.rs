@@ -2,15 +2,19 @@
 //! and ipset (the `conformance!` macro at the bottom generates a module per backend). Each test
 //! runs in a network namespace of its own (`common/netns.rs`). What differs per backend — how
 //! the CLI lists a set, how an operator causes drift, what a foreign object looks like, how an
-//! apply can honestly fail — is behind the [`Harness`] trait.
+//! apply can honestly fail — is behind the [`Harness`] trait. `conformance/enforcement.rs`:
+//! `enforce` with DNAT to a container, local sockets and routed traffic.
+
+#[path = "conformance/enforcement.rs"]
+mod enforcement;
 
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::time::{Duration, Instant};
 
-use allowsync::backend::ipset::IpsetBackend;
+use allowsync::backend::ipset::{ENFORCE_CHAIN, IpsetBackend, hook_of};
 use allowsync::backend::nftables::NftablesBackend;
 use allowsync::backend::{Backend, BackendError};
-use allowsync::config::{Enforce, IpsetConfig, NftablesConfig};
+use allowsync::config::{Enforce, EnforceScope, IpsetConfig, NftablesConfig};
 use allowsync::prefixes::{AllowSet, Delta, Diff, Range, Ranges};
 use allowsync_testkit::netns::{
     self, NamedNetns, enter_new_netns, nft_script, run, run_stdin, tcp_connects, veth_pair,
@@ -33,6 +37,8 @@ trait Harness {
     fn cli_read() -> AllowSet;
     /// Everything of the firewall the backend could touch, as text.
     fn snapshot() -> String;
+    /// The scopes of the enforcement chains allowsync has in the kernel (in both families).
+    fn enforcement_scopes() -> Vec<EnforceScope>;
     /// Changes the sets by hand, as an operator would, from
     /// `{10.1.0.0/24, 10.2.0.0/24, 10.3.0.1, 2001:db8::/64}`: removes `10.2.0.0/24`, adds
     /// `172.16.0.0/16`, `10.9.0.0/25` and `10.9.0.128/25` (separately) and `2001:db8:ffff::1`.
@@ -228,7 +234,7 @@ fn enforcement_filters_traffic_by_the_allowlist<H: Harness>() {
         assert!(tcp_connects(&client, from, tcp6), "baseline tcp6 from {from}");
     }
 
-    let enforce = Enforce { tcp_ports: vec![TCP_PORT], udp_ports: vec![UDP_PORT] };
+    let enforce = Enforce { tcp_ports: vec![TCP_PORT], udp_ports: vec![UDP_PORT], ..Enforce::default() };
     let mut b = H::backend(Some(enforce));
     b.ensure().unwrap();
     sync(&mut *b, &set(["10.200.0.2", "fd00:200::2"]));
@@ -312,6 +318,20 @@ impl Harness for Nft {
 
     fn snapshot() -> String {
         run("nft", &["list", "ruleset"])
+    }
+
+    fn enforcement_scopes() -> Vec<EnforceScope> {
+        let chains: serde_json::Value = serde_json::from_str(&run("nft", &["-j", "list", "chains"])).unwrap();
+        let ours = |c: &&serde_json::Value| c["table"] == TABLE && c["name"] == "enforce";
+        let chains = chains["nftables"].as_array().unwrap().iter().filter_map(|i| i.get("chain"));
+        chains
+            .filter(ours)
+            .map(|c| match c["hook"].as_str() {
+                Some("prerouting") => EnforceScope::Host,
+                Some("input") => EnforceScope::Local,
+                other => panic!("enforcement chain hooked to {other:?}"),
+            })
+            .collect()
     }
 
     fn drift() -> AllowSet {
@@ -411,6 +431,28 @@ impl Harness for Ipset {
         s + "\n" + &run("iptables-save", &["-t", "filter"]) + &run("ip6tables-save", &["-t", "filter"])
     }
 
+    fn enforcement_scopes() -> Vec<EnforceScope> {
+        let scopes = |prog: &str| -> Vec<EnforceScope> {
+            [EnforceScope::Host, EnforceScope::Local]
+                .into_iter()
+                .filter(|&scope| {
+                    let (table, parent) = hook_of(scope);
+                    let listing = run(prog, &["-t", table, "-S"]);
+                    let jumps = listing.contains(&format!("-A {parent} -j {ENFORCE_CHAIN}"));
+                    let exists = listing.contains(&format!("-N {ENFORCE_CHAIN}"));
+                    assert_eq!(
+                        jumps, exists,
+                        "{prog} -t {table}: a chain without its jump or the reverse\n{listing}"
+                    );
+                    exists
+                })
+                .collect()
+        };
+        let v4 = scopes("iptables");
+        assert_eq!(scopes("ip6tables"), v4, "iptables and ip6tables differ");
+        v4
+    }
+
     fn drift() -> AllowSet {
         run_stdin(
             "ipset",
@@ -480,6 +522,20 @@ macro_rules! conformance {
             #[test]
             fn enforcement_filters_traffic_by_the_allowlist() {
                 super::enforcement_filters_traffic_by_the_allowlist::<$harness>();
+            }
+            #[test]
+            fn published_and_local_ports_are_closed_to_strangers_and_routed_traffic_is_not() {
+                super::enforcement::published_and_local_ports_are_closed_to_strangers_and_routed_traffic_is_not::<
+                    $harness,
+                >();
+            }
+            #[test]
+            fn established_flows_are_kept_with_their_source_and_cut_without_it() {
+                super::enforcement::established_flows_are_kept_with_their_source_and_cut_without_it::<$harness>();
+            }
+            #[test]
+            fn the_scope_switches_both_ways_and_local_leaves_published_ports_open() {
+                super::enforcement::the_scope_switches_both_ways_and_local_leaves_published_ports_open::<$harness>();
             }
         }
     };

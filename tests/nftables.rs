@@ -8,9 +8,9 @@
 
 use std::net::IpAddr;
 
-use allowsync::backend::nftables::{ENFORCE_CHAIN, NftablesBackend, enforce_rule_text};
+use allowsync::backend::nftables::{ENFORCE_CHAIN, NftablesBackend, enforce_chain_text, enforce_rule_text};
 use allowsync::backend::{Backend, BackendError};
-use allowsync::config::{Enforce, NftablesConfig};
+use allowsync::config::{Enforce, EnforceScope, NftablesConfig};
 use allowsync::prefixes::{AllowSet, Diff, Ranges};
 use allowsync_testkit::netns::{self, current_netns_id, enter_new_netns, nft_script, run};
 use allowsync_testkit::{set, sync};
@@ -116,7 +116,7 @@ fn foreign_sets_and_chains_are_reported_and_left_alone() {
          }}\n"
     ));
     let before = run("nft", &["list", "ruleset"]);
-    let enforce = Enforce { tcp_ports: vec![443], udp_ports: vec![] };
+    let enforce = Enforce { tcp_ports: vec![443], ..Enforce::default() };
     let err = backend(Some(enforce)).ensure().unwrap_err();
     assert!(matches!(&err, BackendError::Foreign { object, .. } if object.contains(ENFORCE_CHAIN)), "{err}");
     assert_eq!(run("nft", &["list", "ruleset"]), before);
@@ -145,7 +145,7 @@ fn edges_of_the_address_space_round_trip() {
 #[test]
 fn ensure_is_idempotent_and_teardown_removes_the_table() {
     let Some(_ns) = enter_new_netns() else { return };
-    let enforce = Enforce { tcp_ports: vec![443, 8443], udp_ports: vec![53] };
+    let enforce = Enforce { tcp_ports: vec![443, 8443], udp_ports: vec![53], ..Enforce::default() };
     let mut b = backend(Some(enforce.clone()));
     b.ensure().unwrap();
     sync(&mut b, &set(["192.0.2.0/24"]));
@@ -160,7 +160,8 @@ fn ensure_is_idempotent_and_teardown_removes_the_table() {
             .collect()
     };
     let first = run("nft", &["list", "chain", "inet", TABLE, ENFORCE_CHAIN]);
-    assert!(first.contains("type filter hook input priority filter; policy accept;"), "{first}");
+    assert!(first.contains("type filter hook prerouting priority mangle; policy accept;"), "{first}");
+    assert!(first.contains(enforce_chain_text(EnforceScope::Host)), "{first}");
     // What ensure installed is exactly what the README tells operators to write.
     assert_eq!(rules(&first), enforce_rule_text(&config(None), &enforce));
 
@@ -196,4 +197,42 @@ fn ensure_is_idempotent_and_teardown_removes_the_table() {
         err.to_string(),
         "table inet allowsync does not exist (allowsync creates it at its next sync)"
     );
+}
+
+/// A kernel that holds what an earlier version wrote for `enforce` (its chain in the input
+/// hook): the next `ensure` puts the chain in prerouting, in one transaction (the generation
+/// moves by one: no commit in between sees the port unenforced), and keeps the sets' elements.
+#[test]
+fn an_earlier_versions_input_chain_is_replaced_in_one_transaction() {
+    let Some(_ns) = enter_new_netns() else { return };
+    nft_script(
+        "table inet allowsync {\n\
+           set allow_v4 { type ipv4_addr; flags interval; elements = { 192.0.2.0/24 } }\n\
+           set allow_v6 { type ipv6_addr; flags interval; }\n\
+           chain enforce {\n\
+             type filter hook input priority filter; policy accept;\n\
+             iifname \"lo\" accept\n\
+             tcp dport 443 ip saddr != @allow_v4 drop\n\
+             tcp dport 443 ip6 saddr != @allow_v6 drop\n\
+           }\n\
+         }\n",
+    );
+    let enforce = Enforce { tcp_ports: vec![443], ..Enforce::default() };
+    let mut b = backend(Some(enforce.clone()));
+    let before = b.generation().unwrap().unwrap();
+    b.ensure().unwrap();
+    assert_eq!(b.generation().unwrap().unwrap(), before + 1, "one commit");
+    let chain = run("nft", &["list", "chain", "inet", TABLE, ENFORCE_CHAIN]);
+    assert!(chain.contains(enforce_chain_text(EnforceScope::Host)), "{chain}");
+    for rule in enforce_rule_text(&config(None), &enforce) {
+        assert!(chain.contains(&rule), "{rule} missing in\n{chain}");
+    }
+    assert_eq!(b.read().unwrap(), set(["192.0.2.0/24"]));
+
+    // `scope: local` keeps (or brings back) exactly that earlier chain.
+    let local = Enforce { scope: EnforceScope::Local, ..enforce };
+    backend(Some(local.clone())).ensure().unwrap();
+    let chain = run("nft", &["list", "chain", "inet", TABLE, ENFORCE_CHAIN]);
+    assert!(chain.contains(enforce_chain_text(EnforceScope::Local)), "{chain}");
+    assert_eq!(enforce_rule_text(&config(None), &local)[1], "tcp dport 443 ip saddr != @allow_v4 drop");
 }

@@ -2,7 +2,7 @@
 //! secret key). Exit 2 when it is invalid.
 
 use allowsync::cli::Cli;
-use allowsync::config::{BackendConfig, Config, Enforce, SourceKind, fmt_duration};
+use allowsync::config::{BackendConfig, Config, Enforce, EnforceScope, SourceKind, fmt_duration};
 
 use super::{CmdResult, Failure};
 
@@ -88,7 +88,13 @@ fn summary(cfg: &Config) -> String {
 fn enforce_text(e: &Option<Enforce>) -> String {
     match e {
         None => ", not enforcing (add your own rule)".into(),
-        Some(e) => format!(", enforcing tcp {:?} udp {:?}", e.tcp_ports, e.udp_ports),
+        Some(e) => {
+            let scope = match e.scope {
+                EnforceScope::Host => "host: every packet addressed to this host, DNATed ones included",
+                EnforceScope::Local => "local: local sockets only, not DNATed ports",
+            };
+            format!(", enforcing tcp {:?} udp {:?} (scope {scope})", e.tcp_ports, e.udp_ports)
+        }
     }
 }
 

@@ -21,7 +21,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde_saphyr::Spanned;
 
-pub use raw::{Enforce, IpsetConfig, LogConfig, LogFormat, NftablesConfig, Region, Safety, fmt_duration};
+pub use raw::{
+    Enforce, EnforceScope, IpsetConfig, LogConfig, LogFormat, NftablesConfig, Region, Safety, fmt_duration,
+};
 use raw::{RawChat, RawConfig, secs};
 #[cfg(test)]
 use raw::{check_endpoint, parse_duration};
@@ -715,5 +717,23 @@ sources:
         );
         let (_, key, _) = invalid(&format!("{BASE}backend:\n  nftables: {{ table: \"bad name\" }}\n"));
         assert_eq!(key, "backend.nftables.table");
+    }
+
+    #[test]
+    fn enforce_scope_defaults_to_host() {
+        let enforce =
+            |yaml: &str| match parse(&format!("{BASE}backend:\n  nftables: {{ enforce: {yaml} }}\n")) {
+                Ok(Config { backend: BackendConfig::Nftables(n), .. }) => n.enforce.unwrap(),
+                other => panic!("{other:?}"),
+            };
+        // A configuration written before the key existed gets the wider scope.
+        assert_eq!(enforce("{ tcp_ports: [443] }").scope, EnforceScope::Host);
+        assert_eq!(enforce("{ tcp_ports: [443], scope: host }").scope, EnforceScope::Host);
+        assert_eq!(enforce("{ tcp_ports: [443], scope: local }").scope, EnforceScope::Local);
+        let (line, key, msg) = invalid(&format!(
+            "{BASE}backend:\n  ipset:\n    enforce: {{ tcp_ports: [443], scope: input }}\n"
+        ));
+        assert_eq!((line, key.as_str()), (7, "backend.ipset.enforce.scope"), "{msg}");
+        assert!(msg.contains("host") && msg.contains("local"), "{msg}");
     }
 }

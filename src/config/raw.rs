@@ -66,6 +66,21 @@ pub struct Enforce {
     pub tcp_ports: Vec<u16>,
     #[serde(default, deserialize_with = "ports")]
     pub udp_ports: Vec<u16>,
+    #[serde(default)]
+    pub scope: EnforceScope,
+}
+
+/// Which packets `enforce` filters (`enforce.scope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EnforceScope {
+    /// Every packet addressed to one of this host's addresses, judged by its original
+    /// destination port before any DNAT: local sockets, and containers, VMs and pods behind a
+    /// published port alike (a prerouting hook).
+    #[default]
+    Host,
+    /// Only packets delivered to a local socket (the input hook): a DNATed port is not covered.
+    Local,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -8,7 +8,7 @@
 //! apply sends the prefix-level difference to its target (`/0` as two `/1`). `ipset restore` is
 //! not atomic: each family's change is a temporary set swapped in, or one incremental restore
 //! with its exact inverse at hand, and a failure in the second family takes the first one's
-//! change back (see `change`).
+//! change back (see `change`). A set that does not exist is [`BackendError::Missing`].
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 mod cmd;
 mod iptables;
 
-pub use iptables::{ENFORCE_CHAIN, enforce_rules};
+pub use iptables::{ENFORCE_CHAIN, enforce_rules, hook_of};
 
 use cmd::{Output, Tools, run};
 
@@ -659,7 +659,7 @@ impl Backend for IpsetBackend {
         self.ensure_enforcement()
     }
 
-    /// Removes INPUT's jumps and the enforcement chain (iptables and ip6tables) first, then the
+    /// Removes the jumps and the enforcement chains (iptables and ip6tables) first, then the
     /// sets and any temporary set: the kernel refuses to destroy a set a rule still uses. A chain
     /// of that name that allowsync did not write is left alone (and then its set too, which the
     /// kernel reports as in use).

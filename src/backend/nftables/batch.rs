@@ -1,4 +1,5 @@
-//! Every nf_tables transaction allowsync sends is built here, with the enforcement rules in it.
+//! Every nf_tables transaction allowsync sends is built here, with the enforcement chain and
+//! its rules in it.
 //!
 //! A [`Transaction`] is one batch, committed in one `sendmsg`: the kernel applies all of it or
 //! none of it (EEXIST/ENOENT on any element abort the whole batch), which is what makes
@@ -20,7 +21,7 @@ use tracing::debug;
 
 use super::{ENFORCE_CHAIN, Family, NftablesBackend, SetKeyAddr, kernel, nftnl, open_socket};
 use crate::backend::BackendError;
-use crate::config::{Enforce, NftablesConfig};
+use crate::config::{Enforce, EnforceScope, NftablesConfig};
 use crate::prefixes::{Diff, Range};
 
 /// Bytes one element takes in a message, roughly (nests, key, flags): sizes the batch pages.
@@ -130,6 +131,8 @@ pub(super) struct Sent {
     pub(super) msg: i32,
     /// `(key, is_interval_end)` of each element, for element messages.
     pub(super) elements: Vec<(Vec<u8>, bool)>,
+    /// For rules and chains, what libnftnl prints of them (see `nftnl::describe`).
+    pub(super) text: Option<String>,
 }
 
 #[cfg(test)]
@@ -155,7 +158,8 @@ impl Transaction {
                 } else {
                     Vec::new()
                 };
-                out.push(Sent { op, object: object.to_string(), msg, elements });
+                let text = nftnl::describe(&m);
+                out.push(Sent { op, object: object.to_string(), msg, elements, text });
                 Ok(())
             })
             .expect("the batch parses");
@@ -238,7 +242,15 @@ impl NftablesBackend {
     /// Creates what is missing: the table (a no-op when it exists), the missing sets, and
     /// with `enforce` the chain with its rules (flushed and re-added, so a restart never
     /// duplicates them); without `enforce` it deletes an enforcement chain left from before.
-    pub(super) fn ensure_transaction(&self, missing_sets: &[Family], chain_exists: bool) -> Transaction {
+    /// `chain` is the scope of allowsync's enforcement chain in the kernel, if there is one: a
+    /// chain of the other scope (the input hook of earlier versions) cannot have its hook
+    /// changed, so it is deleted and the new one added in this same transaction, which leaves
+    /// no moment without enforcement.
+    pub(super) fn ensure_transaction(
+        &self,
+        missing_sets: &[Family],
+        chain: Option<EnforceScope>,
+    ) -> Transaction {
         let mut tx = Transaction::new(0);
         let table = self.nft_table();
         tx.push(&table, MsgType::Add, "add table", &self.table_object());
@@ -264,10 +276,15 @@ impl NftablesBackend {
         let chain_name = CString::new(ENFORCE_CHAIN).expect("no NUL");
         match &self.enforce {
             Some(enforce) => {
-                let mut chain = Chain::new(&chain_name, &table);
-                chain.set_hook(Hook::In, 0);
-                chain.set_type(ChainType::Filter);
-                chain.set_policy(Policy::Accept);
+                if chain.is_some_and(|existing| existing != enforce.scope) {
+                    tx.push(
+                        &Chain::new(&chain_name, &table),
+                        MsgType::Del,
+                        "replace chain",
+                        &self.chain_object(),
+                    );
+                }
+                let chain = enforcement_chain(&chain_name, &table, enforce.scope);
                 tx.push(&chain, MsgType::Add, "add chain", &self.chain_object());
                 // A rule without a handle, deleted: the kernel flushes the chain.
                 tx.push(&Rule::new(&chain), MsgType::Del, "flush chain", &self.chain_object());
@@ -275,7 +292,7 @@ impl NftablesBackend {
                     tx.push(&rule, MsgType::Add, "add rule", &self.chain_object());
                 }
             }
-            None if chain_exists => {
+            None if chain.is_some() => {
                 tx.push(&Chain::new(&chain_name, &table), MsgType::Del, "delete chain", &self.chain_object());
             }
             None => {}
@@ -356,12 +373,16 @@ impl NftablesBackend {
         for (l4proto, port) in enforced_ports(enforce) {
             for family in Family::BOTH {
                 // The same expressions, in the same order, as nft generates for
-                // `tcp dport 443 ip saddr != @allow_v4 drop`: cheap port match first.
+                // `tcp dport 443 [fib daddr type local] ip saddr != @allow_v4 drop`: cheap
+                // port match first.
                 let mut r = Rule::new(chain);
                 r.add_expr(&Meta::L4Proto);
                 r.add_expr(&Cmp::new(CmpOp::Eq, l4proto.ipproto()));
                 r.add_expr(&Payload::Transport(l4proto.dport()));
                 r.add_expr(&Cmp::new(CmpOp::Eq, &port.to_be_bytes()[..]));
+                if enforce.scope == EnforceScope::Host {
+                    add_addressed_to_this_host(&mut r);
+                }
                 r.add_expr(&Meta::NfProto);
                 r.add_expr(&Cmp::new(CmpOp::Eq, family.nfproto()));
                 r.add_expr(&family.saddr());
@@ -374,22 +395,66 @@ impl NftablesBackend {
     }
 }
 
+/// The enforcement base chain for `scope`, `policy accept` (it only ever drops):
+///
+/// - `host`: `type filter hook prerouting priority mangle` (-150), after conntrack (-200) and
+///   before its DNAT (`dstnat`, -100), so the rules see every packet addressed to this host
+///   with its original destination port, whether it then ends at a local socket or is DNATed
+///   on to a container, a VM or a pod (which never passes the input hook);
+/// - `local`: `type filter hook input priority filter` (0), the chain of earlier versions:
+///   only what reaches a local socket.
+fn enforcement_chain<'a>(name: &CString, table: &'a Table, scope: EnforceScope) -> Chain<'a> {
+    let mut chain = Chain::new(name, table);
+    match scope {
+        EnforceScope::Host => chain.set_hook(Hook::PreRouting, libc::NF_IP_PRI_MANGLE),
+        EnforceScope::Local => chain.set_hook(Hook::In, libc::NF_IP_PRI_FILTER),
+    }
+    chain.set_type(ChainType::Filter);
+    chain.set_policy(Policy::Accept);
+    chain
+}
+
+/// `fib daddr type local`: the destination is one of this host's addresses. In prerouting
+/// that is what separates traffic for this host (its sockets and what it DNATs onward) from
+/// traffic it routes for others, which is left alone. Broadcast and multicast destinations are
+/// other types, so not matched (`scope: local` filters what of them reaches a socket).
+fn add_addressed_to_this_host(r: &mut Rule<'_>) {
+    r.add_expr(&nftnl::FibDaddrType);
+    r.add_expr(&Cmp::new(CmpOp::Eq, u32::from(libc::RTN_LOCAL)));
+}
+
 /// The rules an operator would write by hand for `enforce`'s ports, as `nft` prints them (and as
 /// [`Backend::ensure`](crate::backend::Backend::ensure) installs them in [`ENFORCE_CHAIN`] when `enforce` is configured): loopback
 /// first, then one drop rule per port and family. nftables sets are per table, so such rules
 /// must live in a chain of `table inet <table>` to reference the sets.
 pub fn enforce_rule_text(config: &NftablesConfig, enforce: &Enforce) -> Vec<String> {
     let mut out = vec![r#"iifname "lo" accept"#.to_string()];
+    let to_host = match enforce.scope {
+        EnforceScope::Host => "fib daddr type local ",
+        EnforceScope::Local => "",
+    };
     for (l4proto, port) in enforced_ports(enforce) {
         for family in Family::BOTH {
             let set = match family {
                 Family::V4 => &config.set_v4,
                 Family::V6 => &config.set_v6,
             };
-            out.push(format!("{} dport {port} {} saddr != @{set} drop", l4proto.name(), family.nft_proto()));
+            out.push(format!(
+                "{} dport {port} {to_host}{} saddr != @{set} drop",
+                l4proto.name(),
+                family.nft_proto()
+            ));
         }
     }
     out
+}
+
+/// The hook and priority of the chain [`enforce_rule_text`]'s rules go in, as `nft` prints them.
+pub fn enforce_chain_text(scope: EnforceScope) -> &'static str {
+    match scope {
+        EnforceScope::Host => "type filter hook prerouting priority mangle; policy accept;",
+        EnforceScope::Local => "type filter hook input priority filter; policy accept;",
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -449,16 +514,21 @@ mod tests {
             set_v6: "allow_v6".into(),
             enforce: None,
         };
-        let e = Enforce { tcp_ports: vec![443], udp_ports: vec![53] };
+        let e = Enforce { tcp_ports: vec![443], udp_ports: vec![53], scope: EnforceScope::Host };
         assert_eq!(
             enforce_rule_text(&cfg, &e),
             [
                 r#"iifname "lo" accept"#,
-                "tcp dport 443 ip saddr != @allow_v4 drop",
-                "tcp dport 443 ip6 saddr != @allow_v6 drop",
-                "udp dport 53 ip saddr != @allow_v4 drop",
-                "udp dport 53 ip6 saddr != @allow_v6 drop",
+                "tcp dport 443 fib daddr type local ip saddr != @allow_v4 drop",
+                "tcp dport 443 fib daddr type local ip6 saddr != @allow_v6 drop",
+                "udp dport 53 fib daddr type local ip saddr != @allow_v4 drop",
+                "udp dport 53 fib daddr type local ip6 saddr != @allow_v6 drop",
             ]
+        );
+        let local = Enforce { scope: EnforceScope::Local, ..e };
+        assert_eq!(
+            enforce_rule_text(&cfg, &local)[1..3],
+            ["tcp dport 443 ip saddr != @allow_v4 drop", "tcp dport 443 ip6 saddr != @allow_v6 drop"]
         );
     }
 
@@ -493,10 +563,95 @@ mod tests {
 
     const CHAIN: &str = "chain inet t enforce";
 
+    fn enforce(scope: EnforceScope) -> Option<Enforce> {
+        Some(Enforce { tcp_ports: vec![443], udp_ports: vec![], scope })
+    }
+
+    /// What libnftnl prints of the chain and rule messages, in order.
+    fn texts(sent: &[Sent]) -> Vec<&str> {
+        sent.iter().filter_map(|s| s.text.as_deref()).collect()
+    }
+
+    /// The expressions of a rule as libnftnl prints them, one per line, trimmed.
+    fn exprs(text: &str) -> Vec<&str> {
+        text.lines().map(str::trim).filter(|l| l.starts_with('[')).collect()
+    }
+
+    /// The chain hooks prerouting before conntrack's DNAT, and each drop carries `fib daddr type
+    /// local`: the expressions are exactly those `nft --debug=netlink add rule inet t enforce
+    /// tcp dport 443 fib daddr type local ip saddr != @s4 drop` prints (nft 1.0.6; register
+    /// contents in host byte order, so on a little-endian host).
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn the_host_scope_hooks_prerouting_before_dnat_and_drops_only_what_is_addressed_here() {
+        let sent = backend(enforce(EnforceScope::Host)).ensure_transaction(&[], None).recorded();
+        let texts = texts(&sent);
+        assert!(texts[0].contains("type filter hook prerouting prio -150 policy accept"), "{}", texts[0]);
+        assert_eq!(
+            exprs(texts[1]),
+            [
+                "[ meta load iifname => reg 1 ]",
+                "[ cmp eq reg 1 0x00006f6c 0x00000000 0x00000000 0x00000000 ]",
+                "[ immediate reg 0 accept ]"
+            ]
+        );
+        assert_eq!(
+            exprs(texts[2]),
+            [
+                "[ meta load l4proto => reg 1 ]",
+                "[ cmp eq reg 1 0x00000006 ]",
+                "[ payload load 2b @ transport header + 2 => reg 1 ]",
+                "[ cmp eq reg 1 0x0000bb01 ]",
+                "[ fib daddr type => reg 1 ]",
+                "[ cmp eq reg 1 0x00000002 ]",
+                "[ meta load nfproto => reg 1 ]",
+                "[ cmp eq reg 1 0x00000002 ]",
+                "[ payload load 4b @ network header + 12 => reg 1 ]",
+                "[ lookup reg 1 set s4 0x1 ]",
+                "[ immediate reg 0 drop ]",
+            ]
+        );
+        assert_eq!(exprs(texts[3])[4..6], ["[ fib daddr type => reg 1 ]", "[ cmp eq reg 1 0x00000002 ]"]);
+        assert_eq!(exprs(texts[3])[9], "[ lookup reg 1 set s6 0x1 ]");
+    }
+
+    #[test]
+    fn the_local_scope_is_the_input_chain_of_earlier_versions() {
+        let sent = backend(enforce(EnforceScope::Local)).ensure_transaction(&[], None).recorded();
+        let texts = texts(&sent);
+        assert!(texts[0].contains("type filter hook input prio 0 policy accept"), "{}", texts[0]);
+        assert_eq!(texts.len(), 4);
+        assert!(texts.iter().all(|t| !t.contains("fib")), "{texts:?}");
+    }
+
+    /// A base chain's hook cannot be changed: the chain of the other scope (an earlier
+    /// version's input chain) is deleted and the new one added in the same batch.
+    #[test]
+    fn a_chain_of_the_other_scope_is_replaced_in_the_same_transaction() {
+        for (configured, found) in
+            [(EnforceScope::Host, EnforceScope::Local), (EnforceScope::Local, EnforceScope::Host)]
+        {
+            let sent = backend(enforce(configured)).ensure_transaction(&[], Some(found)).recorded();
+            assert_eq!(
+                ops(&sent)[..4],
+                [
+                    ("add table", "table inet t", libc::NFT_MSG_NEWTABLE),
+                    ("replace chain", CHAIN, libc::NFT_MSG_DELCHAIN),
+                    ("add chain", CHAIN, libc::NFT_MSG_NEWCHAIN),
+                    ("flush chain", CHAIN, libc::NFT_MSG_DELRULE),
+                ]
+            );
+            assert_eq!(sent.len(), 4 + 3);
+            // The same scope: updated in place.
+            let sent = backend(enforce(configured)).ensure_transaction(&[], Some(configured)).recorded();
+            assert!(sent.iter().all(|s| s.msg != libc::NFT_MSG_DELCHAIN));
+        }
+    }
+
     #[test]
     fn ensure_creates_the_missing_sets_and_rewrites_the_enforcement_chain_in_one_batch() {
-        let b = backend(Some(Enforce { tcp_ports: vec![443], udp_ports: vec![] }));
-        let sent = b.ensure_transaction(&[Family::V6], false).recorded();
+        let b = backend(enforce(EnforceScope::Host));
+        let sent = b.ensure_transaction(&[Family::V6], None).recorded();
         assert_eq!(
             ops(&sent),
             [
@@ -516,7 +671,7 @@ mod tests {
     #[test]
     fn without_enforce_an_existing_chain_is_deleted_and_nothing_else_is_sent() {
         let b = backend(None);
-        let sent = b.ensure_transaction(&[], true).recorded();
+        let sent = b.ensure_transaction(&[], Some(EnforceScope::Host)).recorded();
         assert_eq!(
             ops(&sent),
             [
@@ -524,7 +679,7 @@ mod tests {
                 ("delete chain", CHAIN, libc::NFT_MSG_DELCHAIN)
             ]
         );
-        let sent = b.ensure_transaction(&[Family::V4, Family::V6], false).recorded();
+        let sent = b.ensure_transaction(&[Family::V4, Family::V6], None).recorded();
         assert_eq!(
             ops(&sent),
             [

@@ -6,11 +6,15 @@
 //! - set `<set_v4>` (`type ipv4_addr; flags interval`) and set `<set_v6>` (`type ipv6_addr;
 //!   flags interval`), created when missing. An existing set of another type or flags is
 //!   [`BackendError::Foreign`] and never changed;
-//! - with `enforce`, the base chain [`ENFORCE_CHAIN`] (`type filter hook input priority filter;
-//!   policy accept`): loopback is accepted first, then traffic to the enforced ports is dropped
-//!   unless its source is in the set of its family ([`enforce_rule_text`] prints the rules).
-//!   Without `enforce` that chain is removed if an earlier configuration created it; other
-//!   chains of the table (an operator's own rules using the sets) are never touched.
+//! - with `enforce`, the base chain [`ENFORCE_CHAIN`] (`policy accept`): loopback is accepted
+//!   first, then traffic to the enforced ports is dropped unless its source is in the set of its
+//!   family ([`enforce_rule_text`] prints the rules). With `scope: host` (the default) it is
+//!   `type filter hook prerouting priority mangle` and its rules match `fib daddr type local`:
+//!   every packet addressed to this host, by its port before DNAT, so a port published to a
+//!   container is covered too; with `scope: local` it is `type filter hook input priority
+//!   filter`, as in earlier versions, whose chain is replaced in one transaction. Without
+//!   `enforce` that chain is removed if an earlier configuration created it; other chains of the
+//!   table (an operator's own rules using the sets) are never touched.
 //!
 //! This file holds the [`Backend`] impl and its decisions (what to create, adopt, refuse or
 //! remove). The layers under it:
@@ -33,12 +37,12 @@ use std::time::Instant;
 use ::nftnl::expr::{Ipv4HeaderField, Ipv6HeaderField, NetworkHeaderField, Payload};
 use tracing::{debug, info, warn};
 
-pub use batch::enforce_rule_text;
-use query::{SetInfo, get_generation};
+pub use batch::{enforce_chain_text, enforce_rule_text};
+use query::{ChainInfo, SetInfo, get_generation};
 
 use super::netlink::NfSocket;
 use super::{Backend, BackendError, Family};
-use crate::config::{Enforce, NftablesConfig};
+use crate::config::{Enforce, EnforceScope, NftablesConfig};
 use crate::prefixes::{Addr, AllowSet, Diff};
 
 /// Name of the enforcement chain in allowsync's table. Reserved: allowsync creates, flushes and
@@ -177,6 +181,24 @@ impl NftablesBackend {
         format!("chain inet {} {}", self.table_str(), ENFORCE_CHAIN)
     }
 
+    /// The scope of the enforcement chain in the kernel, if it is allowsync's: only a chain of
+    /// one of allowsync's shapes is adopted or replaced (with `enforce`) or removed (without); a
+    /// different chain of that name is refused, or left alone.
+    fn our_chain(&self, chain: Option<&ChainInfo>) -> Result<Option<EnforceScope>, BackendError> {
+        let Some(c) = chain else { return Ok(None) };
+        match c.enforcement_scope() {
+            Some(scope) => Ok(Some(scope)),
+            None if self.enforce.is_some() => Err(BackendError::Foreign {
+                object: self.chain_object(),
+                why: format!(
+                    "it is not a `type filter hook prerouting priority mangle` (or `hook input priority \
+                     filter`) base chain ({c}); the name is reserved for allowsync's enforcement"
+                ),
+            }),
+            None => Ok(None),
+        }
+    }
+
     /// Why an existing set is not one allowsync can use, if it is not.
     fn foreign_set(&self, family: Family, info: &SetInfo) -> Option<BackendError> {
         let want_flags = libc::NFT_SET_INTERVAL as u32;
@@ -231,33 +253,25 @@ impl Backend for NftablesBackend {
             missing.extend(Family::BOTH);
         }
 
-        // Only a chain that looks like allowsync's is adopted (with `enforce`) or removed
-        // (without); a different chain of that name is refused, or left alone.
-        let chain_exists = match &chain {
-            Some(c) if !c.is_enforcement_chain() => {
-                if self.enforce.is_some() {
-                    return Err(BackendError::Foreign {
-                        object: self.chain_object(),
-                        why: format!(
-                            "it is not a `type filter hook input priority filter` base chain ({c}); \
-                             the name is reserved for allowsync's enforcement"
-                        ),
-                    });
-                }
-                false
-            }
-            c => c.is_some(),
-        };
-
-        let changes = !table_exists || !missing.is_empty() || self.enforce.is_some() || chain_exists;
+        let chain = self.our_chain(chain.as_ref())?;
+        let changes = !table_exists || !missing.is_empty() || self.enforce.is_some() || chain.is_some();
         if !changes {
             debug!(table = %self.table_object(), "nftables objects already in place");
             return Ok(());
         }
-        if chain_exists && self.enforce.is_none() {
-            warn!(chain = %self.chain_object(), "enforcement is not configured: removing the enforcement chain");
+        match (&self.enforce, chain) {
+            (None, Some(_)) => {
+                warn!(chain = %self.chain_object(), "enforcement is not configured: removing the enforcement chain");
+            }
+            (Some(e), Some(old)) if e.scope != old => info!(
+                chain = %self.chain_object(),
+                from = ?old,
+                to = ?e.scope,
+                "replacing the enforcement chain for the configured scope"
+            ),
+            _ => {}
         }
-        self.ensure_transaction(&missing, chain_exists).commit()?;
+        self.ensure_transaction(&missing, chain).commit()?;
         info!(
             table = %self.table_object(),
             created_sets = ?missing.iter().map(|f| self.set_object(*f)).collect::<Vec<_>>(),

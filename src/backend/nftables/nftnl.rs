@@ -1,6 +1,7 @@
 //! Every call into libnftnl's C API (`nftnl_sys`), behind safe functions: the request messages
-//! the queries send, the parsers of the kernel's replies, and the three things the safe `nftnl`
-//! crate cannot express (a set's `flags interval`, interval-end elements, an inverted lookup).
+//! the queries send, the parsers of the kernel's replies, and the four things the safe `nftnl`
+//! crate cannot express (a set's `flags interval`, interval-end elements, an inverted lookup,
+//! the `fib` expression).
 //!
 //! With `../netlink.rs` this is the only code of allowsync allowed `unsafe`; every block says
 //! why it is sound. Nothing here decides anything: it only translates.
@@ -268,6 +269,12 @@ pub(super) fn parse_generation(m: &Message<'_>) -> io::Result<u32> {
     }
 }
 
+/// A new expression of type `name` (`lookup`, `fib`, ...).
+fn alloc_expr(name: &CStr) -> NonNull<sys::nftnl_expr> {
+    // SAFETY: plain allocation by name (libnftnl copies nothing from it afterwards), checked.
+    allocated(unsafe { sys::nftnl_expr_alloc(name.as_ptr()) })
+}
+
 /// `<saddr> != @set`: a lookup with `NFT_LOOKUP_F_INV`, which nftnl's `Lookup` cannot express.
 pub(super) struct NotInSet<'a> {
     pub(super) set: &'a CStr,
@@ -275,14 +282,38 @@ pub(super) struct NotInSet<'a> {
 
 impl Expression for NotInSet<'_> {
     fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
-        // SAFETY: libnftnl allocates the expression (checked for NULL below) and copies the
-        // set name; the rule takes ownership of the returned expression.
+        let expr = alloc_expr(c"lookup");
+        // SAFETY: the expression is live; libnftnl copies the set name; the rule takes
+        // ownership of the returned expression.
         unsafe {
-            let expr = allocated(sys::nftnl_expr_alloc(c"lookup".as_ptr()));
             let e = expr.as_ptr();
             sys::nftnl_expr_set_u32(e, sys::NFTNL_EXPR_LOOKUP_SREG as u16, libc::NFT_REG_1 as u32);
             sys::nftnl_expr_set_str(e, sys::NFTNL_EXPR_LOOKUP_SET as u16, self.set.as_ptr());
             sys::nftnl_expr_set_u32(e, sys::NFTNL_EXPR_LOOKUP_FLAGS as u16, libc::NFT_LOOKUP_F_INV as u32);
+            expr
+        }
+    }
+}
+
+/// From linux/netfilter/nf_tables.h (neither the libc crate nor nftnl_sys has them):
+/// `enum nft_fib_result`'s `NFT_FIB_RESULT_ADDRTYPE` and `enum nft_fib_flags`' `NFTA_FIB_F_DADDR`.
+const NFT_FIB_RESULT_ADDRTYPE: u32 = 3;
+const NFTA_FIB_F_DADDR: u32 = 1 << 1;
+
+/// `fib daddr type`: the route type (`RTN_*`, a host-order u32) of the packet's destination
+/// address into register 1, as nft generates it (`[ fib daddr type => reg 1 ]`).
+pub(super) struct FibDaddrType;
+
+impl Expression for FibDaddrType {
+    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+        let expr = alloc_expr(c"fib");
+        // SAFETY: the expression is live; libnftnl copies the u32 attributes; the rule takes
+        // ownership of the returned expression.
+        unsafe {
+            let e = expr.as_ptr();
+            sys::nftnl_expr_set_u32(e, sys::NFTNL_EXPR_FIB_DREG as u16, libc::NFT_REG_1 as u32);
+            sys::nftnl_expr_set_u32(e, sys::NFTNL_EXPR_FIB_RESULT as u16, NFT_FIB_RESULT_ADDRTYPE);
+            sys::nftnl_expr_set_u32(e, sys::NFTNL_EXPR_FIB_FLAGS as u16, NFTA_FIB_F_DADDR);
             expr
         }
     }
@@ -316,4 +347,47 @@ pub(super) fn append_element<K>(set: &Set<'_, K>, key: &[u8], flags: u32) {
         }
         sys::nftnl_set_elem_add(set.as_ptr().as_ptr(), e);
     }
+}
+
+/// How libnftnl prints an `NFT_MSG_NEWRULE` or `NFT_MSG_NEWCHAIN` message of a batch: for a
+/// rule the expressions as `nft --debug=netlink` shows them (`[ fib daddr type => reg 1 ]`
+/// ...), for a chain its name, hook and priority. `None` for any other message. For the
+/// recorder tests, which compare what allowsync sends with what nft sends.
+#[cfg(test)]
+pub(super) fn describe(m: &Message<'_>) -> Option<String> {
+    let kind = i32::from(m.ty & 0xff);
+    if kind != libc::NFT_MSG_NEWRULE && kind != libc::NFT_MSG_NEWCHAIN {
+        return None;
+    }
+    // The parsers read the header's fields in place: give them an aligned copy.
+    let mut buf = AlignedBuf::zeroed(m.bytes.len());
+    let mut text = vec![0u8; 4096];
+    // SAFETY: `buf` holds `m.bytes.len()` bytes, aligned, into which the message is copied
+    // whole; objects are checked for NULL, parsed from that one complete message, printed into
+    // `text` (its length passed, NUL-terminated by snprintf) and freed before returning.
+    let printed = unsafe {
+        std::ptr::copy_nonoverlapping(m.bytes.as_ptr(), buf.as_mut_ptr(), m.bytes.len());
+        let nlh = buf.as_mut_ptr().cast::<libc::nlmsghdr>();
+        let out = text.as_mut_ptr().cast::<libc::c_char>();
+        if kind == libc::NFT_MSG_NEWRULE {
+            let Some(r) = NonNull::new(sys::nftnl_rule_alloc()) else { std::process::abort() };
+            let ok = sys::nftnl_rule_nlmsg_parse(nlh, r.as_ptr()) >= 0;
+            if ok {
+                sys::nftnl_rule_snprintf(out, text.len(), r.as_ptr(), sys::NFTNL_OUTPUT_DEFAULT, 0);
+            }
+            sys::nftnl_rule_free(r.as_ptr());
+            ok
+        } else {
+            let Some(c) = NonNull::new(sys::nftnl_chain_alloc()) else { std::process::abort() };
+            let ok = sys::nftnl_chain_nlmsg_parse(nlh, c.as_ptr()) >= 0;
+            if ok {
+                sys::nftnl_chain_snprintf(out, text.len(), c.as_ptr(), sys::NFTNL_OUTPUT_DEFAULT, 0);
+            }
+            sys::nftnl_chain_free(c.as_ptr());
+            ok
+        }
+    };
+    assert!(printed, "libnftnl cannot parse the message");
+    let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
+    Some(String::from_utf8_lossy(&text[..end]).into_owned())
 }

@@ -21,6 +21,7 @@ use tracing::debug;
 use super::{ENFORCE_CHAIN, Family, NftablesBackend, SetKeyAddr, kernel, nftnl};
 use crate::backend::BackendError;
 use crate::backend::netlink::{DumpInterrupted, Message, NfSocket};
+use crate::config::EnforceScope;
 use crate::prefixes::{Addr, Range, Ranges};
 
 /// What matters about an existing set.
@@ -41,9 +42,18 @@ pub(super) struct ChainInfo {
 }
 
 impl ChainInfo {
-    /// `type filter hook input priority filter`: the shape of allowsync's enforcement chain.
-    pub(super) fn is_enforcement_chain(&self) -> bool {
-        self.hook == Some(libc::NF_INET_LOCAL_IN as u32) && self.priority == 0 && self.chain_type == "filter"
+    /// The scope whose shape this chain has, if it is one of allowsync's enforcement chains:
+    /// `type filter hook prerouting priority mangle` (`host`), or `type filter hook input
+    /// priority filter` (`local`, and every earlier version's chain).
+    pub(super) fn enforcement_scope(&self) -> Option<EnforceScope> {
+        if self.chain_type != "filter" {
+            return None;
+        }
+        match (self.hook.map(|h| h as i32), self.priority) {
+            (Some(libc::NF_INET_PRE_ROUTING), libc::NF_IP_PRI_MANGLE) => Some(EnforceScope::Host),
+            (Some(libc::NF_INET_LOCAL_IN), libc::NF_IP_PRI_FILTER) => Some(EnforceScope::Local),
+            _ => None,
+        }
     }
 }
 
@@ -214,6 +224,22 @@ mod tests {
         let elems = vec![(0, true), (0, false), (256, true), (u32::MAX, false)];
         assert_eq!(intervals_from_elements(elems).unwrap(), [r(0, 255), r(u32::MAX, u32::MAX)]);
         assert_eq!(intervals_from_elements(vec![(0u32, true)]).unwrap(), []);
+    }
+
+    #[test]
+    fn only_allowsyncs_chain_shapes_have_a_scope() {
+        let chain = |hook: Option<i32>, priority: i32, chain_type: &str| ChainInfo {
+            hook: hook.map(|h| h as u32),
+            priority,
+            chain_type: chain_type.into(),
+        };
+        let (pre, input) = (Some(libc::NF_INET_PRE_ROUTING), Some(libc::NF_INET_LOCAL_IN));
+        assert_eq!(chain(pre, -150, "filter").enforcement_scope(), Some(EnforceScope::Host));
+        assert_eq!(chain(input, 0, "filter").enforcement_scope(), Some(EnforceScope::Local));
+        assert_eq!(chain(pre, -100, "nat").enforcement_scope(), None);
+        assert_eq!(chain(pre, 0, "filter").enforcement_scope(), None);
+        assert_eq!(chain(input, -150, "filter").enforcement_scope(), None);
+        assert_eq!(chain(None, 0, "").enforcement_scope(), None);
     }
 
     #[test]
