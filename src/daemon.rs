@@ -44,20 +44,20 @@ pub enum DaemonError {
 
 /// When to run the next cycle, given how the last one went.
 #[derive(Debug, Clone)]
-pub struct Schedule {
+struct Schedule {
     interval: Duration,
     jitter: Duration,
     backoff: Option<Duration>,
 }
 
 impl Schedule {
-    pub fn new(interval: Duration, jitter: Duration) -> Self {
+    fn new(interval: Duration, jitter: Duration) -> Self {
         Schedule { interval, jitter, backoff: None }
     }
 
     /// The delay before the next cycle after `report`. Jitter only applies to the normal
     /// interval: a backoff is already spread out by the failures that cause it.
-    pub fn next(&mut self, report: &CycleReport, random: f64) -> Duration {
+    fn next(&mut self, report: &CycleReport, random: f64) -> Duration {
         let retryable = |c: ErrorClass| {
             matches!(
                 c,
@@ -229,13 +229,13 @@ fn stop() -> Result<(), DaemonError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::SourceReport;
     use crate::engine::{Refusal, SourceStatus};
-    use crate::syncer::SourceLine;
 
     fn report(outcome: Result<Outcome, String>, class: Option<ErrorClass>) -> CycleReport {
         CycleReport {
             outcome,
-            sources: vec![SourceLine {
+            sources: vec![SourceReport {
                 name: "chat".into(),
                 status: match class {
                     None => SourceStatus::Fresh { ranges: 1 },

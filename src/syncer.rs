@@ -7,9 +7,6 @@
 //! fsync): they run on tokio's blocking pool, so the runtime's own thread stays free for
 //! signals, timers and other tasks while a sync runs.
 
-use std::fs::File;
-use std::io::{Read, Seek, Write};
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -18,18 +15,14 @@ use tracing::{error, info, warn};
 use crate::backend::{self, Backend, BackendError};
 use crate::clock;
 use crate::config::Config;
-use crate::engine::{self, Desired, Outcome, Plan, SourceResult, SourceStatus};
+use crate::engine::{self, Desired, Outcome, Plan, SourceReport, SourceStatus};
 use crate::ownership::lock::{LockError, ObjectLocks};
 use crate::prefixes::AllowSet;
 use crate::source::{ErrorClass, Fetched, Sources};
-use crate::state::{self, State, StateError, StateFile};
+use crate::state::{self, State, StateError, StateFile, StateLock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncerError {
-    #[error("another allowsync (pid {pid}) already manages this state ({lock}); stop it first")]
-    Locked { pid: String, lock: PathBuf },
-    #[error("lock file {path}: {cause}")]
-    Lock { path: PathBuf, cause: std::io::Error },
     #[error(transparent)]
     Objects(#[from] LockError),
     #[error(transparent)]
@@ -45,7 +38,8 @@ pub enum SyncerError {
 pub struct CycleReport {
     /// `Err` carries the failure's message.
     pub outcome: Result<Outcome, String>,
-    pub sources: Vec<SourceLine>,
+    /// What became of each source.
+    pub sources: Vec<SourceReport>,
     pub v4: usize,
     pub v6: usize,
     pub duration_ms: u128,
@@ -56,19 +50,9 @@ pub struct CycleReport {
     pub kernel: Option<(usize, usize)>,
 }
 
-/// One source's result in a cycle.
-#[derive(Debug, Clone)]
-pub struct SourceLine {
-    pub name: String,
-    pub status: SourceStatus,
-    /// The class of the fetch error, when the fetch failed.
-    pub error_class: Option<ErrorClass>,
-    pub skipped: usize,
-}
-
 impl CycleReport {
     /// The most urgent fetch error class of the cycle (for backoff), if any source failed.
-    pub fn worst_error_class(&self) -> Option<ErrorClass> {
+    pub(crate) fn worst_error_class(&self) -> Option<ErrorClass> {
         // Locked needs the longest wait, then configuration (normal interval, loud), then the
         // retryable ones.
         let rank = |c: &ErrorClass| match c {
@@ -99,7 +83,7 @@ pub struct Syncer {
     backend: Arc<Mutex<Box<dyn Backend>>>,
     state_file: StateFile,
     state: State,
-    _lock: Option<File>,
+    _lock: Option<StateLock>,
     /// One manager per kernel object, whatever the state file (see [`crate::ownership::lock`]).
     objects: Option<ObjectLocks>,
 }
@@ -120,7 +104,7 @@ impl Syncer {
         lock: bool,
     ) -> Result<Syncer, SyncerError> {
         let state_file = StateFile::new(&cfg.state_file);
-        let lock = if lock { Some(lock_state(&cfg.state_file)?) } else { None };
+        let lock = if lock { Some(state_file.lock()?) } else { None };
         let objects = match lock {
             Some(_) => Some(ObjectLocks::take(&backend.managed(), &cfg.path)?),
             None => None,
@@ -222,14 +206,7 @@ impl Syncer {
     /// but this syncer's copy of the state does not learn of them.
     pub async fn finish(&mut self, fetches: Fetches, force: bool) -> CycleReport {
         let Fetches { started, fetched } = fetches;
-        let mut lines = Vec::with_capacity(fetched.len());
-        let results: Vec<SourceResult> = fetched
-            .iter()
-            .map(|f| SourceResult { name: f.name.clone(), list: f.result.clone().map_err(|e| e.to_string()) })
-            .collect();
-        let desired = Desired::build(results, &self.state);
-        for (f, report) in fetched.iter().zip(&desired.sources) {
-            let error_class = f.result.as_ref().err().map(|e| e.class());
+        for f in &fetched {
             if let Err(e) = &f.result {
                 let class = e.class();
                 if class == ErrorClass::Configuration {
@@ -238,13 +215,9 @@ impl Syncer {
                     warn!(source = %f.name, ?class, error = %e, "source failed");
                 }
             }
-            lines.push(SourceLine {
-                name: f.name.clone(),
-                status: report.status.clone(),
-                error_class,
-                skipped: f.skipped,
-            });
         }
+        let desired = Desired::build(fetched, &self.state);
+        let sources = desired.sources.clone();
 
         // The kernel transaction and the state file write in one trip to the blocking pool. The
         // state goes as a copy: if this future is dropped meanwhile, `self.state` stays whole.
@@ -297,7 +270,7 @@ impl Syncer {
         };
         let report = CycleReport {
             outcome,
-            sources: lines,
+            sources,
             v4,
             v6,
             duration_ms: started.elapsed().as_millis(),
@@ -311,11 +284,7 @@ impl Syncer {
     /// Fetches and plans against the live set without changing anything, not even the state.
     pub async fn plan(&mut self) -> Result<(Desired, Plan), SyncerError> {
         let fetched = self.sources.fetch_all().await;
-        let results: Vec<SourceResult> = fetched
-            .into_iter()
-            .map(|f| SourceResult { name: f.name, list: f.result.map_err(|e| e.to_string()) })
-            .collect();
-        let desired = Desired::build(results, &self.state);
+        let desired = Desired::build(fetched, &self.state);
         let current = match self.on_backend(|b| b.read()).await {
             // On a host where allowsync never ran the set does not exist yet: plan against
             // nothing rather than fail, since plan creates nothing.
@@ -425,71 +394,9 @@ fn log_cycle(r: &CycleReport) {
     }
 }
 
-/// The lock file next to the state file: one allowsync per state (and so per table).
-pub fn lock_path(state_file: &Path) -> PathBuf {
-    let mut p = state_file.as_os_str().to_owned();
-    p.push(".lock");
-    PathBuf::from(p)
-}
-
-/// Takes the lock on `state_file` that `run`, `once` and `teardown` hold while they work: one
-/// allowsync at a time on a state (and so on its table). Released when the file is dropped; a
-/// lock already held is [`SyncerError::Locked`], naming the holder's pid.
-pub fn lock_state(state_file: &Path) -> Result<File, SyncerError> {
-    take_lock(&lock_path(state_file))
-}
-
-/// Takes an exclusive `flock` on the lock file and writes our pid into it. The kernel drops the
-/// lock when the process dies, however it dies, so a stale lock cannot block a restart.
-fn take_lock(path: &Path) -> Result<File, SyncerError> {
-    let io = |cause| SyncerError::Lock { path: path.to_path_buf(), cause };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(io)?;
-    if let Err(errno) = rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        let err = std::io::Error::from(errno);
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            let mut pid = String::new();
-            let _ = f.read_to_string(&mut pid);
-            let pid = pid.trim();
-            return Err(SyncerError::Locked {
-                pid: if pid.is_empty() { "unknown".into() } else { pid.into() },
-                lock: path.to_path_buf(),
-            });
-        }
-        return Err(io(err));
-    }
-    f.set_len(0).map_err(io)?;
-    f.rewind().map_err(io)?;
-    writeln!(f, "{}", std::process::id()).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    Ok(f)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_second_lock_names_the_first_holder() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("state.json.lock");
-        let _first = take_lock(&p).unwrap();
-        match take_lock(&p) {
-            Err(SyncerError::Locked { pid, .. }) => assert_eq!(pid, std::process::id().to_string()),
-            other => panic!("{:?}", other.map(|_| ())),
-        }
-        drop(_first);
-        assert!(take_lock(&p).is_ok(), "released with the file");
-    }
 
     /// Found by tests/crash.rs: killed between the kernel commit of list B and the state write
     /// (which still said A), a restart restored A into the set holding B, and a second kill left
@@ -501,10 +408,11 @@ mod tests {
         use crate::backend::memory::MemoryBackend;
         let dir = tempfile::tempdir().unwrap();
         let cfg_path = dir.path().join("config.yaml");
-        let cfg = Config::parse(
+        let cfg = crate::config::parse(
             "sources:\n  - name: s\n    static: [192.0.2.1]\nstate_file: state.json\n",
             &cfg_path,
         )
+        .and_then(crate::config::Parsed::resolve)
         .unwrap();
         let (a, b): (AllowSet, AllowSet) = (set(["10.0.0.1", "10.0.0.3"]), set(["10.1.0.1"]));
         let st = State { applied: Some(a.clone()), ..State::default() };
@@ -565,10 +473,11 @@ mod tests {
     #[test]
     fn the_runtime_keeps_serving_other_tasks_while_a_backend_call_blocks() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = Config::parse(
+        let cfg = crate::config::parse(
             "sources:\n  - name: s\n    static: [192.0.2.1]\nstate_file: state.json\n",
             &dir.path().join("config.yaml"),
         )
+        .and_then(crate::config::Parsed::resolve)
         .unwrap();
         let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
         let (release, release_rx) = std::sync::mpsc::channel();

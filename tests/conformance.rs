@@ -2,15 +2,25 @@
 //! and ipset (the `conformance!` macro at the bottom generates a module per backend). Each test
 //! runs in a network namespace of its own (`common/netns.rs`). What differs per backend — how
 //! the CLI lists a set, how an operator causes drift, what a foreign object looks like, how an
-//! apply can honestly fail — is behind the [`Harness`] trait.
+//! apply can honestly fail — is behind the [`Harness`] trait. `conformance/enforcement.rs`:
+//! `enforce` with DNAT to a container, local sockets and routed traffic.
+
+#[path = "conformance/enforcement.rs"]
+mod enforcement;
+
+use enforcement::{
+    established_flows_are_kept_with_their_source_and_cut_without_it,
+    published_and_local_ports_are_closed_to_strangers_and_routed_traffic_is_not,
+    the_scope_switches_both_ways_and_local_leaves_published_ports_open,
+};
 
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::time::{Duration, Instant};
 
-use allowsync::backend::ipset::IpsetBackend;
+use allowsync::backend::ipset::{ENFORCE_CHAIN, IpsetBackend, hook_of};
 use allowsync::backend::nftables::NftablesBackend;
 use allowsync::backend::{Backend, BackendError};
-use allowsync::config::{Enforce, IpsetConfig, NftablesConfig};
+use allowsync::config::{Enforce, EnforceScope, IpsetConfig, NftablesConfig};
 use allowsync::prefixes::{AllowSet, Delta, Diff, Range, Ranges};
 use allowsync_testkit::netns::{
     self, NamedNetns, enter_new_netns, nft_script, run, run_stdin, tcp_connects, veth_pair,
@@ -33,6 +43,8 @@ trait Harness {
     fn cli_read() -> AllowSet;
     /// Everything of the firewall the backend could touch, as text.
     fn snapshot() -> String;
+    /// The scopes of the enforcement chains allowsync has in the kernel (in both families).
+    fn enforcement_scopes() -> Vec<EnforceScope>;
     /// Changes the sets by hand, as an operator would, from
     /// `{10.1.0.0/24, 10.2.0.0/24, 10.3.0.1, 2001:db8::/64}`: removes `10.2.0.0/24`, adds
     /// `172.16.0.0/16`, `10.9.0.0/25` and `10.9.0.128/25` (separately) and `2001:db8:ffff::1`.
@@ -201,7 +213,7 @@ fn foreign_objects_are_reported_and_left_alone<H: Harness>() {
 // ---- ownership ------------------------------------------------------------------------------
 
 fn enforce_443() -> Option<Enforce> {
-    Some(Enforce { tcp_ports: vec![443], udp_ports: vec![] })
+    Some(Enforce { tcp_ports: vec![443], ..Enforce::default() })
 }
 
 fn owned_objects_carry_the_mark_and_teardown_removes_exactly_them<H: Harness>() {
@@ -366,7 +378,7 @@ fn enforcement_filters_traffic_by_the_allowlist<H: Harness>() {
         assert!(tcp_connects(&client, from, tcp6), "baseline tcp6 from {from}");
     }
 
-    let enforce = Enforce { tcp_ports: vec![TCP_PORT], udp_ports: vec![UDP_PORT] };
+    let enforce = Enforce { tcp_ports: vec![TCP_PORT], udp_ports: vec![UDP_PORT], ..Enforce::default() };
     let mut b = H::backend(Some(enforce));
     b.ensure().unwrap();
     sync(&mut *b, &set(["10.200.0.2", "fd00:200::2"]));
@@ -459,6 +471,20 @@ impl Harness for Nft {
 
     fn snapshot() -> String {
         run("nft", &["list", "ruleset"])
+    }
+
+    fn enforcement_scopes() -> Vec<EnforceScope> {
+        let chains: serde_json::Value = serde_json::from_str(&run("nft", &["-j", "list", "chains"])).unwrap();
+        let ours = |c: &&serde_json::Value| c["table"] == TABLE && c["name"] == "enforce";
+        let chains = chains["nftables"].as_array().unwrap().iter().filter_map(|i| i.get("chain"));
+        chains
+            .filter(ours)
+            .map(|c| match c["hook"].as_str() {
+                Some("prerouting") => EnforceScope::Host,
+                Some("input") => EnforceScope::Local,
+                other => panic!("enforcement chain hooked to {other:?}"),
+            })
+            .collect()
     }
 
     fn drift() -> AllowSet {
@@ -632,6 +658,31 @@ impl Harness for Ipset {
         s + "\n" + &run("iptables-save", &["-t", "filter"]) + &run("ip6tables-save", &["-t", "filter"])
     }
 
+    fn enforcement_scopes() -> Vec<EnforceScope> {
+        let scopes = |prog: &str| -> Vec<EnforceScope> {
+            [EnforceScope::Host, EnforceScope::Local]
+                .into_iter()
+                .filter(|&scope| {
+                    let (table, parent) = hook_of(scope);
+                    let listing = run(prog, &["-t", table, "-S"]);
+                    let jump = format!(
+                        "-A {parent} -m comment --comment \"managed by allowsync\" -j {ENFORCE_CHAIN}"
+                    );
+                    let jumps = listing.contains(&jump);
+                    let exists = listing.contains(&format!("-N {ENFORCE_CHAIN}"));
+                    assert_eq!(
+                        jumps, exists,
+                        "{prog} -t {table}: a chain without its jump or the reverse\n{listing}"
+                    );
+                    exists
+                })
+                .collect()
+        };
+        let v4 = scopes("iptables");
+        assert_eq!(scopes("ip6tables"), v4, "iptables and ip6tables differ");
+        v4
+    }
+
     fn drift() -> AllowSet {
         run_stdin(
             "ipset",
@@ -675,14 +726,14 @@ impl Harness for Ipset {
         vec![
             "ipset allowsync_v4",
             "ipset allowsync_v6",
-            "iptables chain filter ALLOWSYNC",
-            "ip6tables chain filter ALLOWSYNC",
+            "iptables chain mangle ALLOWSYNC",
+            "ip6tables chain mangle ALLOWSYNC",
         ]
     }
 
     fn assert_marked() {
         for prog in ["iptables", "ip6tables"] {
-            let rules: Vec<String> = run(prog, &["-S"])
+            let rules: Vec<String> = run(prog, &["-t", "mangle", "-S"])
                 .lines()
                 .filter(|l| l.contains("ALLOWSYNC") && l.starts_with("-A"))
                 .map(String::from)
@@ -749,13 +800,16 @@ impl Harness for Ipset {
     fn legacy_objects() {
         run("ipset", &["create", SET_V4, "hash:net", "family", "inet"]);
         run("ipset", &["create", SET_V6, "hash:net", "family", "inet6"]);
-        run("iptables", &["-N", "ALLOWSYNC"]);
-        run("iptables", &["-A", "ALLOWSYNC", "-p", "tcp", "--dport", "22", "-j", "ACCEPT"]);
-        run("iptables", &["-I", "INPUT", "-j", "ALLOWSYNC"]);
+        // Where `enforce` (scope host, the default) puts its chain.
+        let (table, parent) = hook_of(EnforceScope::Host);
+        run("iptables", &["-t", table, "-N", "ALLOWSYNC"]);
+        run("iptables", &["-t", table, "-A", "ALLOWSYNC", "-p", "tcp", "--dport", "22", "-j", "ACCEPT"]);
+        run("iptables", &["-t", table, "-I", parent, "-j", "ALLOWSYNC"]);
     }
 
     fn enforcement_chain_listing() -> String {
-        run("iptables", &["-S", "ALLOWSYNC"]) + &run("iptables", &["-S", "INPUT"])
+        let (table, parent) = hook_of(EnforceScope::Host);
+        run("iptables", &["-t", table, "-S", "ALLOWSYNC"]) + &run("iptables", &["-t", table, "-S", parent])
     }
 }
 
@@ -784,4 +838,7 @@ conformance!(
     an_operators_sets_are_filled_and_teardown_leaves_the_rest_as_it_was,
     objects_without_the_mark_are_used_but_never_changed_or_removed,
     a_new_configuration_replaces_the_owned_objects_and_leaves_an_operators_alone,
+    published_and_local_ports_are_closed_to_strangers_and_routed_traffic_is_not,
+    established_flows_are_kept_with_their_source_and_cut_without_it,
+    the_scope_switches_both_ways_and_local_leaves_published_ports_open,
 );

@@ -1,7 +1,7 @@
 //! A cycle with nothing to change: `Syncer::cycle` in process, its CPU time and its writes.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use allowsync::backend::{self, Backend};
@@ -30,7 +30,7 @@ pub fn no_change_cycle(rep: &mut Report, api: &Api, runs: usize) {
     let mut syncer = Syncer::with_backend(cfg, Box::new(cached), true).unwrap();
     // The syncer's runtime on this thread, and its one blocking-pool thread (backend calls and
     // the state file write run there), kept alive throughout: their CPU time is the cycle's.
-    let pool = Arc::new(Mutex::new(Vec::new()));
+    let pool = Arc::new(std::sync::Mutex::new(Vec::new()));
     let started = pool.clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -7,7 +7,7 @@
 //!
 //! - [`dry_run`]: logs the transaction it would send and keeps nothing;
 //! - [`nftables`]: two interval sets (and optionally an enforcement chain) in an nftables table,
-//!   over netlink.
+//!   over netlink (`netlink.rs`, the transport);
 //! - [`ipset`]: two `hash:net` ipsets (and optionally an iptables enforcement chain), through
 //!   the `ipset` and `iptables-restore` programs. `ipset restore` is not atomic: that module's
 //!   docs say how a failed apply still leaves the sets as they were (swap, or roll back).
@@ -31,6 +31,17 @@ pub use cached::Cached;
 use crate::config::BackendConfig;
 use crate::ownership::{Footprint, Object, Teardown};
 use crate::prefixes::{AllowSet, Diff};
+
+/// The two sets of every backend, by address family (each backend adds what it calls them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub(crate) const BOTH: [Family; 2] = [Family::V4, Family::V6];
+}
 
 /// A place that holds the allowlist. Calls block (netlink round trips, `ipset` and
 /// `iptables` processes): [`crate::syncer::Syncer`] runs each on tokio's blocking pool

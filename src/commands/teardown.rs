@@ -6,7 +6,6 @@ use allowsync::backend;
 use allowsync::cli::Cli;
 use allowsync::ownership::lock::ObjectLocks;
 use allowsync::state::StateFile;
-use allowsync::syncer;
 
 use super::{CmdResult, load};
 
@@ -15,10 +14,10 @@ pub fn run(cli: &Cli) -> CmdResult {
     // The locks `run` and `once` hold: a running daemon would recreate everything at its next
     // cycle. Held, it is an error naming the holder's pid (exit 1): the state file's by any
     // allowsync on this state, an object's by any allowsync on these objects.
-    let _lock = syncer::lock_state(&cfg.state_file)?;
+    let file = StateFile::new(&cfg.state_file);
+    let _lock = file.lock()?;
     let mut b = backend::from_config(&cfg.backend)?;
     let _objects = ObjectLocks::take(&b.managed(), &cfg.path)?;
-    let file = StateFile::new(&cfg.state_file);
     let mut state = file.load()?;
     b.set_recorded(&state.objects);
     let report = b.teardown()?;

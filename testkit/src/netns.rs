@@ -249,71 +249,54 @@ impl Drop for NftMonitor {
 
 /// Whether a TCP connection from `from` (an address of `ns`) to `to` completes within 700 ms.
 pub fn tcp_connects(ns: &NamedNetns, from: IpAddr, to: SocketAddr) -> bool {
-    ns.run_in(move || {
-        let domain = socket2::Domain::for_address(to);
-        let s = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
-        s.bind(&SocketAddr::new(from, 0).into()).unwrap();
-        s.connect_timeout(&to.into(), Duration::from_millis(700)).is_ok()
-    })
+    ns.run_in(move || crate::traffic::connect(from, to, Duration::from_millis(700)).is_ok())
 }
 
 /// A client namespace `as-cli` joined to this one by a veth pair: server `10.200.0.1` and
 /// `fd00:200::1` here, clients `.2` and `.3` of both families there.
 pub fn veth_pair() -> NamedNetns {
-    let client = NamedNetns::new("as-cli");
-    let (srv_mac, cli_mac) = ("02:00:00:00:02:01", "02:00:00:00:02:02");
-    run(
-        "ip",
-        &[
-            "link",
-            "add",
-            "as-srv",
-            "address",
-            srv_mac,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "as-cli",
-            "address",
-            cli_mac,
-            "netns",
-            &client.name,
-        ],
-    );
-    run("ip", &["addr", "add", "10.200.0.1/24", "dev", "as-srv"]);
-    run("ip", &["addr", "add", "fd00:200::1/64", "dev", "as-srv", "nodad"]);
-    run("ip", &["link", "set", "as-srv", "up"]);
-    for a in ["10.200.0.2/24", "10.200.0.3/24"] {
-        run("ip", &["-n", &client.name, "addr", "add", a, "dev", "as-cli"]);
+    veth_to(
+        "as-cli",
+        VethEnd { dev: "as-srv", mac: "02:00:00:00:02:01", addrs: &["10.200.0.1/24", "fd00:200::1/64"] },
+        VethEnd {
+            dev: "as-cli",
+            mac: "02:00:00:00:02:02",
+            addrs: &["10.200.0.2/24", "10.200.0.3/24", "fd00:200::2/64", "fd00:200::3/64"],
+        },
+    )
+}
+
+/// One end of a veth pair: interface name, MAC address, addresses (`address/prefix length`).
+pub struct VethEnd<'a> {
+    pub dev: &'a str,
+    pub mac: &'a str,
+    pub addrs: &'a [&'a str],
+}
+
+/// A new namespace (named after `prefix`) joined to this one by a veth pair, `here` in this
+/// namespace and `there` in the new one, both up, with every address of each end as a static
+/// neighbour on the other: IPv6 neighbour discovery for a new source address can take a 1 s
+/// retransmission while the link-local addresses are still tentative, longer than the
+/// connect timeouts; the tests are about the firewall, not about ND. IPv6 addresses skip DAD.
+pub fn veth_to(prefix: &str, here: VethEnd<'_>, there: VethEnd<'_>) -> NamedNetns {
+    let ns = NamedNetns::new(prefix);
+    let link = ["link", "add", here.dev, "address", here.mac, "type", "veth", "peer", "name", there.dev];
+    run("ip", &[&link[..], &["address", there.mac, "netns", &ns.name]].concat());
+    // `ip` in this namespace, or with `-n <new namespace>`.
+    let ip = |in_ns: bool, args: &[&str]| {
+        let prefix: &[&str] = if in_ns { &["-n", &ns.name] } else { &[] };
+        run("ip", &[prefix, args].concat());
+    };
+    for (in_ns, end, peer) in [(false, &here, &there), (true, &there, &here)] {
+        for a in end.addrs {
+            let nodad: &[&str] = if a.contains(':') { &["nodad"] } else { &[] };
+            ip(in_ns, &[&["addr", "add", a, "dev", end.dev][..], nodad].concat());
+        }
+        ip(in_ns, &["link", "set", end.dev, "up"]);
+        for a in peer.addrs {
+            let addr = a.split('/').next().unwrap();
+            ip(in_ns, &["neigh", "replace", addr, "lladdr", peer.mac, "dev", end.dev, "nud", "permanent"]);
+        }
     }
-    for a in ["fd00:200::2/64", "fd00:200::3/64"] {
-        run("ip", &["-n", &client.name, "addr", "add", a, "dev", "as-cli", "nodad"]);
-    }
-    run("ip", &["-n", &client.name, "link", "set", "as-cli", "up"]);
-    // Static neighbours: IPv6 neighbour discovery for a new source address can take a 1 s
-    // retransmission while the link-local addresses are still tentative, longer than the
-    // connect timeout; the test is about the firewall, not about ND.
-    for a in ["10.200.0.2", "10.200.0.3", "fd00:200::2", "fd00:200::3"] {
-        run("ip", &["neigh", "replace", a, "lladdr", cli_mac, "dev", "as-srv", "nud", "permanent"]);
-    }
-    for a in ["10.200.0.1", "fd00:200::1"] {
-        run(
-            "ip",
-            &[
-                "-n",
-                &client.name,
-                "neigh",
-                "replace",
-                a,
-                "lladdr",
-                srv_mac,
-                "dev",
-                "as-cli",
-                "nud",
-                "permanent",
-            ],
-        );
-    }
-    client
+    ns
 }

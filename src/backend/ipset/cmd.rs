@@ -1,7 +1,7 @@
 //! Running the ipset and iptables programs: resolved once to absolute paths, run without a
 //! shell under `LC_ALL=C`, with the stdin written from another thread, and their stderr mapped
-//! to a [`BackendError`] (a missing set is missing, a full one storage, a refusal of
-//! privilege unavailable).
+//! to a [`BackendError`] (a missing set is missing, a full one storage, a refusal of privilege
+//! unavailable).
 
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};

@@ -8,7 +8,7 @@
 //! apply sends the prefix-level difference to its target (`/0` as two `/1`). `ipset restore` is
 //! not atomic: each family's change is a temporary set swapped in, or one incremental restore
 //! with its exact inverse at hand, and a failure in the second family takes the first one's
-//! change back (see `change`).
+//! change back (see `change`). A set that does not exist is [`BackendError::Missing`].
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -22,11 +22,11 @@ mod cmd;
 mod iptables;
 mod owned;
 
-pub use iptables::{ENFORCE_CHAIN, enforce_rules};
+pub use iptables::{ENFORCE_CHAIN, enforce_rules, hook_of};
 
 use cmd::{Output, Tools, run};
 
-use super::{Backend, BackendError};
+use super::{Backend, BackendError, Family};
 use crate::config::{Enforce, IpsetConfig};
 use crate::ownership::{Footprint, Object, Teardown};
 use crate::prefixes::{Addr, AllowSet, Delta, Diff, Range, Ranges};
@@ -35,18 +35,9 @@ use crate::prefixes::{Addr, AllowSet, Delta, Diff, Range, Ranges};
 /// and swapping it in rather than line by line in the live set: a failure then costs nothing
 /// (and a rollback of thousands of lines is avoided), and rebuilding a set of that order costs
 /// about as much as editing it (measured: 100k prefixes in about 2 s).
-pub const FULL_REPLACE_OPS: usize = 4096;
-
-/// The two sets, by address family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Family {
-    V4,
-    V6,
-}
+const FULL_REPLACE_OPS: usize = 4096;
 
 impl Family {
-    const BOTH: [Family; 2] = [Family::V4, Family::V6];
-
     /// ipset's name of the family.
     fn ipset_family(self) -> &'static str {
         match self {
@@ -130,7 +121,7 @@ fn grown_maxelem(count: usize) -> u32 {
 
 /// The temporary set used to replace `name` (`<name>_t4`/`_t6`, truncated to ipset's 31
 /// characters). Reserved like the set names themselves.
-pub fn temp_name(name: &str, family: Family) -> String {
+fn temp_name(name: &str, family: Family) -> String {
     let keep = name.len().min(31 - 3);
     format!("{}_t{}", &name[..keep], family.suffix())
 }
@@ -658,10 +649,12 @@ impl Backend for IpsetBackend {
     /// difference between what the set holds and that target. A diff that does not apply to what
     /// was last read (an exact removal missing) means the engine diffed against another picture:
     /// the sets are read again, and if it still does not apply the result is
-    /// [`BackendError::Conflict`]. The two families are two sets, so an apply is up to two kernel
-    /// operations; when the second fails, the first is undone (inverse script, or swapping the
-    /// old set back in: the old set is only destroyed once both families are done), so an apply
-    /// is all-or-nothing across families too, except when an undo itself fails.
+    /// [`BackendError::Conflict`]. A set that does not exist is [`BackendError::Missing`].
+    ///
+    /// The two families are two sets, so an apply is up to two kernel operations; when the
+    /// second fails, the first is undone (inverse script, or swapping the old set back in: the
+    /// old set is only destroyed once both families are done), so an apply is all-or-nothing
+    /// across families too, except when an undo itself fails.
     fn apply(&mut self, diff: &Diff) -> Result<(), BackendError> {
         if diff.is_empty() {
             return Ok(());
@@ -718,12 +711,12 @@ impl Backend for IpsetBackend {
         Ok(())
     }
 
-    /// Both sets, and with `enforce` the chains of both iptables.
+    /// Both sets, and with `enforce` the chains of both iptables (in the scope's table).
     fn managed(&self) -> Vec<Object> {
         let mut out =
             vec![Object::Ipset { name: self.set_v4.clone() }, Object::Ipset { name: self.set_v6.clone() }];
-        if self.enforce.is_some() {
-            out.extend(Family::BOTH.map(iptables::chain_of));
+        if let Some(e) = &self.enforce {
+            out.extend(Family::BOTH.map(|f| iptables::chain_of(f, e.scope)));
         }
         out
     }
@@ -736,10 +729,11 @@ impl Backend for IpsetBackend {
         Some(self.current_footprint())
     }
 
-    /// Removes INPUT's jumps and the enforcement chain (iptables and ip6tables) first, then the
-    /// sets allowsync created and any temporary set: the kernel refuses to destroy a set a rule
-    /// still uses. A chain of that name that allowsync did not write is left alone, and so is an
-    /// ipset it did not create (emptied: only its elements were allowsync's).
+    /// Removes the jumps and the enforcement chains (iptables and ip6tables, every scope's
+    /// table) first, then the sets allowsync created and any temporary set: the kernel refuses
+    /// to destroy a set a rule still uses. A chain of that name that allowsync did not write is
+    /// left alone, and so is an ipset it did not create (emptied: only its elements were
+    /// allowsync's).
     fn teardown(&mut self) -> Result<Teardown, BackendError> {
         self.known = None;
         self.remove_everything()

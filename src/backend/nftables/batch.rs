@@ -1,4 +1,5 @@
-//! Every nf_tables transaction allowsync sends is built here, with the enforcement rules in it.
+//! Every nf_tables transaction allowsync sends is built here, with the enforcement chain and
+//! its rules in it.
 //!
 //! A [`Transaction`] is one batch, committed in one `sendmsg`: the kernel applies all of it or
 //! none of it (EEXIST/ENOENT on any element abort the whole batch), which is what makes
@@ -17,9 +18,9 @@ use ::nftnl::set::Set;
 use ::nftnl::{Batch, Chain, MsgType, NlMsg, Rule, Table};
 use tracing::debug;
 
-use super::{ENFORCE_HOOK, Family, Name, NftablesBackend, SetKeyAddr, kernel, nftnl, open_socket, proto};
+use super::{Family, Name, NftablesBackend, SetKeyAddr, kernel, nftnl, open_socket, proto};
 use crate::backend::BackendError;
-use crate::config::{Enforce, NftablesConfig};
+use crate::config::{Enforce, EnforceScope, NftablesConfig};
 use crate::ownership::MARK;
 use crate::prefixes::{AllowSet, Diff, Range};
 
@@ -134,6 +135,8 @@ pub(super) struct Sent {
     pub(super) marked: bool,
     /// The `nfgenmsg` family (`NFPROTO_*`).
     pub(super) family: u8,
+    /// For rules and chains, what libnftnl prints of them (see `nftnl::describe`).
+    pub(super) text: Option<String>,
 }
 
 #[cfg(test)]
@@ -161,7 +164,8 @@ impl Transaction {
                 };
                 let marked = m.bytes.windows(MARK.len()).any(|w| w == MARK.as_bytes());
                 let family = m.bytes[std::mem::size_of::<libc::nlmsghdr>()];
-                out.push(Sent { op, object: object.to_string(), msg, elements, marked, family });
+                let text = nftnl::describe(&m);
+                out.push(Sent { op, object: object.to_string(), msg, elements, marked, family, text });
                 Ok(())
             })
             .expect("the batch parses");
@@ -344,7 +348,7 @@ impl NftablesBackend {
         let Some(enforce) = &self.enforce else { return };
         let c = &self.chain;
         let object = c.object.to_string();
-        let (hook, priority) = ENFORCE_HOOK;
+        let (hook, priority) = enforce_hook(enforce.scope);
         let marked = nftnl::MarkedChain::new(c.family, &c.table, &c.name, (hook, priority, c"filter"), MARK);
         tx.push(&marked, MsgType::Add, "add chain", &object);
         let table = nft_table(c);
@@ -384,12 +388,16 @@ impl NftablesBackend {
         for (l4proto, port) in enforced_ports(enforce) {
             for family in Family::BOTH {
                 // The same expressions, in the same order, as nft generates for
-                // `tcp dport 443 ip saddr != @allow_v4 drop`: cheap port match first.
+                // `tcp dport 443 [fib daddr type local] ip saddr != @allow_v4 drop`: cheap
+                // port match first.
                 let mut r = Rule::new(chain);
                 r.add_expr(&Meta::L4Proto);
                 r.add_expr(&Cmp::new(CmpOp::Eq, l4proto.ipproto()));
                 r.add_expr(&Payload::Transport(l4proto.dport()));
                 r.add_expr(&Cmp::new(CmpOp::Eq, &port.to_be_bytes()[..]));
+                if enforce.scope == EnforceScope::Host {
+                    add_addressed_to_this_host(&mut r);
+                }
                 r.add_expr(&Meta::NfProto);
                 r.add_expr(&Cmp::new(CmpOp::Eq, family.nfproto()));
                 r.add_expr(&family.saddr());
@@ -402,12 +410,41 @@ impl NftablesBackend {
     }
 }
 
+/// The hook and priority of the enforcement base chain for `scope` (`policy accept`: it only
+/// ever drops):
+///
+/// - `host`: `type filter hook prerouting priority mangle` (-150), after conntrack (-200) and
+///   before its DNAT (`dstnat`, -100), so the rules see every packet addressed to this host
+///   with its original destination port, whether it then ends at a local socket or is DNATed
+///   on to a container, a VM or a pod (which never passes the input hook);
+/// - `local`: `type filter hook input priority filter` (0), the chain of earlier versions:
+///   only what reaches a local socket.
+pub(super) fn enforce_hook(scope: EnforceScope) -> (u32, i32) {
+    match scope {
+        EnforceScope::Host => (libc::NF_INET_PRE_ROUTING as u32, libc::NF_IP_PRI_MANGLE),
+        EnforceScope::Local => (libc::NF_INET_LOCAL_IN as u32, libc::NF_IP_PRI_FILTER),
+    }
+}
+
+/// `fib daddr type local`: the destination is one of this host's addresses. In prerouting
+/// that is what separates traffic for this host (its sockets and what it DNATs onward) from
+/// traffic it routes for others, which is left alone. Broadcast and multicast destinations are
+/// other types, so not matched (`scope: local` filters what of them reaches a socket).
+fn add_addressed_to_this_host(r: &mut Rule<'_>) {
+    r.add_expr(&nftnl::FibDaddrType);
+    r.add_expr(&Cmp::new(CmpOp::Eq, u32::from(libc::RTN_LOCAL)));
+}
+
 /// The rules an operator would write by hand for `enforce`'s ports, as `nft` prints them (and as
 /// [`Backend::ensure`] installs them in [`ENFORCE_CHAIN`] when `enforce` is configured): loopback
 /// first, then one drop rule per port and family. nftables sets are per table, so such rules
 /// must live in a chain of `table inet <table>` to reference the sets.
 pub fn enforce_rule_text(config: &NftablesConfig, enforce: &Enforce) -> Vec<String> {
     let mut out = vec![r#"iifname "lo" accept"#.to_string()];
+    let to_host = match enforce.scope {
+        EnforceScope::Host => "fib daddr type local ",
+        EnforceScope::Local => "",
+    };
     for (l4proto, port) in enforced_ports(enforce) {
         for family in Family::BOTH {
             // The set's name: with `enforce`, both sets are in allowsync's table.
@@ -415,10 +452,22 @@ pub fn enforce_rule_text(config: &NftablesConfig, enforce: &Enforce) -> Vec<Stri
                 crate::ownership::Object::NftSet { name, .. } => name,
                 other => other.to_string(),
             };
-            out.push(format!("{} dport {port} {} saddr != @{set} drop", l4proto.name(), family.nft_proto()));
+            out.push(format!(
+                "{} dport {port} {to_host}{} saddr != @{set} drop",
+                l4proto.name(),
+                family.nft_proto()
+            ));
         }
     }
     out
+}
+
+/// The hook and priority of the chain [`enforce_rule_text`]'s rules go in, as `nft` prints them.
+pub fn enforce_chain_text(scope: EnforceScope) -> &'static str {
+    match scope {
+        EnforceScope::Host => "type filter hook prerouting priority mangle; policy accept;",
+        EnforceScope::Local => "type filter hook input priority filter; policy accept;",
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -509,16 +558,21 @@ mod tests {
             set_v6: "allow_v6".into(),
             enforce: None,
         };
-        let e = Enforce { tcp_ports: vec![443], udp_ports: vec![53] };
+        let e = Enforce { tcp_ports: vec![443], udp_ports: vec![53], scope: EnforceScope::Host };
         assert_eq!(
             enforce_rule_text(&cfg, &e),
             [
                 r#"iifname "lo" accept"#,
-                "tcp dport 443 ip saddr != @allow_v4 drop",
-                "tcp dport 443 ip6 saddr != @allow_v6 drop",
-                "udp dport 53 ip saddr != @allow_v4 drop",
-                "udp dport 53 ip6 saddr != @allow_v6 drop",
+                "tcp dport 443 fib daddr type local ip saddr != @allow_v4 drop",
+                "tcp dport 443 fib daddr type local ip6 saddr != @allow_v6 drop",
+                "udp dport 53 fib daddr type local ip saddr != @allow_v4 drop",
+                "udp dport 53 fib daddr type local ip6 saddr != @allow_v6 drop",
             ]
+        );
+        let local = Enforce { scope: EnforceScope::Local, ..e };
+        assert_eq!(
+            enforce_rule_text(&cfg, &local)[1..3],
+            ["tcp dport 443 ip saddr != @allow_v4 drop", "tcp dport 443 ip6 saddr != @allow_v6 drop"]
         );
     }
 
@@ -553,13 +607,74 @@ mod tests {
 
     const CHAIN: &str = "chain inet t enforce";
 
+    fn enforce(scope: EnforceScope) -> Option<Enforce> {
+        Some(Enforce { tcp_ports: vec![443], udp_ports: vec![], scope })
+    }
+
+    /// What libnftnl prints of the chain and rule messages, in order.
+    fn texts(sent: &[Sent]) -> Vec<&str> {
+        sent.iter().filter_map(|s| s.text.as_deref()).collect()
+    }
+
+    /// The expressions of a rule as libnftnl prints them, one per line, trimmed.
+    fn exprs(text: &str) -> Vec<&str> {
+        text.lines().map(str::trim).filter(|l| l.starts_with('[')).collect()
+    }
+
+    /// The chain hooks prerouting before conntrack's DNAT, and each drop carries `fib daddr type
+    /// local`: the expressions are exactly those `nft --debug=netlink add rule inet t enforce
+    /// tcp dport 443 fib daddr type local ip saddr != @s4 drop` prints (nft 1.0.6; register
+    /// contents in host byte order, so on a little-endian host).
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn the_host_scope_hooks_prerouting_before_dnat_and_drops_only_what_is_addressed_here() {
+        let sent = backend(enforce(EnforceScope::Host)).transaction(&[Step::Enforce]).recorded();
+        let texts = texts(&sent);
+        assert!(texts[0].contains("type filter hook prerouting prio -150 policy accept"), "{}", texts[0]);
+        assert_eq!(
+            exprs(texts[1]),
+            [
+                "[ meta load iifname => reg 1 ]",
+                "[ cmp eq reg 1 0x00006f6c 0x00000000 0x00000000 0x00000000 ]",
+                "[ immediate reg 0 accept ]"
+            ]
+        );
+        assert_eq!(
+            exprs(texts[2]),
+            [
+                "[ meta load l4proto => reg 1 ]",
+                "[ cmp eq reg 1 0x00000006 ]",
+                "[ payload load 2b @ transport header + 2 => reg 1 ]",
+                "[ cmp eq reg 1 0x0000bb01 ]",
+                "[ fib daddr type => reg 1 ]",
+                "[ cmp eq reg 1 0x00000002 ]",
+                "[ meta load nfproto => reg 1 ]",
+                "[ cmp eq reg 1 0x00000002 ]",
+                "[ payload load 4b @ network header + 12 => reg 1 ]",
+                "[ lookup reg 1 set s4 0x1 ]",
+                "[ immediate reg 0 drop ]",
+            ]
+        );
+        assert_eq!(exprs(texts[3])[4..6], ["[ fib daddr type => reg 1 ]", "[ cmp eq reg 1 0x00000002 ]"]);
+        assert_eq!(exprs(texts[3])[9], "[ lookup reg 1 set s6 0x1 ]");
+    }
+
+    #[test]
+    fn the_local_scope_is_the_input_chain_of_earlier_versions() {
+        let sent = backend(enforce(EnforceScope::Local)).transaction(&[Step::Enforce]).recorded();
+        let texts = texts(&sent);
+        assert!(texts[0].contains("type filter hook input prio 0 policy accept"), "{}", texts[0]);
+        assert_eq!(texts.len(), 4);
+        assert!(texts.iter().all(|t| !t.contains("fib")), "{texts:?}");
+    }
+
     fn name(text: &str) -> Name {
         Name::of(&text.parse().unwrap()).unwrap()
     }
 
     #[test]
     fn a_move_creates_marked_objects_with_their_elements_then_removes_the_old_ones_in_one_batch() {
-        let b = backend(Some(Enforce { tcp_ports: vec![443], udp_ports: vec![] }));
+        let b = backend(enforce(EnforceScope::Host));
         let seed = allowsync_testkit::set(["2001:db8::/48"]);
         let steps = [
             Step::AddTable(name("table inet t")),

@@ -11,10 +11,14 @@
 //!   create) is the operator's: it must exist ([`BackendError::Absent`] otherwise), and only its
 //!   elements are managed. A set of another type, or with flags that cannot hold the allowlist,
 //!   is [`BackendError::Foreign`], in nft's words, and never changed;
-//! - with `enforce`, the base chain [`ENFORCE_CHAIN`] of allowsync's table (`type filter hook
-//!   input priority filter; policy accept`, marked): loopback is accepted first, then traffic
-//!   to the enforced ports is dropped unless its source is in the set of its family
-//!   ([`enforce_rule_text`] prints the rules). A chain of that name allowsync did not create is
+//! - with `enforce`, the base chain [`ENFORCE_CHAIN`] of allowsync's table (`policy accept`,
+//!   marked): loopback is accepted first, then traffic to the enforced ports is dropped unless
+//!   its source is in the set of its family ([`enforce_rule_text`] prints the rules). With
+//!   `scope: host` (the default) it is `type filter hook prerouting priority mangle` and its
+//!   rules match `fib daddr type local`: every packet addressed to this host, by its port
+//!   before DNAT, so a port published to a container is covered too; with `scope: local` it is
+//!   `type filter hook input priority filter`, as in earlier versions. allowsync's chain of the
+//!   other scope is replaced in the same transaction. A chain of that name allowsync did not create is
 //!   [`BackendError::Foreign`] and never touched; without `enforce`, allowsync's own chain is
 //!   removed, anyone else's left alone;
 //! - what an earlier configuration created and this one no longer uses (the state file's
@@ -46,11 +50,11 @@ use ::nftnl::expr::{Ipv4HeaderField, Ipv6HeaderField, NetworkHeaderField, Payloa
 use tracing::{debug, info};
 
 use batch::Step;
-pub use batch::enforce_rule_text;
+pub use batch::{enforce_chain_text, enforce_rule_text};
 use query::get_generation;
 
 use super::netlink::NfSocket;
-use super::{Backend, BackendError};
+use super::{Backend, BackendError, Family};
 use crate::config::{Enforce, NftablesConfig};
 use crate::ownership::{Footprint, NftFamily, Object, Teardown};
 use crate::prefixes::{Addr, AllowSet, Diff};
@@ -59,23 +63,11 @@ use crate::prefixes::{Addr, AllowSet, Diff};
 /// deletes a chain of this name in its table, as long as it is its own (marked).
 pub const ENFORCE_CHAIN: &str = "enforce";
 
-/// The enforcement chain's hook and priority: `hook input priority filter`.
-const ENFORCE_HOOK: (u32, i32) = (libc::NF_INET_LOCAL_IN as u32, 0);
-
 /// The nf_tables data types of the set keys (`ipv4_addr`, `ipv6_addr` in nft's `datatype.h`).
 const TYPE_IPV4_ADDR: u32 = 7;
 const TYPE_IPV6_ADDR: u32 = 8;
 
-/// The two sets, by address family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Family {
-    V4,
-    V6,
-}
-
 impl Family {
-    const BOTH: [Family; 2] = [Family::V4, Family::V6];
-
     /// 0 for IPv4, 1 for IPv6: the index into the backend's sets.
     fn index(self) -> usize {
         match self {

@@ -1,6 +1,7 @@
 //! Every call into libnftnl's C API (`nftnl_sys`), behind safe functions: the request messages
-//! the queries send, the parsers of the kernel's replies, and the three things the safe `nftnl`
-//! crate cannot express (a set's `flags interval`, interval-end elements, an inverted lookup).
+//! the queries send, the parsers of the kernel's replies, and what the safe `nftnl` crate cannot
+//! express (a set's `flags interval`, interval-end elements, an inverted lookup, the `fib`
+//! expression, comments on tables, chains and sets, a set flush).
 //!
 //! With `../netlink.rs` this is the only code of allowsync allowed `unsafe`; every block says
 //! why it is sound. Nothing here decides anything: it only translates.
@@ -43,8 +44,7 @@ pub(super) fn table_request(seq: u32, family: NftFamily, table: &CStr) -> Reques
         // the request buffer behind `nlh` (room checked by `build`), and the object is freed
         // afterwards.
         unsafe {
-            let Some(t) = NonNull::new(sys::nftnl_table_alloc()) else { std::process::abort() };
-            let t = t.as_ptr();
+            let t = allocated(sys::nftnl_table_alloc()).as_ptr();
             sys::nftnl_table_set_u32(t, sys::NFTNL_TABLE_FAMILY as u16, u32::from(family.nfproto()));
             sys::nftnl_table_set_str(t, sys::NFTNL_TABLE_NAME as u16, table.as_ptr());
             sys::nftnl_table_nlmsg_build_payload(nlh, t);
@@ -61,8 +61,7 @@ pub(super) fn chain_request(seq: u32, family: NftFamily, table: &CStr, chain: Op
         let Some(chain) = chain else { return };
         // SAFETY: as in `table_request`.
         unsafe {
-            let Some(c) = NonNull::new(sys::nftnl_chain_alloc()) else { std::process::abort() };
-            let c = c.as_ptr();
+            let c = allocated(sys::nftnl_chain_alloc()).as_ptr();
             sys::nftnl_chain_set_u32(c, sys::NFTNL_CHAIN_FAMILY as u16, u32::from(family.nfproto()));
             sys::nftnl_chain_set_str(c, sys::NFTNL_CHAIN_TABLE as u16, table.as_ptr());
             sys::nftnl_chain_set_str(c, sys::NFTNL_CHAIN_NAME as u16, chain.as_ptr());
@@ -122,16 +121,18 @@ fn build(
     Request { buf, len }
 }
 
+/// A libnftnl allocation, checked: out of memory aborts, as nftnl itself handles it.
+fn allocated<T>(p: *mut T) -> NonNull<T> {
+    NonNull::new(p).unwrap_or_else(|| std::process::abort())
+}
+
 /// An owned `nftnl_set` used for requests and for parsing replies.
 struct NftnlSet(NonNull<sys::nftnl_set>);
 
 impl NftnlSet {
     fn alloc() -> Self {
-        // SAFETY: plain allocation, checked for NULL.
-        match NonNull::new(unsafe { sys::nftnl_set_alloc() }) {
-            Some(p) => NftnlSet(p),
-            None => std::process::abort(),
-        }
+        // SAFETY: plain allocation, checked for NULL by `allocated`.
+        NftnlSet(allocated(unsafe { sys::nftnl_set_alloc() }))
     }
 
     /// A set named `name` (or any set: `None`) in `table` of `family`, to address requests.
@@ -211,8 +212,7 @@ pub(super) fn parse_table(m: &Message<'_>) -> io::Result<TableInfo> {
     // SAFETY: allocation checked for NULL; `m` is one complete, aligned message; attributes are
     // read only when set, userdata copied before the table is freed.
     unsafe {
-        let Some(t) = NonNull::new(sys::nftnl_table_alloc()) else { std::process::abort() };
-        let t = t.as_ptr();
+        let t = allocated(sys::nftnl_table_alloc()).as_ptr();
         let parsed = sys::nftnl_table_nlmsg_parse(m.as_ptr(), t);
         let objects = if sys::nftnl_table_is_set(t, sys::NFTNL_TABLE_USE as u16) {
             sys::nftnl_table_get_u32(t, sys::NFTNL_TABLE_USE as u16)
@@ -236,8 +236,7 @@ pub(super) fn parse_chain(m: &Message<'_>) -> io::Result<ChainInfo> {
     // getters are only called for attributes that are set, and the type string is copied
     // before the chain is freed.
     unsafe {
-        let Some(c) = NonNull::new(sys::nftnl_chain_alloc()) else { std::process::abort() };
-        let c = c.as_ptr();
+        let c = allocated(sys::nftnl_chain_alloc()).as_ptr();
         let parsed = sys::nftnl_chain_nlmsg_parse(m.as_ptr(), c);
         let is = |a: u32| sys::nftnl_chain_is_set(c, a as u16);
         let text = |a: u32| {
@@ -284,9 +283,7 @@ pub(super) fn for_each_element(m: &Message<'_>, mut f: impl FnMut(&[u8], bool)) 
     // Element getters return pointers into the element (valid while the set lives) with
     // their length; attributes are checked with `is_set` before being read.
     unsafe {
-        let Some(iter) = NonNull::new(sys::nftnl_set_elems_iter_create(s.ptr())) else {
-            std::process::abort()
-        };
+        let iter = allocated(sys::nftnl_set_elems_iter_create(s.ptr()));
         // `iter_next` returns the current element and advances (NULL at the end).
         loop {
             let elem = sys::nftnl_set_elems_iter_next(iter.as_ptr());
@@ -315,14 +312,19 @@ pub(super) fn parse_generation(m: &Message<'_>) -> io::Result<u32> {
     // SAFETY: allocation checked for NULL; `m` is one complete, aligned message; the id is read
     // only when present; the object is freed before returning.
     unsafe {
-        let Some(g) = NonNull::new(sys::nftnl_gen_alloc()) else { std::process::abort() };
-        let g = g.as_ptr();
+        let g = allocated(sys::nftnl_gen_alloc()).as_ptr();
         let ok = sys::nftnl_gen_nlmsg_parse(m.as_ptr(), g) >= 0
             && sys::nftnl_gen_is_set(g, sys::NFTNL_GEN_ID as u16);
         let id = ok.then(|| sys::nftnl_gen_get_u32(g, sys::NFTNL_GEN_ID as u16));
         sys::nftnl_gen_free(g);
         id.ok_or_else(|| io::Error::from_raw_os_error(libc::EBADMSG))
     }
+}
+
+/// A new expression of type `name` (`lookup`, `fib`, ...).
+fn alloc_expr(name: &CStr) -> NonNull<sys::nftnl_expr> {
+    // SAFETY: plain allocation by name (libnftnl copies nothing from it afterwards), checked.
+    allocated(unsafe { sys::nftnl_expr_alloc(name.as_ptr()) })
 }
 
 /// `<saddr> != @set`: a lookup with `NFT_LOOKUP_F_INV`, which nftnl's `Lookup` cannot express.
@@ -332,16 +334,38 @@ pub(super) struct NotInSet<'a> {
 
 impl Expression for NotInSet<'_> {
     fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
-        // SAFETY: libnftnl allocates the expression (checked for NULL below) and copies the
-        // set name; the rule takes ownership of the returned expression.
+        let expr = alloc_expr(c"lookup");
+        // SAFETY: the expression is live; libnftnl copies the set name; the rule takes
+        // ownership of the returned expression.
         unsafe {
-            let Some(expr) = NonNull::new(sys::nftnl_expr_alloc(c"lookup".as_ptr())) else {
-                std::process::abort(); // out of memory, as nftnl itself handles it
-            };
             let e = expr.as_ptr();
             sys::nftnl_expr_set_u32(e, sys::NFTNL_EXPR_LOOKUP_SREG as u16, libc::NFT_REG_1 as u32);
             sys::nftnl_expr_set_str(e, sys::NFTNL_EXPR_LOOKUP_SET as u16, self.set.as_ptr());
             sys::nftnl_expr_set_u32(e, sys::NFTNL_EXPR_LOOKUP_FLAGS as u16, libc::NFT_LOOKUP_F_INV as u32);
+            expr
+        }
+    }
+}
+
+/// From linux/netfilter/nf_tables.h (neither the libc crate nor nftnl_sys has them):
+/// `enum nft_fib_result`'s `NFT_FIB_RESULT_ADDRTYPE` and `enum nft_fib_flags`' `NFTA_FIB_F_DADDR`.
+const NFT_FIB_RESULT_ADDRTYPE: u32 = 3;
+const NFTA_FIB_F_DADDR: u32 = 1 << 1;
+
+/// `fib daddr type`: the route type (`RTN_*`, a host-order u32) of the packet's destination
+/// address into register 1, as nft generates it (`[ fib daddr type => reg 1 ]`).
+pub(super) struct FibDaddrType;
+
+impl Expression for FibDaddrType {
+    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+        let expr = alloc_expr(c"fib");
+        // SAFETY: the expression is live; libnftnl copies the u32 attributes; the rule takes
+        // ownership of the returned expression.
+        unsafe {
+            let e = expr.as_ptr();
+            sys::nftnl_expr_set_u32(e, sys::NFTNL_EXPR_FIB_DREG as u16, libc::NFT_REG_1 as u32);
+            sys::nftnl_expr_set_u32(e, sys::NFTNL_EXPR_FIB_RESULT as u16, NFT_FIB_RESULT_ADDRTYPE);
+            sys::nftnl_expr_set_u32(e, sys::NFTNL_EXPR_FIB_FLAGS as u16, NFTA_FIB_F_DADDR);
             expr
         }
     }
@@ -369,16 +393,56 @@ pub(super) fn append_element<K>(set: &Set<'_, K>, key: &[u8], flags: u32) {
     // copies `key` (at most 16 bytes, checked above, within libnftnl's key buffer), and
     // `nftnl_set_elem_add` hands the element to the live set, which frees it.
     unsafe {
-        let Some(elem) = NonNull::new(sys::nftnl_set_elem_alloc()) else {
-            std::process::abort(); // out of memory, as nftnl itself handles it
-        };
-        let e = elem.as_ptr();
+        let e = allocated(sys::nftnl_set_elem_alloc()).as_ptr();
         sys::nftnl_set_elem_set(e, sys::NFTNL_SET_ELEM_KEY as u16, key.as_ptr().cast(), key.len() as u32);
         if flags != 0 {
             sys::nftnl_set_elem_set_u32(e, sys::NFTNL_SET_ELEM_FLAGS as u16, flags);
         }
         sys::nftnl_set_elem_add(set.as_ptr().as_ptr(), e);
     }
+}
+
+/// How libnftnl prints an `NFT_MSG_NEWRULE` or `NFT_MSG_NEWCHAIN` message of a batch: for a
+/// rule the expressions as `nft --debug=netlink` shows them (`[ fib daddr type => reg 1 ]`
+/// ...), for a chain its name, hook and priority. `None` for any other message. For the
+/// recorder tests, which compare what allowsync sends with what nft sends.
+#[cfg(test)]
+pub(super) fn describe(m: &Message<'_>) -> Option<String> {
+    let kind = i32::from(m.ty & 0xff);
+    if kind != libc::NFT_MSG_NEWRULE && kind != libc::NFT_MSG_NEWCHAIN {
+        return None;
+    }
+    // The parsers read the header's fields in place: give them an aligned copy.
+    let mut buf = AlignedBuf::zeroed(m.bytes.len());
+    let mut text = vec![0u8; 4096];
+    // SAFETY: `buf` holds `m.bytes.len()` bytes, aligned, into which the message is copied
+    // whole; objects are checked for NULL, parsed from that one complete message, printed into
+    // `text` (its length passed, NUL-terminated by snprintf) and freed before returning.
+    let printed = unsafe {
+        std::ptr::copy_nonoverlapping(m.bytes.as_ptr(), buf.as_mut_ptr(), m.bytes.len());
+        let nlh = buf.as_mut_ptr().cast::<libc::nlmsghdr>();
+        let out = text.as_mut_ptr().cast::<libc::c_char>();
+        if kind == libc::NFT_MSG_NEWRULE {
+            let r = allocated(sys::nftnl_rule_alloc());
+            let ok = sys::nftnl_rule_nlmsg_parse(nlh, r.as_ptr()) >= 0;
+            if ok {
+                sys::nftnl_rule_snprintf(out, text.len(), r.as_ptr(), sys::NFTNL_OUTPUT_DEFAULT, 0);
+            }
+            sys::nftnl_rule_free(r.as_ptr());
+            ok
+        } else {
+            let c = allocated(sys::nftnl_chain_alloc());
+            let ok = sys::nftnl_chain_nlmsg_parse(nlh, c.as_ptr()) >= 0;
+            if ok {
+                sys::nftnl_chain_snprintf(out, text.len(), c.as_ptr(), sys::NFTNL_OUTPUT_DEFAULT, 0);
+            }
+            sys::nftnl_chain_free(c.as_ptr());
+            ok
+        }
+    };
+    assert!(printed, "libnftnl cannot parse the message");
+    let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
+    Some(String::from_utf8_lossy(&text[..end]).into_owned())
 }
 
 /// The userdata attribute types nft stores comments under (libnftnl's `udata.h`): a table's and a
@@ -424,7 +488,7 @@ impl MarkedTable {
         let udata = comment_udata(UDATA_TABLE_COMMENT, mark);
         // SAFETY: allocation checked for NULL; libnftnl copies the name and the userdata.
         unsafe {
-            let Some(t) = NonNull::new(sys::nftnl_table_alloc()) else { std::process::abort() };
+            let t = allocated(sys::nftnl_table_alloc());
             let p = t.as_ptr();
             sys::nftnl_table_set_u32(p, sys::NFTNL_TABLE_FAMILY as u16, u32::from(family.nfproto()));
             sys::nftnl_table_set_str(p, sys::NFTNL_TABLE_NAME as u16, name.as_ptr());
@@ -480,7 +544,7 @@ impl MarkedChain {
         let udata = comment_udata(UDATA_CHAIN_COMMENT, mark);
         // SAFETY: allocation checked for NULL; libnftnl copies strings and userdata.
         unsafe {
-            let Some(c) = NonNull::new(sys::nftnl_chain_alloc()) else { std::process::abort() };
+            let c = allocated(sys::nftnl_chain_alloc());
             let p = c.as_ptr();
             sys::nftnl_chain_set_u32(p, sys::NFTNL_CHAIN_FAMILY as u16, u32::from(family.nfproto()));
             sys::nftnl_chain_set_str(p, sys::NFTNL_CHAIN_TABLE as u16, table.as_ptr());

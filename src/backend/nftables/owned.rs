@@ -17,11 +17,11 @@
 
 use std::collections::BTreeSet;
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::batch::Step;
 use super::query::{self, ChainInfo, Contents, SetInfo, marked};
-use super::{ENFORCE_CHAIN, ENFORCE_HOOK, Family, Name, NftablesBackend};
+use super::{ENFORCE_CHAIN, Family, Name, NftablesBackend};
 use crate::backend::BackendError;
 use crate::backend::netlink::NfSocket;
 use crate::ownership::{Footprint, MARK, Object, Teardown};
@@ -158,11 +158,12 @@ impl NftablesBackend {
         let mut cleanup = Vec::new();
         match (&self.enforce, &chain) {
             (Some(_), Some(c)) if !marked(&c.comment) => return Err(self.foreign_chain(c)),
-            (Some(_), c) => {
-                // Ours, but of another shape (an older hook or priority): the kernel cannot
-                // change a base chain's hook in place, so it is recreated in the same commit.
-                if c.as_ref().is_some_and(|c| (c.hook, c.priority) != (Some(ENFORCE_HOOK.0), ENFORCE_HOOK.1))
-                {
+            (Some(e), c) => {
+                // Ours, but of the other scope (an earlier version's input chain): the kernel
+                // cannot change a base chain's hook in place, so it is recreated in the same
+                // commit, which leaves no moment without enforcement.
+                if c.as_ref().is_some_and(|c| c.enforcement_scope() != Some(e.scope)) {
+                    info!(chain = %self.chain.object, to = ?e.scope, "replacing the enforcement chain for the configured scope");
                     steps.push(Step::DeleteChain(self.chain.clone()));
                 }
                 steps.push(Step::Enforce);

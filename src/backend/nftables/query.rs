@@ -19,6 +19,7 @@ use tracing::debug;
 use super::{Name, SetKeyAddr, kernel, nftnl};
 use crate::backend::BackendError;
 use crate::backend::netlink::{DumpInterrupted, NfSocket};
+use crate::config::EnforceScope;
 use crate::ownership::MARK;
 use crate::prefixes::{Addr, Range, Ranges};
 
@@ -50,6 +51,22 @@ pub(super) struct ChainInfo {
     pub(super) priority: i32,
     pub(super) chain_type: String,
     pub(super) comment: Option<String>,
+}
+
+impl ChainInfo {
+    /// The scope whose shape this chain has, if it has one of allowsync's enforcement chain
+    /// shapes: `type filter hook prerouting priority mangle` (`host`), or `type filter hook
+    /// input priority filter` (`local`, and every earlier version's chain).
+    pub(super) fn enforcement_scope(&self) -> Option<EnforceScope> {
+        if self.chain_type != "filter" {
+            return None;
+        }
+        match (self.hook.map(|h| h as i32), self.priority) {
+            (Some(libc::NF_INET_PRE_ROUTING), libc::NF_IP_PRI_MANGLE) => Some(EnforceScope::Host),
+            (Some(libc::NF_INET_LOCAL_IN), libc::NF_IP_PRI_FILTER) => Some(EnforceScope::Local),
+            _ => None,
+        }
+    }
 }
 
 /// Whether an object's comment makes it allowsync's ([`MARK`]).
@@ -259,6 +276,25 @@ mod tests {
         let elems = vec![(0, true), (0, false), (256, true), (u32::MAX, false)];
         assert_eq!(intervals_from_elements(elems).unwrap(), [r(0, 255), r(u32::MAX, u32::MAX)]);
         assert_eq!(intervals_from_elements(vec![(0u32, true)]).unwrap(), []);
+    }
+
+    #[test]
+    fn only_allowsyncs_chain_shapes_have_a_scope() {
+        let chain = |hook: Option<i32>, priority: i32, chain_type: &str| ChainInfo {
+            table: "t".into(),
+            name: "enforce".into(),
+            hook: hook.map(|h| h as u32),
+            priority,
+            chain_type: chain_type.into(),
+            comment: None,
+        };
+        let (pre, input) = (Some(libc::NF_INET_PRE_ROUTING), Some(libc::NF_INET_LOCAL_IN));
+        assert_eq!(chain(pre, -150, "filter").enforcement_scope(), Some(EnforceScope::Host));
+        assert_eq!(chain(input, 0, "filter").enforcement_scope(), Some(EnforceScope::Local));
+        assert_eq!(chain(pre, -100, "nat").enforcement_scope(), None);
+        assert_eq!(chain(pre, 0, "filter").enforcement_scope(), None);
+        assert_eq!(chain(input, -150, "filter").enforcement_scope(), None);
+        assert_eq!(chain(None, 0, "").enforcement_scope(), None);
     }
 
     #[test]
