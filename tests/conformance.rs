@@ -766,25 +766,8 @@ impl Harness for Ipset {
         run("ipset", &["create", "op_v4", "hash:net", "family", "inet"]);
         run("ipset", &["create", "op_v6", "hash:net", "family", "inet6"]);
         for (prog, set) in [("iptables", "op_v4"), ("ip6tables", "op_v6")] {
-            run(
-                prog,
-                &[
-                    "-A",
-                    "INPUT",
-                    "-p",
-                    "tcp",
-                    "--dport",
-                    "8443",
-                    "-m",
-                    "set",
-                    "!",
-                    "--match-set",
-                    set,
-                    "src",
-                    "-j",
-                    "DROP",
-                ],
-            );
+            let rule = format!("-A INPUT -p tcp --dport 8443 -m set ! --match-set {set} src -j DROP");
+            run(prog, &rule.split_whitespace().collect::<Vec<_>>());
             run(prog, &["-N", "OPERATOR"]);
             run(prog, &["-A", "OPERATOR", "-j", "RETURN"]);
         }

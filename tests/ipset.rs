@@ -223,23 +223,9 @@ fn allowsyncs_input_chain_is_moved_to_prerouting_and_an_unmarked_one_stays() {
     for (prog, set) in [("iptables", SET_V4), ("ip6tables", SET_V6)] {
         run(prog, &["-N", ENFORCE_CHAIN]);
         run(prog, &["-A", ENFORCE_CHAIN, "-i", "lo", "-j", "RETURN"]);
-        let drop = [
-            "-p",
-            "tcp",
-            "-m",
-            "tcp",
-            "--dport",
-            "443",
-            "-m",
-            "set",
-            "!",
-            "--match-set",
-            set,
-            "src",
-            "-j",
-            "DROP",
-        ];
-        run(prog, &[&["-A", ENFORCE_CHAIN][..], &drop].concat());
+        let drop =
+            format!("-A {ENFORCE_CHAIN} -p tcp -m tcp --dport 443 -m set ! --match-set {set} src -j DROP");
+        run(prog, &drop.split_whitespace().collect::<Vec<_>>());
         run(prog, &["-I", "INPUT", "1", "-j", ENFORCE_CHAIN]);
     }
     let legacy = rules("iptables", "filter");
