@@ -22,10 +22,10 @@ use ipnet::IpNet;
 use crate::prefixes::{Addr, Range};
 
 /// Default of `safety.min_prefix_v4`: nothing wider than a /8.
-pub const DEFAULT_MIN_PREFIX_V4: u8 = 8;
+pub(crate) const DEFAULT_MIN_PREFIX_V4: u8 = 8;
 /// Default of `safety.min_prefix_v6`: nothing wider than a /32 (a regional registry's usual
 /// allocation to one network).
-pub const DEFAULT_MIN_PREFIX_V6: u8 = 32;
+pub(crate) const DEFAULT_MIN_PREFIX_V6: u8 = 32;
 
 /// The minimum prefix lengths, per family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

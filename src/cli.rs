@@ -53,7 +53,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove the table, sets and rules allowsync created.
+    /// Remove exactly what allowsync created, empty the sets of yours it filled, and say what was
+    /// removed and what was left.
     Teardown,
     /// Print a fresh usersig for a Chat source, and when it expires (for use with curl).
     Usersig {

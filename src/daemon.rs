@@ -49,7 +49,7 @@ use crate::config::{BackendConfig, Config, SourceKind};
 use crate::engine::Outcome;
 use crate::repair::{self, Repaired, Trigger};
 use crate::source::ErrorClass;
-use crate::syncer::{CycleReport, Fetches, Finished, Syncer, SyncerError};
+use crate::syncer::{CycleReport, Fetches, Finished, Restored, Syncer, SyncerError};
 
 /// First retry delay after a retryable failure.
 const BACKOFF_START: Duration = Duration::from_secs(5);
@@ -66,20 +66,20 @@ pub enum DaemonError {
 
 /// When to run the next cycle, given how the last one went.
 #[derive(Debug, Clone)]
-pub struct Schedule {
+struct Schedule {
     interval: Duration,
     jitter: Duration,
     backoff: Option<Duration>,
 }
 
 impl Schedule {
-    pub fn new(interval: Duration, jitter: Duration) -> Self {
+    fn new(interval: Duration, jitter: Duration) -> Self {
         Schedule { interval, jitter, backoff: None }
     }
 
     /// The delay before the next cycle after `report`. Jitter only applies to the normal
     /// interval: a backoff is already spread out by the failures that cause it.
-    pub fn next(&mut self, report: &CycleReport, random: f64) -> Duration {
+    fn next(&mut self, report: &CycleReport, random: f64) -> Duration {
         let retryable = |c: ErrorClass| {
             matches!(
                 c,
@@ -247,7 +247,7 @@ enum JobKind {
 }
 
 enum JobOutput {
-    Restore(Result<usize, SyncerError>),
+    Restore(Restored),
     Finish(Box<Finished>),
     Repair(Result<Repaired, BackendError>),
     Check(Result<Vec<String>, BackendError>),
@@ -518,7 +518,7 @@ impl<'a> Daemon<'a> {
         let deadline = now + KERNEL_BUDGET;
         match kind {
             JobKind::Restore => {
-                let job = self.syncer.restore();
+                let job = self.syncer.restore_job();
                 self.spawn(kind, deadline, async move { JobOutput::Restore(job.await) })
             }
             JobKind::Repair { .. } => {
@@ -547,8 +547,8 @@ impl<'a> Daemon<'a> {
         let Some(job) = self.job.take() else { return };
         let now = Instant::now();
         match (job.kind, out) {
-            (JobKind::Restore, JobOutput::Restore(r)) => {
-                if let Err(e) = r {
+            (JobKind::Restore, JobOutput::Restore(done)) => {
+                if let Err(e) = self.syncer.restored(done) {
                     error!(error = %e, "cannot restore the last good allowlist; will retry with the first sync");
                 }
                 self.restored = true;
@@ -739,13 +739,13 @@ async fn next_change(watcher: &Watcher) -> Changes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::SourceReport;
     use crate::engine::{Refusal, SourceStatus};
-    use crate::syncer::SourceLine;
 
     fn report(outcome: Result<Outcome, String>, class: Option<ErrorClass>) -> CycleReport {
         CycleReport {
             outcome,
-            sources: vec![SourceLine {
+            sources: vec![SourceReport {
                 name: "chat".into(),
                 status: match class {
                     None => SourceStatus::Fresh { ranges: 1 },
@@ -831,12 +831,15 @@ mod tests {
             "sources:\n  - name: a\n    static: [192.0.2.1]\n  - name: b\n    tencent_chat: {{ endpoint: \"http://127.0.0.1:1\", sdkappid: 1, identifier: x, secret_key_file: {}, timeout: 120s }}\n",
             key.display()
         );
-        let cfg = Config::parse(&yaml, &dir.path().join("c.yaml")).unwrap();
+        let parse = |yaml: &str| {
+            crate::config::parse(yaml, &dir.path().join("c.yaml"))
+                .and_then(crate::config::Parsed::resolve)
+                .unwrap()
+        };
+        let cfg = parse(&yaml);
         assert_eq!(fetch_bound(&cfg), Duration::from_secs(480));
         assert_eq!(cycle_deadline(&cfg), Duration::from_secs(480) + KERNEL_BUDGET);
-        let only_static =
-            Config::parse("sources:\n  - name: a\n    static: [192.0.2.1]\n", &dir.path().join("c.yaml"))
-                .unwrap();
+        let only_static = parse("sources:\n  - name: a\n    static: [192.0.2.1]\n");
         assert_eq!(cycle_deadline(&only_static), KERNEL_BUDGET);
     }
 

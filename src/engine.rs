@@ -26,15 +26,8 @@ use tracing::{error, warn};
 use crate::backend::{Backend, BackendError};
 use crate::config::Safety;
 use crate::prefixes::{AllowSet, Diff, Range};
+use crate::source::{ErrorClass, FetchError, Fetched};
 use crate::state::{LastError, SourceState, State};
-
-/// What one source gave this cycle.
-#[derive(Debug, Clone)]
-pub struct SourceResult {
-    pub name: String,
-    /// The normalized list, or why there is none (already free of secrets).
-    pub list: Result<AllowSet, String>,
-}
 
 /// What became of a source in the desired set.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,10 +40,23 @@ pub enum SourceStatus {
     Missing { reason: String },
 }
 
+/// What became of a source this cycle, with what its fetch said: the two halves of a source's
+/// story are what was fetched ([`Fetched`]) and this.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceReport {
     pub name: String,
     pub status: SourceStatus,
+    /// The class of the fetch error, when the fetch failed (for backoff).
+    pub error_class: Option<ErrorClass>,
+    /// Invalid entries the fetch skipped.
+    pub skipped: usize,
+}
+
+impl SourceReport {
+    /// Fetched now: not standing in with a last good list, not missing.
+    pub fn is_fresh(&self) -> bool {
+        matches!(self.status, SourceStatus::Fresh { .. })
+    }
 }
 
 impl fmt::Display for SourceReport {
@@ -86,44 +92,44 @@ pub struct Desired {
 }
 
 impl Desired {
-    /// Combines this cycle's results with the last good lists in `state`.
-    pub fn build(results: Vec<SourceResult>, state: &State) -> Desired {
-        let mut parts = Vec::with_capacity(results.len());
-        let mut sources = Vec::with_capacity(results.len());
+    /// Combines what every source answered this cycle with the last good lists in `state`.
+    pub fn build(fetched: Vec<Fetched>, state: &State) -> Desired {
+        let mut parts = Vec::with_capacity(fetched.len());
+        let mut sources = Vec::with_capacity(fetched.len());
         let mut fresh = BTreeMap::new();
         let mut additive_only = false;
-        for r in results {
-            let last = state.sources.get(&r.name);
-            let failure = match r.list {
+        for f in fetched {
+            let last = state.sources.get(&f.name);
+            let report = |status| SourceReport {
+                name: f.name.clone(),
+                status,
+                error_class: f.result.as_ref().err().map(FetchError::class),
+                skipped: f.skipped,
+            };
+            let failure = match &f.result {
                 // An empty answer where there used to be a list is far more likely an API
                 // accident than Chat closing every egress address: treat it as a failure.
                 Ok(list) if list.is_empty() && last.is_some_and(|l| !l.list.is_empty()) => {
                     "returned an empty list (suspicious)".to_string()
                 }
                 Ok(list) => {
-                    sources.push(SourceReport {
-                        name: r.name.clone(),
-                        status: SourceStatus::Fresh { ranges: list.len() },
-                    });
+                    sources.push(report(SourceStatus::Fresh { ranges: list.len() }));
                     parts.push(list.clone());
-                    fresh.insert(r.name, list);
+                    fresh.insert(f.name.clone(), list.clone());
                     continue;
                 }
-                Err(e) => e,
+                Err(e) => e.to_string(),
             };
             match last {
                 Some(l) => {
                     let status =
                         SourceStatus::Stale { reason: failure, since: l.fetched_at, ranges: l.list.len() };
-                    sources.push(SourceReport { name: r.name, status });
+                    sources.push(report(status));
                     parts.push(l.list.clone());
                 }
                 None => {
                     additive_only = true;
-                    sources.push(SourceReport {
-                        name: r.name,
-                        status: SourceStatus::Missing { reason: failure },
-                    });
+                    sources.push(report(SourceStatus::Missing { reason: failure }));
                 }
             }
         }
@@ -150,7 +156,7 @@ impl Desired {
 
     /// True when every source was fetched fresh.
     pub fn all_fresh(&self) -> bool {
-        self.sources.iter().all(|s| matches!(s.status, SourceStatus::Fresh { .. }))
+        self.sources.iter().all(SourceReport::is_fresh)
     }
 }
 
@@ -390,12 +396,8 @@ pub fn record(
             }
             state.applied = Some(plan.target.clone());
             state.last_sync = Some(now);
-            let failed: Vec<String> = desired
-                .sources
-                .iter()
-                .filter(|s| !matches!(s.status, SourceStatus::Fresh { .. }))
-                .map(ToString::to_string)
-                .collect();
+            let failed: Vec<String> =
+                desired.sources.iter().filter(|s| !s.is_fresh()).map(ToString::to_string).collect();
             state.last_error =
                 (!failed.is_empty()).then(|| LastError { at: now, message: failed.join("; ") });
         }
@@ -413,11 +415,16 @@ mod tests {
 
     use crate::backend::memory::MemoryBackend;
 
-    fn ok(name: &str, v: &[&str]) -> SourceResult {
-        SourceResult { name: name.into(), list: Ok(set(v)) }
+    fn fetched(name: &str, result: Result<AllowSet, FetchError>) -> Fetched {
+        Fetched { name: name.into(), result, entries: 0, skipped: 0, nettypes: Vec::new() }
     }
-    fn failed(name: &str) -> SourceResult {
-        SourceResult { name: name.into(), list: Err("network: connection refused".into()) }
+    fn ok(name: &str, v: &[&str]) -> Fetched {
+        fetched(name, Ok(set(v)))
+    }
+    fn failed(name: &str) -> Fetched {
+        let e =
+            FetchError::Connect { url: "https://chat.example".into(), message: "connection refused".into() };
+        fetched(name, Err(e))
     }
     fn safety() -> Safety {
         Safety::default()
@@ -537,8 +544,8 @@ mod tests {
             }
             self.inner.apply(diff)
         }
-        fn teardown(&mut self) -> Result<(), BackendError> {
-            Ok(())
+        fn teardown(&mut self) -> Result<crate::ownership::Teardown, BackendError> {
+            Ok(Default::default())
         }
     }
 
@@ -579,7 +586,11 @@ mod tests {
         assert_eq!(st.sources["old"].fetched_at, 100, "the failed source keeps its old list");
         assert_eq!(st.applied, Some(set(["10.0.0.0/24", "10.1.0.0/24"])));
         assert_eq!(st.last_sync, Some(900));
-        assert!(st.last_error.as_ref().unwrap().message.contains("old: network"));
+        assert!(
+            st.last_error.as_ref().unwrap().message.contains("old: cannot connect to https://chat.example"),
+            "{:?}",
+            st.last_error
+        );
         // A refused sync changes no last good list.
         let before = st.sources.clone();
         let d = Desired::build(vec![ok("chat", &[]), ok("old", &[])], &State::default());

@@ -11,10 +11,13 @@
 //!   -> state (last good list, written atomically)
 //! ```
 //!
+//! [`engine`] takes every decision of a sync without I/O; [`syncer`] runs one cycle with its I/O
+//! (fetch, backend, state file, the log line) and [`daemon`] runs cycles on a schedule.
 //! [`usersig`] mints the TLSSigAPIv2 usersig that authenticates GetIPList calls.
 //!
-//! [`config`] reads the YAML file, [`cli`] defines the command line; the binary in `main.rs`
-//! only wires them together.
+//! [`config`] reads the YAML file, [`cli`] defines the command line; the binary (`main.rs`,
+//! `commands/`) runs the commands and owns their output and exit codes. Test support lives in
+//! its own crate, `testkit/`, never in this one.
 //!
 //! The daemon ([`daemon`]) runs cycles through [`syncer`], and between them keeps allowsync's
 //! objects in place: [`repair`] puts back from memory what someone else deleted, [`coalesce`]
@@ -36,6 +39,7 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod logging;
+pub mod ownership;
 pub mod prefixes;
 pub mod repair;
 pub mod source;
@@ -62,14 +66,15 @@ mod tests {
         let path = || PathBuf::from("/var/lib/allowsync/state.json");
         let kernel =
             || BackendError::Kernel { op: "commit", object: "table inet allowsync".into(), cause: erofs() };
-        let lock = || SyncerError::Lock { path: path(), cause: erofs() };
+        let lock = || StateError::Lock { path: path(), cause: erofs() };
         let state = || StateError::Io { path: path(), op: "write", cause: erofs() };
         let errors: Vec<anyhow::Error> = vec![
             ConfigError::Read { path: path(), cause: erofs() }.into(),
             state().into(),
             SyncerError::State(state()).into(),
             lock().into(),
-            DaemonError::Syncer(lock()).into(),
+            SyncerError::State(lock()).into(),
+            DaemonError::Syncer(SyncerError::State(lock())).into(),
             DaemonError::Signals(erofs()).into(),
             SourceError::CaFileRead { path: path(), cause: erofs() }.into(),
             kernel().into(),

@@ -3,7 +3,7 @@
 //! the configuration; `RUST_LOG` overrides it.
 //!
 //! Text from outside (API entries, the server's `ErrorInfo`) reaches a log line or an error
-//! message only through [`Untrusted`]: escaped and capped, whatever the format.
+//! message only through `Untrusted`: escaped and capped, whatever the format.
 
 //!
 //! Under systemd, stderr is usually a stream to journald, which stores every line at the unit's
@@ -40,7 +40,9 @@ pub fn init(cfg: &LogConfig) -> Option<String> {
                 tracing_subscriber::fmt::layer()
                     .json()
                     .flatten_event(true)
-                    .with_current_span(false)
+                    // A source's fetch logs inside its span (`fetch`, with `source` and
+                    // `nettype`): the object's `span` carries them.
+                    .with_current_span(true)
                     .with_span_list(false)
                     .with_writer(stderr),
             )
@@ -64,14 +66,14 @@ pub fn init(cfg: &LogConfig) -> Option<String> {
 }
 
 /// The longest text from outside shown anywhere, in characters, quotes included.
-pub const MAX_UNTRUSTED: usize = 256;
+pub(crate) const MAX_UNTRUSTED: usize = 256;
 
 /// Text from outside as it may be shown: in double quotes, every control, format, separator
 /// and other non-printable character escaped the way `{:?}` does (`\n`, `\r`, `\u{1b}`, …),
 /// cut to [`MAX_UNTRUSTED`] characters with a `…` where it was cut. Whatever the server sends,
 /// it cannot end a log line early, start a forged one or reach the terminal as an escape
 /// sequence.
-pub struct Untrusted<'a>(pub &'a str);
+pub(crate) struct Untrusted<'a>(pub &'a str);
 
 impl fmt::Display for Untrusted<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -502,7 +502,7 @@ impl AllowSet {
 impl Serialize for AllowSet {
     /// The same strings as [`AllowSet::to_nets`] prints. The state file holds every entry of
     /// every source and is written every cycle, so IPv4 prefixes (most of any list) are
-    /// formatted by hand rather than through `fmt` ([`format_v4_prefix`]; byte-identical).
+    /// formatted by hand rather than through `fmt` (`format_v4_prefix`; byte-identical).
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeSeq;
         let (v4, v6) = (self.v4.to_prefixes(), self.v6.to_prefixes());

@@ -10,13 +10,17 @@
 //! or the new file. A file that does not parse, or has an unknown version, is never trusted and
 //! never deleted: it is renamed to `state.json.corrupt-<unix time>` and allowsync starts empty.
 //!
+//! Next to it lives the lock (`state.json.lock`, [`StateFile::lock`]) that `run`, `once` and
+//! `teardown` hold: one allowsync at a time on a state, and so on its table.
+//!
 //! A state file that is a symbolic link is refused, for reading and writing: the rename would
 //! replace the link with a regular file (leaving its target stale), and the lock is taken by
 //! the configured path, so a second configuration naming the target would not see it.
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
+use std::fs::File;
+use std::io::{Read, Seek, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -24,10 +28,11 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
 use crate::clock;
+use crate::ownership::Footprint;
 use crate::prefixes::AllowSet;
 
 /// The only format version this build reads and writes.
-pub const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,11 +50,22 @@ pub struct State {
     /// The last failure or refusal, cleared by the next successful sync.
     #[serde(default)]
     pub last_error: Option<LastError>,
+    /// The kernel objects allowsync created and the sets it fills (see [`crate::ownership`]).
+    /// Absent in a state file from before the ownership marks: nothing is then recorded as allowsync's.
+    #[serde(default, skip_serializing_if = "Footprint::is_empty")]
+    pub objects: Footprint,
 }
 
 impl Default for State {
     fn default() -> Self {
-        State { version: VERSION, sources: BTreeMap::new(), applied: None, last_sync: None, last_error: None }
+        State {
+            version: VERSION,
+            sources: BTreeMap::new(),
+            applied: None,
+            last_sync: None,
+            last_error: None,
+            objects: Footprint::default(),
+        }
     }
 }
 
@@ -72,6 +88,10 @@ pub struct LastError {
 pub enum StateError {
     #[error("state file {path}: {op}: {cause}")]
     Io { path: PathBuf, op: &'static str, cause: std::io::Error },
+    #[error("another allowsync (pid {pid}) already manages this state ({lock}); stop it first")]
+    Locked { pid: String, lock: PathBuf },
+    #[error("lock file {path}: {cause}")]
+    Lock { path: PathBuf, cause: std::io::Error },
     #[error(
         "state file {path} is a symbolic link (to {target}): allowsync does not follow it; set state_file to the file itself"
     )]
@@ -165,7 +185,7 @@ impl StateFile {
 
     /// First half of [`StateFile::save`]: the new state written and fsynced to a temporary file
     /// next to the real one, which is not touched yet.
-    pub fn stage(&self, state: &State) -> Result<Staged<'_>, StateError> {
+    pub(crate) fn stage(&self, state: &State) -> Result<Staged<'_>, StateError> {
         self.refuse_symlink()?;
         let dir = self.dir();
         if !dir.exists() {
@@ -195,8 +215,78 @@ impl StateFile {
     }
 }
 
+/// The lock next to the state file, held while alive: one allowsync at a time on a state (and
+/// so on its table). The kernel drops it when the process dies, however it dies, so a stale
+/// lock cannot block a restart.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: File,
+}
+
+impl StateFile {
+    /// The lock file: the state file's path with `.lock` appended.
+    pub(crate) fn lock_path(&self) -> PathBuf {
+        let mut p = self.path.as_os_str().to_owned();
+        p.push(".lock");
+        PathBuf::from(p)
+    }
+
+    /// Takes the lock that `run`, `once` and `teardown` hold while they work. A lock already
+    /// held is [`StateError::Locked`], naming the holder's pid.
+    pub fn lock(&self) -> Result<StateLock, StateError> {
+        take_lock(&self.lock_path()).map(|file| StateLock { _file: file })
+    }
+
+    /// The same lock through a read-only descriptor of an existing lock file, for a daemon whose
+    /// state directory cannot be written: another instance sees it held all the same, it just
+    /// cannot say our pid. [`StateError::Locked`] when another holds it.
+    pub fn lock_read_only(&self) -> Result<StateLock, StateError> {
+        let path = self.lock_path();
+        let io = |cause| StateError::Lock { path: path.clone(), cause };
+        let f = File::open(&path).map_err(io)?;
+        match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(StateLock { _file: f }),
+            Err(errno) => Err(locked_or(f, &path, std::io::Error::from(errno))),
+        }
+    }
+}
+
+/// [`StateError::Locked`] (naming the holder's pid as its lock file says) when `err` is
+/// `EWOULDBLOCK`, else the I/O error.
+fn locked_or(mut f: File, path: &Path, err: std::io::Error) -> StateError {
+    if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+        return StateError::Lock { path: path.to_path_buf(), cause: err };
+    }
+    let mut pid = String::new();
+    let _ = f.read_to_string(&mut pid);
+    let pid = pid.trim();
+    StateError::Locked {
+        pid: if pid.is_empty() { "unknown".into() } else { pid.into() },
+        lock: path.to_path_buf(),
+    }
+}
+
+/// Takes an exclusive `flock` on the lock file and writes our pid into it. The kernel drops the
+/// lock when the process dies, however it dies, so a stale lock cannot block a restart.
+fn take_lock(path: &Path) -> Result<File, StateError> {
+    let io = |cause| StateError::Lock { path: path.to_path_buf(), cause };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
+    }
+    let mut f =
+        fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(io)?;
+    if let Err(errno) = rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        return Err(locked_or(f, path, std::io::Error::from(errno)));
+    }
+    f.set_len(0).map_err(io)?;
+    f.rewind().map_err(io)?;
+    writeln!(f, "{}", std::process::id()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    Ok(f)
+}
+
 /// A state written to its temporary file, not yet in place.
-pub struct Staged<'a> {
+pub(crate) struct Staged<'a> {
     file: &'a StateFile,
     tmp: tempfile::NamedTempFile,
 }
@@ -212,9 +302,9 @@ impl Staged<'_> {
         Ok(())
     }
 
-    /// Leaves the temporary file behind as a crash would (tests only).
-    #[doc(hidden)]
-    pub fn abandon(self) -> PathBuf {
+    /// Leaves the temporary file behind as a crash would.
+    #[cfg(test)]
+    fn abandon(self) -> PathBuf {
         let (_, path) = self.tmp.keep().expect("keep temporary file");
         path
     }
@@ -240,7 +330,7 @@ pub fn parse(bytes: &[u8]) -> Result<State, String> {
 
 /// Warns about a state that references sources no longer configured: their lists are dropped
 /// from the fallback so a removed source stops contributing.
-pub fn forget_unknown_sources<'a>(state: &mut State, configured: impl IntoIterator<Item = &'a str>) {
+pub(crate) fn forget_unknown_sources<'a>(state: &mut State, configured: impl IntoIterator<Item = &'a str>) {
     let keep: std::collections::HashSet<&str> = configured.into_iter().collect();
     let gone: Vec<String> = state.sources.keys().filter(|k| !keep.contains(k.as_str())).cloned().collect();
     for name in gone {
@@ -261,6 +351,31 @@ mod tests {
         s.last_sync = Some(1_700_000_001);
         s.last_error = Some(LastError { at: 1_700_000_002, message: "boom".into() });
         s
+    }
+
+    #[test]
+    fn a_second_lock_names_the_first_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.json.lock");
+        let _first = take_lock(&p).unwrap();
+        match take_lock(&p) {
+            Err(StateError::Locked { pid, .. }) => assert_eq!(pid, std::process::id().to_string()),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        drop(_first);
+        assert!(take_lock(&p).is_ok(), "released with the file");
+
+        // Read-only (a daemon whose state directory cannot be written): the same lock.
+        let file = StateFile::new(dir.path().join("state.json"));
+        let held = file.lock().unwrap();
+        assert!(matches!(file.lock_read_only(), Err(StateError::Locked { .. })));
+        drop(held);
+        let ro = file.lock_read_only().unwrap();
+        assert!(
+            matches!(file.lock(), Err(StateError::Locked { .. })),
+            "held through the read-only descriptor"
+        );
+        drop(ro);
     }
 
     #[test]
@@ -336,6 +451,26 @@ mod tests {
         assert_eq!(f.save(&State::default()).unwrap_err().to_string(), want);
         assert!(fs::symlink_metadata(f.path()).unwrap().file_type().is_symlink(), "the link stays a link");
         assert_eq!(fs::read(&target).unwrap(), before, "the target is untouched");
+    }
+
+    #[test]
+    fn the_owned_objects_round_trip_and_a_file_without_them_records_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = StateFile::new(dir.path().join("state.json"));
+        let mut st = sample();
+        st.objects.owned.insert("table inet allowsync".parse().unwrap());
+        st.objects.sets =
+            vec!["set ip filter chat_v4".parse().unwrap(), "set ip6 filter chat_v6".parse().unwrap()];
+        f.save(&st).unwrap();
+        assert_eq!(f.load().unwrap(), st);
+        let text = fs::read_to_string(f.path()).unwrap();
+        assert!(
+            text.contains("\"table inet allowsync\"") && text.contains("\"set ip filter chat_v4\""),
+            "{text}"
+        );
+        // A state file written before the ownership record: loaded, nothing owned.
+        fs::write(f.path(), "{\"version\": 1, \"applied\": [\"10.0.0.0/24\"]}").unwrap();
+        assert!(f.load().unwrap().objects.is_empty());
     }
 
     #[test]

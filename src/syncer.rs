@@ -12,10 +12,7 @@
 //! For the daemon, [`Syncer::for_daemon`] starts whatever the state directory's trouble: a lock
 //! or a state file that cannot be used is logged, and the firewall is put in place all the same.
 
-use std::fs::File;
 use std::future::Future;
-use std::io::{Read, Seek, Write};
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -24,17 +21,17 @@ use tracing::{error, info, warn};
 use crate::backend::{self, Backend, BackendError};
 use crate::clock;
 use crate::config::Config;
-use crate::engine::{self, Desired, Outcome, Plan, SourceResult, SourceStatus};
+use crate::engine::{self, Desired, Outcome, Plan, SourceReport, SourceStatus};
+use crate::ownership::Footprint;
+use crate::ownership::lock::{LockError, ObjectLocks};
 use crate::prefixes::AllowSet;
 use crate::source::{ErrorClass, Fetched, Sources};
-use crate::state::{self, State, StateError, StateFile};
+use crate::state::{self, State, StateError, StateFile, StateLock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncerError {
-    #[error("another allowsync (pid {pid}) already manages this state ({lock}); stop it first")]
-    Locked { pid: String, lock: PathBuf },
-    #[error("lock file {path}: {cause}")]
-    Lock { path: PathBuf, cause: std::io::Error },
+    #[error(transparent)]
+    Objects(#[from] LockError),
     #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]
@@ -48,7 +45,8 @@ pub enum SyncerError {
 pub struct CycleReport {
     /// `Err` carries the failure's message.
     pub outcome: Result<Outcome, String>,
-    pub sources: Vec<SourceLine>,
+    /// What became of each source.
+    pub sources: Vec<SourceReport>,
     pub v4: usize,
     pub v6: usize,
     pub duration_ms: u128,
@@ -62,16 +60,6 @@ pub struct CycleReport {
     pub state_error: Option<String>,
 }
 
-/// One source's result in a cycle.
-#[derive(Debug, Clone)]
-pub struct SourceLine {
-    pub name: String,
-    pub status: SourceStatus,
-    /// The class of the fetch error, when the fetch failed.
-    pub error_class: Option<ErrorClass>,
-    pub skipped: usize,
-}
-
 impl CycleReport {
     /// True when the sync itself failed (the kernel, enforcement, an overrun), not merely the
     /// state file write after it.
@@ -83,7 +71,7 @@ impl CycleReport {
     }
 
     /// The most urgent fetch error class of the cycle (for backoff), if any source failed.
-    pub fn worst_error_class(&self) -> Option<ErrorClass> {
+    pub(crate) fn worst_error_class(&self) -> Option<ErrorClass> {
         // Locked needs the longest wait, then configuration (normal interval, loud), then the
         // retryable ones.
         let rank = |c: &ErrorClass| match c {
@@ -108,7 +96,7 @@ pub struct Fetches {
 /// What [`Syncer::finish_job`] did, for [`Syncer::complete`].
 pub struct Finished {
     started: Instant,
-    lines: Vec<SourceLine>,
+    sources: Vec<SourceReport>,
     /// `None` when the deadline had passed before the kernel was touched: nothing was done.
     done: Option<KernelWork>,
 }
@@ -123,6 +111,12 @@ struct KernelWork {
     kernel: Option<(usize, usize)>,
 }
 
+/// What [`Syncer::restore_job`] did, for [`Syncer::restored`].
+pub struct Restored {
+    result: Result<usize, SyncerError>,
+    objects: Option<Footprint>,
+}
+
 /// Holds what a cycle needs between cycles: the sources (connection pool, usersig caches), the
 /// backend, the state and the lock that makes this the only allowsync on this state.
 pub struct Syncer {
@@ -133,12 +127,15 @@ pub struct Syncer {
     backend: Arc<Mutex<Box<dyn Backend>>>,
     state_file: StateFile,
     state: State,
-    _lock: Option<File>,
+    _lock: Option<StateLock>,
+    /// One manager per kernel object, whatever the state file (see [`crate::ownership::lock`]).
+    objects: Option<ObjectLocks>,
 }
 
 impl Syncer {
-    /// Takes the lock, loads the state and builds sources and backend. With `lock: false`
-    /// (`plan`) nothing is locked and nothing will be written.
+    /// Takes the locks (the state file's, and one per kernel object the configuration writes
+    /// to), loads the state and builds sources and backend. With `lock: false` (`plan`) nothing
+    /// is locked and nothing will be written.
     pub fn new(cfg: Config, lock: bool) -> Result<Syncer, SyncerError> {
         let backend = backend::from_config(&cfg.backend)?;
         Syncer::with_backend(cfg, backend, lock)
@@ -146,32 +143,58 @@ impl Syncer {
 
     /// As [`Syncer::new`], with a backend of the caller's (tests, the bench), used as given.
     pub fn with_backend(cfg: Config, backend: Box<dyn Backend>, lock: bool) -> Result<Syncer, SyncerError> {
-        let backend = Arc::new(Mutex::new(backend));
         let state_file = StateFile::new(&cfg.state_file);
-        let lock = if lock { Some(lock_state(&cfg.state_file)?) } else { None };
+        let lock = if lock { Some(state_file.lock()?) } else { None };
+        let objects = match lock {
+            Some(_) => Some(ObjectLocks::take(&backend.managed(), &cfg.path)?),
+            None => None,
+        };
         let state = if lock.is_some() {
             state_file.load()?
         } else {
             state_file.peek().ok().flatten().unwrap_or_default()
         };
-        Syncer::assemble(cfg, backend, state_file, state, lock)
+        Syncer::assemble(cfg, backend, state_file, state, lock, objects)
     }
 
     /// For `run`: as [`Syncer::new`], except that no lock or state file problem stops it. The
     /// daemon must put the firewall in place whatever happened to its state directory:
     ///
-    /// - the lock file cannot be created or written (read-only directory, disk full, permission
-    ///   denied, a directory in its place): an existing one is locked through a read-only
-    ///   descriptor; without one the daemon runs unlocked. Logged as an error either way.
+    /// - the state lock file cannot be created or written (read-only directory, disk full,
+    ///   permission denied, a directory in its place): an existing one is locked through a
+    ///   read-only descriptor; without one the daemon runs without that lock. The per-object
+    ///   locks likewise: one that cannot be taken is logged and done without. Logged as errors.
     /// - the state file cannot be read (permission denied, a directory in its place, a corrupt
     ///   file that cannot be set aside): logged as an error; the daemon starts without last good
     ///   lists, and every cycle tries to write the state again (and logs it when that fails).
     ///
-    /// Only a lock held by another live allowsync ([`SyncerError::Locked`]) is still an error.
+    /// Only a lock held by another live allowsync is still an error.
     pub fn for_daemon(cfg: Config) -> Result<Syncer, SyncerError> {
         let backend = backend::from_config(&cfg.backend)?;
-        let lock = lock_for_daemon(&cfg.state_file)?;
         let state_file = StateFile::new(&cfg.state_file);
+        let lock = match state_file.lock() {
+            Ok(l) => Some(l),
+            Err(e @ StateError::Locked { .. }) => return Err(e.into()),
+            Err(failed) => match state_file.lock_read_only() {
+                Ok(l) => {
+                    error!(error = %failed, "cannot write the state lock file: holding the lock through a read-only descriptor");
+                    Some(l)
+                }
+                Err(e @ StateError::Locked { .. }) => return Err(e.into()),
+                Err(_) => {
+                    error!(error = %failed, "cannot take the state lock: running without it; start no second allowsync on this state");
+                    None
+                }
+            },
+        };
+        let objects = match ObjectLocks::take(&backend.managed(), &cfg.path) {
+            Ok(l) => Some(l),
+            Err(e @ LockError::Held { .. }) => return Err(e.into()),
+            Err(e) => {
+                error!(error = %e, "cannot lock the kernel objects: running without those locks; start no second allowsync on these sets");
+                None
+            }
+        };
         let state = state_file.load().unwrap_or_else(|e| {
             error!(
                 error = %e,
@@ -179,25 +202,31 @@ impl Syncer {
             );
             State::default()
         });
-        Syncer::assemble(cfg, Arc::new(Mutex::new(backend)), state_file, state, lock)
+        Syncer::assemble(cfg, backend, state_file, state, lock, objects)
     }
 
     fn assemble(
         cfg: Config,
-        backend: Arc<Mutex<Box<dyn Backend>>>,
+        mut backend: Box<dyn Backend>,
         state_file: StateFile,
         mut state: State,
-        lock: Option<File>,
+        lock: Option<StateLock>,
+        objects: Option<ObjectLocks>,
     ) -> Result<Syncer, SyncerError> {
         state::forget_unknown_sources(&mut state, cfg.sources.iter().map(|s| s.name.as_str()));
         let sources = Arc::new(Sources::new(&cfg).map_err(|e| SyncerError::Sources(e.to_string()))?);
-        Ok(Syncer { cfg, sources, backend, state_file, state, _lock: lock })
+        backend.set_recorded(&state.objects);
+        let backend = Arc::new(Mutex::new(backend));
+        Ok(Syncer { cfg, sources, backend, state_file, state, _lock: lock, objects })
     }
 
-    /// Takes a new configuration (SIGHUP): new sources, same lock and state. The backend is
-    /// kept when its configuration did not change (with what it knows of the kernel, so the
-    /// next cycle neither dumps nor writes when nothing changed), else built anew. The state
-    /// file cannot move while running; a changed `state_file` waits for a restart.
+    /// Takes a new configuration (SIGHUP): new sources, same state. When `backend:` did not
+    /// change, the backend is kept, with what it knows of the kernel: the next cycle neither
+    /// dumps nor writes when nothing changed. Otherwise a new one: the object locks move to the
+    /// new configuration's objects (another allowsync holding one of them refuses the reload),
+    /// and the new backend is told what the old one owned, so that its first `ensure` removes
+    /// what the new configuration no longer uses. The state file cannot move while running; a
+    /// changed `state_file` waits for a restart.
     pub fn reload(&mut self, mut cfg: Config) -> Result<(), SyncerError> {
         if cfg.state_file != self.cfg.state_file {
             warn!(
@@ -207,14 +236,16 @@ impl Syncer {
             );
             cfg.state_file = self.cfg.state_file.clone();
         }
-        let backend = if cfg.backend == self.cfg.backend {
-            Arc::clone(&self.backend)
-        } else {
-            Arc::new(Mutex::new(backend::from_config(&cfg.backend)?))
-        };
         let sources = Arc::new(Sources::new(&cfg).map_err(|e| SyncerError::Sources(e.to_string()))?);
+        if cfg.backend != self.cfg.backend {
+            let mut backend = backend::from_config(&cfg.backend)?;
+            if let Some(locks) = &mut self.objects {
+                locks.retarget(&backend.managed())?;
+            }
+            backend.set_recorded(&self.state.objects);
+            self.backend = Arc::new(Mutex::new(backend));
+        }
         state::forget_unknown_sources(&mut self.state, cfg.sources.iter().map(|s| s.name.as_str()));
-        self.backend = backend;
         self.sources = sources;
         self.cfg = cfg;
         Ok(())
@@ -237,9 +268,25 @@ impl Syncer {
     /// written *after* each commit, so a crash between the two leaves a kernel newer than the
     /// state file; adding the state's older list to it would mix the old and new allowlists
     /// (and re-open addresses the newer list had removed) until the next sync.
-    pub fn restore(&self) -> impl Future<Output = Result<usize, SyncerError>> + Send + 'static {
+    pub async fn restore(&mut self) -> Result<usize, SyncerError> {
+        let done = self.restore_job().await;
+        self.restored(done)
+    }
+
+    /// [`Syncer::restore`]'s work as a job that borrows nothing; hand the result to
+    /// [`Syncer::restored`].
+    pub fn restore_job(&self) -> impl Future<Output = Restored> + Send + 'static {
         let applied = self.state.applied.clone();
-        self.on_backend(move |b| restore_into(b, applied))
+        self.on_backend(move |b| Restored { result: restore_into(b, applied), objects: b.footprint() })
+    }
+
+    /// Takes what [`Syncer::restore_job`] found into this syncer.
+    pub fn restored(&mut self, done: Restored) -> Result<usize, SyncerError> {
+        if let Some(objects) = done.objects {
+            // Written with the first cycle's state.
+            self.state.objects = objects;
+        }
+        done.result
     }
 
     /// Runs `f` with the backend on tokio's blocking pool; the future borrows nothing and waits
@@ -296,14 +343,7 @@ impl Syncer {
         deadline: Option<Instant>,
     ) -> impl Future<Output = Finished> + Send + 'static {
         let Fetches { started, fetched } = fetches;
-        let mut lines = Vec::with_capacity(fetched.len());
-        let results: Vec<SourceResult> = fetched
-            .iter()
-            .map(|f| SourceResult { name: f.name.clone(), list: f.result.clone().map_err(|e| e.to_string()) })
-            .collect();
-        let desired = Desired::build(results, &self.state);
-        for (f, report) in fetched.iter().zip(&desired.sources) {
-            let error_class = f.result.as_ref().err().map(|e| e.class());
+        for f in &fetched {
             if let Err(e) = &f.result {
                 let class = e.class();
                 if class == ErrorClass::Configuration {
@@ -312,13 +352,9 @@ impl Syncer {
                     warn!(source = %f.name, ?class, error = %e, "source failed");
                 }
             }
-            lines.push(SourceLine {
-                name: f.name.clone(),
-                status: report.status.clone(),
-                error_class,
-                skipped: f.skipped,
-            });
         }
+        let desired = Desired::build(fetched, &self.state);
+        let sources = desired.sources.clone();
 
         // The kernel transaction and the state file write in one trip to the blocking pool. The
         // state goes as a copy: if this future is dropped meanwhile, `self.state` stays whole.
@@ -334,6 +370,9 @@ impl Syncer {
             // The enforcement rules after the sets: one that cannot be installed fails this
             // cycle, but the sets were synced (and are recorded as such).
             let enforce_error = if enforced { b.enforce().err() } else { None };
+            if let Some(objects) = b.footprint().filter(|_| enforced) {
+                state.objects = objects;
+            }
             let drift = match (&result, &state.applied) {
                 // dry-run keeps nothing: every cycle starts from an empty set by design.
                 _ if !b.persists() => None,
@@ -346,20 +385,20 @@ impl Syncer {
             let kernel = b.read().ok().map(|k| (k.v4.len(), k.v6.len()));
             Some(KernelWork { result, enforce_error, drift, state, saved, kernel })
         });
-        async move { Finished { started, lines, done: work.await } }
+        async move { Finished { started, sources, done: work.await } }
     }
 
     /// Takes what [`Syncer::finish_job`] did into this syncer (the new state) and logs the
     /// cycle's line.
     pub fn complete(&mut self, finished: Finished) -> CycleReport {
-        let Finished { started, lines, done } = finished;
+        let Finished { started, sources, done } = finished;
         let Some(KernelWork { result, enforce_error, drift, state, saved, kernel }) = done else {
             let report = CycleReport {
                 outcome: Err(
                     "the cycle overran its deadline before its transaction: abandoned, nothing applied"
                         .into(),
                 ),
-                sources: lines,
+                sources,
                 v4: self.state.applied.as_ref().map_or(0, |a| a.v4.len()),
                 v6: self.state.applied.as_ref().map_or(0, |a| a.v6.len()),
                 duration_ms: started.elapsed().as_millis(),
@@ -397,7 +436,7 @@ impl Syncer {
         };
         let report = CycleReport {
             outcome,
-            sources: lines,
+            sources,
             v4,
             v6,
             duration_ms: started.elapsed().as_millis(),
@@ -412,11 +451,7 @@ impl Syncer {
     /// Fetches and plans against the live set without changing anything, not even the state.
     pub async fn plan(&mut self) -> Result<(Desired, Plan), SyncerError> {
         let fetched = self.sources.fetch_all().await;
-        let results: Vec<SourceResult> = fetched
-            .into_iter()
-            .map(|f| SourceResult { name: f.name, list: f.result.map_err(|e| e.to_string()) })
-            .collect();
-        let desired = Desired::build(results, &self.state);
+        let desired = Desired::build(fetched, &self.state);
         let current = match self.on_backend(|b| b.read()).await {
             // On a host where allowsync never ran the set does not exist yet: plan against
             // nothing rather than fail, since plan creates nothing.
@@ -526,105 +561,9 @@ fn log_cycle(r: &CycleReport) {
     }
 }
 
-/// The lock file next to the state file: one allowsync per state (and so per table).
-pub fn lock_path(state_file: &Path) -> PathBuf {
-    let mut p = state_file.as_os_str().to_owned();
-    p.push(".lock");
-    PathBuf::from(p)
-}
-
-/// Takes the lock on `state_file` that `run`, `once` and `teardown` hold while they work: one
-/// allowsync at a time on a state (and so on its table). Released when the file is dropped; a
-/// lock already held is [`SyncerError::Locked`], naming the holder's pid.
-pub fn lock_state(state_file: &Path) -> Result<File, SyncerError> {
-    take_lock(&lock_path(state_file))
-}
-
-/// The daemon's lock (see [`Syncer::for_daemon`]): `None` when it runs without one.
-fn lock_for_daemon(state_file: &Path) -> Result<Option<File>, SyncerError> {
-    let path = lock_path(state_file);
-    let failed = match take_lock(&path) {
-        Ok(f) => return Ok(Some(f)),
-        Err(e @ SyncerError::Locked { .. }) => return Err(e),
-        Err(e) => e,
-    };
-    // Read-only, an existing file (or directory) can still be locked: that is all a second
-    // instance looks at. It just cannot say our pid.
-    let Ok(f) = File::open(&path) else {
-        error!(error = %failed, "cannot take the state lock: running without it; start no second allowsync on this state");
-        return Ok(None);
-    };
-    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => {
-            error!(error = %failed, "cannot write the state lock file: holding the lock through a read-only descriptor");
-            Ok(Some(f))
-        }
-        Err(errno) if std::io::Error::from(errno).raw_os_error() == Some(libc::EWOULDBLOCK) => {
-            Err(locked(f, &path))
-        }
-        Err(errno) => {
-            error!(error = %failed, cause = %std::io::Error::from(errno), "cannot take the state lock: running without it");
-            Ok(None)
-        }
-    }
-}
-
-/// [`SyncerError::Locked`], with the holder's pid as its lock file says.
-fn locked(mut f: File, path: &Path) -> SyncerError {
-    let mut pid = String::new();
-    let _ = f.read_to_string(&mut pid);
-    let pid = pid.trim();
-    SyncerError::Locked {
-        pid: if pid.is_empty() { "unknown".into() } else { pid.into() },
-        lock: path.to_path_buf(),
-    }
-}
-
-/// Takes an exclusive `flock` on the lock file and writes our pid into it. The kernel drops the
-/// lock when the process dies, however it dies, so a stale lock cannot block a restart.
-fn take_lock(path: &Path) -> Result<File, SyncerError> {
-    let io = |cause| SyncerError::Lock { path: path.to_path_buf(), cause };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(io)?;
-    if let Err(errno) = rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        let err = std::io::Error::from(errno);
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(locked(f, path));
-        }
-        return Err(io(err));
-    }
-    f.set_len(0).map_err(io)?;
-    f.rewind().map_err(io)?;
-    writeln!(f, "{}", std::process::id()).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    Ok(f)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_second_lock_names_the_first_holder() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("state.json.lock");
-        let _first = take_lock(&p).unwrap();
-        match take_lock(&p) {
-            Err(SyncerError::Locked { pid, .. }) => assert_eq!(pid, std::process::id().to_string()),
-            other => panic!("{:?}", other.map(|_| ())),
-        }
-        drop(_first);
-        assert!(take_lock(&p).is_ok(), "released with the file");
-    }
 
     /// Found by tests/crash.rs: killed between the kernel commit of list B and the state write
     /// (which still said A), a restart restored A into the set holding B, and a second kill left
@@ -636,10 +575,11 @@ mod tests {
         use crate::backend::memory::MemoryBackend;
         let dir = tempfile::tempdir().unwrap();
         let cfg_path = dir.path().join("config.yaml");
-        let cfg = Config::parse(
+        let cfg = crate::config::parse(
             "sources:\n  - name: s\n    static: [192.0.2.1]\nstate_file: state.json\n",
             &cfg_path,
         )
+        .and_then(crate::config::Parsed::resolve)
         .unwrap();
         let (a, b): (AllowSet, AllowSet) = (set(["10.0.0.1", "10.0.0.3"]), set(["10.1.0.1"]));
         let st = State { applied: Some(a.clone()), ..State::default() };
@@ -648,7 +588,7 @@ mod tests {
         // The kernel already holds a newer list: left as it is.
         let mem = MemoryBackend::new();
         *mem.shared().lock().unwrap() = b.clone();
-        let syncer = Syncer::with_backend(cfg.clone(), Box::new(mem.clone()), true).unwrap();
+        let mut syncer = Syncer::with_backend(cfg.clone(), Box::new(mem.clone()), true).unwrap();
         let rt = runtime();
         assert_eq!(rt.block_on(syncer.restore()).unwrap(), 0);
         assert_eq!(*mem.shared().lock().unwrap(), b);
@@ -656,7 +596,7 @@ mod tests {
 
         // An empty set (after a reboot) gets the last applied list back.
         let mem = MemoryBackend::new();
-        let syncer = Syncer::with_backend(cfg, Box::new(mem.clone()), true).unwrap();
+        let mut syncer = Syncer::with_backend(cfg, Box::new(mem.clone()), true).unwrap();
         assert_eq!(rt.block_on(syncer.restore()).unwrap(), 2);
         assert_eq!(*mem.shared().lock().unwrap(), a);
     }
@@ -692,7 +632,7 @@ mod tests {
         fn apply(&mut self, diff: &crate::prefixes::Diff) -> Result<(), BackendError> {
             self.inner.apply(diff)
         }
-        fn teardown(&mut self) -> Result<(), BackendError> {
+        fn teardown(&mut self) -> Result<crate::ownership::Teardown, BackendError> {
             self.inner.teardown()
         }
     }
@@ -700,10 +640,11 @@ mod tests {
     #[test]
     fn the_runtime_keeps_serving_other_tasks_while_a_backend_call_blocks() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = Config::parse(
+        let cfg = crate::config::parse(
             "sources:\n  - name: s\n    static: [192.0.2.1]\nstate_file: state.json\n",
             &dir.path().join("config.yaml"),
         )
+        .and_then(crate::config::Parsed::resolve)
         .unwrap();
         let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
         let (release, release_rx) = std::sync::mpsc::channel();

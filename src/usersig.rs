@@ -32,7 +32,7 @@ use crate::config::SecretKey;
 
 /// Outside input is inflated up to this size and no further: a real usersig document is a few
 /// hundred bytes, and a zlib bomb must not cost memory.
-pub const MAX_INFLATED: usize = 64 * 1024;
+pub(crate) const MAX_INFLATED: usize = 64 * 1024;
 /// Longest usersig string accepted for decoding (a real one is about 200 characters).
 pub const MAX_USERSIG_LEN: usize = 16 * 1024;
 
@@ -270,7 +270,7 @@ pub fn verify(
 
 /// One source's usersig: minted on first use, reused until less than a tenth of its validity is
 /// left, re-minted at once on demand (after the server answered 70001 / 70052).
-pub struct UsersigCache {
+pub(crate) struct UsersigCache {
     sdkappid: u64,
     identifier: String,
     key: SecretKey,

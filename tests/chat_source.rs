@@ -218,6 +218,20 @@ async fn invalid_entries_are_skipped_and_valid_ones_kept() {
 }
 
 #[tokio::test]
+async fn a_fetch_logs_in_a_span_that_names_its_source_and_nettype() {
+    let m = mock().await;
+    m.inject(Fault::ExtraEntries(vec!["span-marker-entry".into()]));
+    let f = fetch_one(&m, &[6]).await;
+    assert_eq!(f.skipped, 1);
+    let logs = log_text();
+    let line = logs.lines().find(|l| l.contains("span-marker-entry")).unwrap_or_else(|| panic!("{logs}"));
+    assert!(
+        line.contains("fetch{source=chat nettype=6}") && line.contains("skipping invalid entry"),
+        "{line}"
+    );
+}
+
+#[tokio::test]
 async fn a_list_of_nothing_but_invalid_entries_is_an_error() {
     let m = mock().await;
     m.set_list(5, vec!["bogus".into(), "300.1.1.1".into()]);

@@ -34,7 +34,7 @@ fn the_demo_configuration_is_valid() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let t = text(&o);
     assert!(t.contains("chat-demo: tencent_chat sdkappid 1400000000"), "{t}");
-    assert!(t.contains("backend nftables: table inet allowsync"), "{t}");
+    assert!(t.contains("backend nftables: own table inet allowsync, set inet allowsync allow_v4 and set inet allowsync allow_v6"), "{t}");
     let key = std::fs::read_to_string(repo("config/demo.key")).unwrap();
     assert!(!t.contains(key.trim()), "the key must not be printed");
 }

@@ -2,15 +2,25 @@
 //! and ipset (the `conformance!` macro at the bottom generates a module per backend). Each test
 //! runs in a network namespace of its own (`common/netns.rs`). What differs per backend — how
 //! the CLI lists a set, how an operator causes drift, what a foreign object looks like, how an
-//! apply can honestly fail — is behind the [`Harness`] trait.
+//! apply can honestly fail — is behind the [`Harness`] trait. `conformance/enforcement.rs`:
+//! `enforce` with DNAT to a container, local sockets and routed traffic.
+
+#[path = "conformance/enforcement.rs"]
+mod enforcement;
+
+use enforcement::{
+    established_flows_are_kept_with_their_source_and_cut_without_it,
+    published_and_local_ports_are_closed_to_strangers_and_routed_traffic_is_not,
+    the_scope_switches_both_ways_and_local_leaves_published_ports_open,
+};
 
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::time::{Duration, Instant};
 
-use allowsync::backend::ipset::IpsetBackend;
+use allowsync::backend::ipset::{ENFORCE_CHAIN, IpsetBackend, hook_of};
 use allowsync::backend::nftables::NftablesBackend;
 use allowsync::backend::{Backend, BackendError};
-use allowsync::config::{Enforce, IpsetConfig, NftablesConfig};
+use allowsync::config::{Enforce, EnforceScope, IpsetConfig, NftablesConfig};
 use allowsync::prefixes::{AllowSet, Delta, Diff, Range, Ranges};
 use allowsync_testkit::netns::{
     self, NamedNetns, enter_new_netns, nft_script, run, run_stdin, tcp_connects, veth_pair,
@@ -33,6 +43,8 @@ trait Harness {
     fn cli_read() -> AllowSet;
     /// Everything of the firewall the backend could touch, as text.
     fn snapshot() -> String;
+    /// The scopes of the enforcement chains allowsync has in the kernel (in both families).
+    fn enforcement_scopes() -> Vec<EnforceScope>;
     /// Changes the sets by hand, as an operator would, from
     /// `{10.1.0.0/24, 10.2.0.0/24, 10.3.0.1, 2001:db8::/64}`: removes `10.2.0.0/24`, adds
     /// `172.16.0.0/16`, `10.9.0.0/25` and `10.9.0.128/25` (separately) and `2001:db8:ffff::1`.
@@ -44,6 +56,27 @@ trait Harness {
     /// A backend, a state it holds, and a diff against that state that the kernel will refuse
     /// part-way for an honest reason.
     fn failing_apply() -> (Box<dyn Backend>, Diff);
+
+    // ---- ownership ---------------------------------------------------------------------------
+
+    /// What [`Harness::backend`] owns once ensured (with the enforcement chain).
+    fn owned_objects() -> Vec<&'static str>;
+    /// Asserts that the kernel shows allowsync's mark on every object it created.
+    fn assert_marked();
+    /// Whether the objects of [`Harness::backend`] (`moved: false`) or [`Harness::moved`] exist.
+    fn objects_exist(moved: bool) -> bool;
+    /// A backend on other names than [`Harness::backend`]'s: another table, other sets.
+    fn moved(enforce: Option<Enforce>) -> Box<dyn Backend>;
+    /// The operator's own ruleset: two empty sets of the right kind, used by a rule of theirs,
+    /// among other objects of theirs. Returns a backend configured on those sets.
+    fn operator_ruleset() -> Box<dyn Backend>;
+    /// What the operator's sets hold, as the CLI lists them.
+    fn operator_read() -> AllowSet;
+    /// What an allowsync before 0.2 left: the objects of [`Harness::backend`]'s names, unmarked
+    /// and unrecorded, with a chain of the enforcement chain's name holding an operator's rule.
+    fn legacy_objects();
+    /// That chain, as the CLI lists it.
+    fn enforcement_chain_listing() -> String;
 }
 
 fn assert_holds<H: Harness>(b: &mut dyn Backend, want: &AllowSet) {
@@ -169,12 +202,129 @@ fn foreign_objects_are_reported_and_left_alone<H: Harness>() {
     let before = H::snapshot();
     let err = H::backend(None).ensure().unwrap_err();
     match &err {
-        BackendError::Foreign { object, why } => {
+        BackendError::Foreign { object, why, .. } => {
             assert_eq!(object, want_object, "{why}");
         }
         other => panic!("expected Foreign, got {other}"),
     }
     assert_eq!(H::snapshot(), before, "ensure changed a foreign object");
+}
+
+// ---- ownership ------------------------------------------------------------------------------
+
+fn enforce_443() -> Option<Enforce> {
+    Some(Enforce { tcp_ports: vec![443], ..Enforce::default() })
+}
+
+fn owned_objects_carry_the_mark_and_teardown_removes_exactly_them<H: Harness>() {
+    let Some(_ns) = enter_new_netns() else { return };
+    let mut b = H::backend(enforce_443());
+    b.ensure().unwrap();
+    sync(&mut *b, &set(["192.0.2.0/24", "2001:db8::/48"]));
+    b.enforce().unwrap();
+    let footprint = b.footprint().unwrap();
+    let owned: Vec<String> = footprint.owned.iter().map(ToString::to_string).collect();
+    assert_eq!(owned, H::owned_objects(), "{}", H::NAME);
+    H::assert_marked();
+    let report = b.teardown().unwrap();
+    assert!(report.emptied.is_empty() && report.left.is_empty(), "{}: {report:?}", H::NAME);
+    assert!(!report.removed.is_empty(), "{}", H::NAME);
+    assert!(!H::objects_exist(false), "{}: teardown left an owned object:\n{}", H::NAME, H::snapshot());
+    assert!(b.footprint().unwrap().owned.is_empty(), "{}: nothing is owned after teardown", H::NAME);
+}
+
+/// Teardown of a backend that owns nothing: both sets emptied, nothing removed, and it says
+/// what it left.
+fn teardown_removes_nothing<H: Harness>(b: &mut dyn Backend) {
+    assert!(b.footprint().unwrap().owned.is_empty(), "{}: nothing here is allowsync's", H::NAME);
+    let report = b.teardown().unwrap();
+    assert!(report.removed.is_empty(), "{}: {report:?}", H::NAME);
+    assert_eq!(report.emptied.len(), 2, "{}: {report:?}", H::NAME);
+    assert!(!report.left.is_empty(), "{}: teardown says what it left: {report:?}", H::NAME);
+}
+
+fn an_operators_sets_are_filled_and_teardown_leaves_the_rest_as_it_was<H: Harness>() {
+    let Some(_ns) = enter_new_netns() else { return };
+    let mut b = H::operator_ruleset();
+    let before = H::snapshot();
+    b.ensure().unwrap();
+    b.enforce().unwrap();
+    assert_eq!(H::snapshot(), before, "{}: ensure changed the operator's ruleset", H::NAME);
+    assert!(!H::objects_exist(false), "{}: allowsync created objects of its own", H::NAME);
+    let list = set(["192.0.2.0/24", "2001:db8::/48"]);
+    sync(&mut *b, &list);
+    assert_eq!(H::operator_read(), list, "{}", H::NAME);
+    teardown_removes_nothing::<H>(&mut *b);
+    assert_eq!(H::snapshot(), before, "{}: teardown changed the operator's ruleset", H::NAME);
+}
+
+fn objects_without_the_mark_are_used_but_never_changed_or_removed<H: Harness>() {
+    let Some(_ns) = enter_new_netns() else { return };
+    H::legacy_objects();
+    let chain = H::enforcement_chain_listing();
+    // With `enforce`: refused, naming the chain, and nothing changes.
+    let before = H::snapshot();
+    let mut b = H::backend(enforce_443());
+    let err = b.ensure().and_then(|()| b.enforce()).unwrap_err();
+    match &err {
+        BackendError::Foreign { object, why, fix } => {
+            assert!(object.contains("chain") && why.contains("allowsync did not create it"), "{err}");
+            assert!(fix.contains("rename your chain"), "{err}");
+        }
+        other => panic!("{}: expected Foreign, got {other}", H::NAME),
+    }
+    assert_eq!(H::snapshot(), before, "{}", H::NAME);
+    // Without: the sets are filled, the chain is neither deleted nor flushed nor re-policied.
+    let mut b = H::backend(None);
+    b.ensure().unwrap();
+    let list = set(["192.0.2.0/24", "2001:db8::/48"]);
+    sync(&mut *b, &list);
+    b.enforce().unwrap();
+    assert_eq!(b.read().unwrap(), list);
+    assert_eq!(H::enforcement_chain_listing(), chain, "{}", H::NAME);
+    // Teardown empties the sets and leaves everything, saying so.
+    teardown_removes_nothing::<H>(&mut *b);
+    assert!(H::objects_exist(false), "{}", H::NAME);
+    assert_eq!(H::enforcement_chain_listing(), chain, "{}", H::NAME);
+}
+
+fn a_new_configuration_replaces_the_owned_objects_and_leaves_an_operators_alone<H: Harness>() {
+    let Some(_ns) = enter_new_netns() else { return };
+    let list = set(["192.0.2.0/24", "2001:db8::/48"]);
+    let mut a = H::backend(enforce_443());
+    a.ensure().unwrap();
+    sync(&mut *a, &list);
+    a.enforce().unwrap();
+
+    // To other names: the new objects start with the allowlist, the old ones go.
+    let mut b = H::moved(enforce_443());
+    b.set_recorded(&a.footprint().unwrap());
+    b.ensure().unwrap();
+    assert_eq!(b.read().unwrap(), list, "{}: the new sets start with the old ones' elements", H::NAME);
+    b.enforce().unwrap();
+    assert!(!H::objects_exist(false), "{}: the old objects stay:\n{}", H::NAME, H::snapshot());
+    assert!(H::objects_exist(true), "{}", H::NAME);
+    let recorded = b.footprint().unwrap();
+    for old in &a.footprint().unwrap().sets {
+        assert!(!recorded.owned.contains(old), "{}: {old} is still recorded", H::NAME);
+    }
+
+    // To the operator's sets: allowsync's objects go, theirs are filled.
+    let mut c = H::operator_ruleset();
+    c.set_recorded(&recorded);
+    c.ensure().unwrap();
+    sync(&mut *c, &list);
+    c.enforce().unwrap();
+    assert!(!H::objects_exist(true), "{}:\n{}", H::NAME, H::snapshot());
+    assert_eq!(H::operator_read(), list);
+
+    // And back: an operator's set used before is left alone, its elements included.
+    let mut d = H::backend(None);
+    d.set_recorded(&c.footprint().unwrap());
+    d.ensure().unwrap();
+    assert_eq!(d.read().unwrap(), list, "{}: seeded from the operator's sets", H::NAME);
+    d.enforce().unwrap();
+    assert_eq!(H::operator_read(), list, "{}: the operator's sets were changed", H::NAME);
 }
 
 // ---- enforcement: two namespaces joined by a veth pair ---------------------------------------
@@ -228,7 +378,7 @@ fn enforcement_filters_traffic_by_the_allowlist<H: Harness>() {
         assert!(tcp_connects(&client, from, tcp6), "baseline tcp6 from {from}");
     }
 
-    let enforce = Enforce { tcp_ports: vec![TCP_PORT], udp_ports: vec![UDP_PORT] };
+    let enforce = Enforce { tcp_ports: vec![TCP_PORT], udp_ports: vec![UDP_PORT], ..Enforce::default() };
     let mut b = H::backend(Some(enforce));
     b.ensure().unwrap();
     sync(&mut *b, &set(["10.200.0.2", "fd00:200::2"]));
@@ -270,9 +420,18 @@ struct Nft;
 
 const TABLE: &str = "allowsync";
 
-/// The elements of a set as `nft -j` lists them, as inclusive ranges (exactly as held).
+/// The elements of a set of `inet allowsync` as `nft -j` lists them, as inclusive ranges
+/// (exactly as held).
 fn nft_ranges<A: allowsync::prefixes::Addr>(set: &str, conv: impl Fn(IpAddr) -> A) -> Ranges<A> {
-    let ranges = netns::nft_set_elements("inet", TABLE, set);
+    nft_ranges_of(TABLE, set, conv)
+}
+
+fn nft_ranges_of<A: allowsync::prefixes::Addr>(
+    table: &str,
+    set: &str,
+    conv: impl Fn(IpAddr) -> A,
+) -> Ranges<A> {
+    let ranges = netns::nft_set_elements("inet", table, set);
     Ranges::from_disjoint(ranges.into_iter().map(|(s, e)| Range { start: conv(s), end: conv(e) }).collect())
         .unwrap()
 }
@@ -312,6 +471,20 @@ impl Harness for Nft {
 
     fn snapshot() -> String {
         run("nft", &["list", "ruleset"])
+    }
+
+    fn enforcement_scopes() -> Vec<EnforceScope> {
+        let chains: serde_json::Value = serde_json::from_str(&run("nft", &["-j", "list", "chains"])).unwrap();
+        let ours = |c: &&serde_json::Value| c["table"] == TABLE && c["name"] == "enforce";
+        let chains = chains["nftables"].as_array().unwrap().iter().filter_map(|i| i.get("chain"));
+        chains
+            .filter(ours)
+            .map(|c| match c["hook"].as_str() {
+                Some("prerouting") => EnforceScope::Host,
+                Some("input") => EnforceScope::Local,
+                other => panic!("enforcement chain hooked to {other:?}"),
+            })
+            .collect()
     }
 
     fn drift() -> AllowSet {
@@ -358,6 +531,80 @@ impl Harness for Nft {
                 v6: Delta::default(),
             },
         )
+    }
+
+    fn owned_objects() -> Vec<&'static str> {
+        vec![
+            "table inet allowsync",
+            "set inet allowsync allow_v4",
+            "set inet allowsync allow_v6",
+            "chain inet allowsync enforce",
+        ]
+    }
+
+    fn assert_marked() {
+        let listing = run("nft", &["list", "table", "inet", TABLE]);
+        // The table, both sets and the chain.
+        assert_eq!(listing.matches("comment \"managed by allowsync\"").count(), 4, "{listing}");
+    }
+
+    fn objects_exist(moved: bool) -> bool {
+        let table = if moved { "allowsync_b" } else { TABLE };
+        run("nft", &["list", "tables"]).lines().any(|l| l == format!("table inet {table}"))
+    }
+
+    fn moved(enforce: Option<Enforce>) -> Box<dyn Backend> {
+        let cfg = NftablesConfig {
+            table: "allowsync_b".into(),
+            set_v4: "allow_v4".into(),
+            set_v6: "allow_v6".into(),
+            enforce,
+        };
+        Box::new(NftablesBackend::new(&cfg).unwrap())
+    }
+
+    fn operator_ruleset() -> Box<dyn Backend> {
+        nft_script(
+            "table inet filter {\n\
+               set chat_v4 { type ipv4_addr; flags interval; }\n\
+               set chat_v6 { type ipv6_addr; flags interval; }\n\
+               chain input { type filter hook input priority 0; policy accept; tcp dport 8443 ip saddr != @chat_v4 drop; }\n\
+               chain forward { type filter hook forward priority 0; policy drop; }\n\
+             }\n",
+        );
+        let cfg = NftablesConfig {
+            table: TABLE.into(),
+            set_v4: "inet filter chat_v4".into(),
+            set_v6: "inet filter chat_v6".into(),
+            enforce: None,
+        };
+        Box::new(NftablesBackend::new(&cfg).unwrap())
+    }
+
+    fn operator_read() -> AllowSet {
+        let v4 = nft_ranges_of("filter", "chat_v4", |ip| match ip {
+            IpAddr::V4(a) => u32::from(a),
+            IpAddr::V6(_) => panic!("IPv6 in chat_v4"),
+        });
+        let v6 = nft_ranges_of("filter", "chat_v6", |ip| match ip {
+            IpAddr::V6(a) => u128::from(a),
+            IpAddr::V4(_) => panic!("IPv4 in chat_v6"),
+        });
+        AllowSet { v4, v6 }
+    }
+
+    fn legacy_objects() {
+        nft_script(
+            "table inet allowsync {\n\
+               set allow_v4 { type ipv4_addr; flags interval; }\n\
+               set allow_v6 { type ipv6_addr; flags interval; }\n\
+               chain enforce { type filter hook input priority 0; policy drop; tcp dport 22 accept; }\n\
+             }\n",
+        );
+    }
+
+    fn enforcement_chain_listing() -> String {
+        run("nft", &["-j", "list", "chain", "inet", TABLE, "enforce"])
     }
 }
 
@@ -417,6 +664,31 @@ impl Harness for Ipset {
         s + "\n" + &run("iptables-save", &["-t", "filter"]) + &run("ip6tables-save", &["-t", "filter"])
     }
 
+    fn enforcement_scopes() -> Vec<EnforceScope> {
+        let scopes = |prog: &str| -> Vec<EnforceScope> {
+            [EnforceScope::Host, EnforceScope::Local]
+                .into_iter()
+                .filter(|&scope| {
+                    let (table, parent) = hook_of(scope);
+                    let listing = run(prog, &["-t", table, "-S"]);
+                    let jump = format!(
+                        "-A {parent} -m comment --comment \"managed by allowsync\" -j {ENFORCE_CHAIN}"
+                    );
+                    let jumps = listing.contains(&jump);
+                    let exists = listing.contains(&format!("-N {ENFORCE_CHAIN}"));
+                    assert_eq!(
+                        jumps, exists,
+                        "{prog} -t {table}: a chain without its jump or the reverse\n{listing}"
+                    );
+                    exists
+                })
+                .collect()
+        };
+        let v4 = scopes("iptables");
+        assert_eq!(scopes("ip6tables"), v4, "iptables and ip6tables differ");
+        v4
+    }
+
     fn drift() -> AllowSet {
         run_stdin(
             "ipset",
@@ -456,40 +728,112 @@ impl Harness for Ipset {
             },
         )
     }
+    fn owned_objects() -> Vec<&'static str> {
+        vec![
+            "ipset allowsync_v4",
+            "ipset allowsync_v6",
+            "iptables chain mangle ALLOWSYNC",
+            "ip6tables chain mangle ALLOWSYNC",
+        ]
+    }
+
+    fn assert_marked() {
+        for prog in ["iptables", "ip6tables"] {
+            let rules: Vec<String> = run(prog, &["-t", "mangle", "-S"])
+                .lines()
+                .filter(|l| l.contains("ALLOWSYNC") && l.starts_with("-A"))
+                .map(String::from)
+                .collect();
+            assert_eq!(rules.len(), 3, "the jump, loopback and one port: {rules:?}");
+            assert!(
+                rules.iter().all(|r| r.contains("-m comment --comment \"managed by allowsync\"")),
+                "{rules:?}"
+            );
+        }
+    }
+
+    fn objects_exist(moved: bool) -> bool {
+        let names = if moved { ["allowsync_b4", "allowsync_b6"] } else { [SET_V4, SET_V6] };
+        let listed = run("ipset", &["list", "-n"]);
+        names.iter().any(|n| listed.lines().any(|l| l == *n))
+    }
+
+    fn moved(enforce: Option<Enforce>) -> Box<dyn Backend> {
+        let cfg = IpsetConfig {
+            set_v4: "allowsync_b4".into(),
+            set_v6: "allowsync_b6".into(),
+            maxelem: 65536,
+            enforce,
+            check_interval: Duration::from_secs(10),
+        };
+        Box::new(IpsetBackend::new(&cfg).unwrap())
+    }
+
+    fn operator_ruleset() -> Box<dyn Backend> {
+        run("ipset", &["create", "op_v4", "hash:net", "family", "inet"]);
+        run("ipset", &["create", "op_v6", "hash:net", "family", "inet6"]);
+        for (prog, set) in [("iptables", "op_v4"), ("ip6tables", "op_v6")] {
+            let rule = format!("-A INPUT -p tcp --dport 8443 -m set ! --match-set {set} src -j DROP");
+            run(prog, &rule.split_whitespace().collect::<Vec<_>>());
+            run(prog, &["-N", "OPERATOR"]);
+            run(prog, &["-A", "OPERATOR", "-j", "RETURN"]);
+        }
+        let cfg = IpsetConfig {
+            set_v4: "op_v4".into(),
+            set_v6: "op_v6".into(),
+            maxelem: 65536,
+            enforce: None,
+            check_interval: Duration::from_secs(10),
+        };
+        Box::new(IpsetBackend::new(&cfg).unwrap())
+    }
+
+    fn operator_read() -> AllowSet {
+        set(ipset_entries("op_v4").into_iter().chain(ipset_entries("op_v6")))
+    }
+
+    fn legacy_objects() {
+        run("ipset", &["create", SET_V4, "hash:net", "family", "inet"]);
+        run("ipset", &["create", SET_V6, "hash:net", "family", "inet6"]);
+        // Where `enforce` (scope host, the default) puts its chain.
+        let (table, parent) = hook_of(EnforceScope::Host);
+        run("iptables", &["-t", table, "-N", "ALLOWSYNC"]);
+        run("iptables", &["-t", table, "-A", "ALLOWSYNC", "-p", "tcp", "--dport", "22", "-j", "ACCEPT"]);
+        run("iptables", &["-t", table, "-I", parent, "-j", "ALLOWSYNC"]);
+    }
+
+    fn enforcement_chain_listing() -> String {
+        let (table, parent) = hook_of(EnforceScope::Host);
+        run("iptables", &["-t", table, "-S", "ALLOWSYNC"]) + &run("iptables", &["-t", table, "-S", parent])
+    }
 }
 
+/// One `#[test]` per case and backend: `nftables::<case>` and `ipset::<case>`.
 macro_rules! conformance {
-    ($module:ident, $harness:ty) => {
-        mod $module {
+    ($($case:ident),* $(,)?) => {
+        mod nftables {
             use super::*;
-
-            #[test]
-            fn objects_are_created_and_changes_applied() {
-                super::objects_are_created_and_changes_applied::<$harness>();
-            }
-            #[test]
-            fn large_sets_load() {
-                super::large_sets_load::<$harness>();
-            }
-            #[test]
-            fn a_failing_apply_changes_nothing() {
-                super::a_failing_apply_changes_nothing::<$harness>();
-            }
-            #[test]
-            fn drift_is_read_and_repaired() {
-                super::drift_is_read_and_repaired::<$harness>();
-            }
-            #[test]
-            fn foreign_objects_are_reported_and_left_alone() {
-                super::foreign_objects_are_reported_and_left_alone::<$harness>();
-            }
-            #[test]
-            fn enforcement_filters_traffic_by_the_allowlist() {
-                super::enforcement_filters_traffic_by_the_allowlist::<$harness>();
-            }
+            $(#[test] fn $case() { super::$case::<Nft>(); })*
+        }
+        mod ipset {
+            use super::*;
+            $(#[test] fn $case() { super::$case::<Ipset>(); })*
         }
     };
 }
 
-conformance!(nftables, Nft);
-conformance!(ipset, Ipset);
+conformance!(
+    objects_are_created_and_changes_applied,
+    large_sets_load,
+    a_failing_apply_changes_nothing,
+    drift_is_read_and_repaired,
+    foreign_objects_are_reported_and_left_alone,
+    enforcement_filters_traffic_by_the_allowlist,
+    owned_objects_carry_the_mark_and_teardown_removes_exactly_them,
+    an_operators_sets_are_filled_and_teardown_leaves_the_rest_as_it_was,
+    objects_without_the_mark_are_used_but_never_changed_or_removed,
+    a_new_configuration_replaces_the_owned_objects_and_leaves_an_operators_alone,
+    published_and_local_ports_are_closed_to_strangers_and_routed_traffic_is_not,
+    established_flows_are_kept_with_their_source_and_cut_without_it,
+    the_scope_switches_both_ways_and_local_leaves_published_ports_open,
+);

@@ -5,9 +5,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use allowsync::backend::ipset::{ENFORCE_CHAIN, IpsetBackend, enforce_rules};
+use allowsync::backend::ipset::{ENFORCE_CHAIN, IpsetBackend, enforce_rules, hook_of};
 use allowsync::backend::{Backend, BackendError};
-use allowsync::config::{Enforce, IpsetConfig};
+use allowsync::config::{Enforce, EnforceScope, IpsetConfig};
 use allowsync::prefixes::{AllowSet, Range, Ranges};
 use allowsync_testkit::daemon::{Setup, setup_with, strings};
 use allowsync_testkit::netns::{enter_new_netns, run};
@@ -122,81 +122,164 @@ fn a_set_too_small_is_grown_by_swap_with_a_warning() {
     // raising maxelem in the configuration rebuilds it larger. Contents survive both.
     b.ensure().unwrap();
     assert_eq!(maxelem(SET_V4), 1024);
+    // A new backend (a restart) knows the sets are allowsync's from the state file's record.
     let mut raised = backend(8192, None);
+    raised.set_recorded(&b.footprint().unwrap());
     raised.ensure().unwrap();
     assert_eq!((maxelem(SET_V4), maxelem(SET_V6)), (8192, 8192));
     assert_eq!(raised.read().unwrap(), small);
 }
 
-fn rules(prog: &str) -> Vec<String> {
-    run(prog, &["-S"]).lines().filter(|l| l.contains(ENFORCE_CHAIN)).map(String::from).collect()
+/// The lines of `prog -t <table> -S` that mention the enforcement chain.
+fn rules(prog: &str, table: &str) -> Vec<String> {
+    run(prog, &["-t", table, "-S"]).lines().filter(|l| l.contains(ENFORCE_CHAIN)).map(String::from).collect()
 }
 
 #[test]
 fn enforcement_chain_is_idempotent_and_teardown_goes_in_order() {
     let Some(_ns) = enter_new_netns() else { return };
-    let enforce = Enforce { tcp_ports: vec![443, 8443], udp_ports: vec![53] };
+    let enforce = Enforce { tcp_ports: vec![443, 8443], udp_ports: vec![53], ..Enforce::default() };
     let mut b = backend(65536, Some(enforce.clone()));
     for _ in 0..3 {
         b.ensure().unwrap();
         b.enforce().unwrap();
     }
     sync(&mut b, &set(["192.0.2.0/24", "2001:db8::/32"]));
+    let (table, parent) = hook_of(EnforceScope::Host);
+    assert_eq!((table, parent), ("mangle", "PREROUTING"));
     for (prog, set) in [("iptables", SET_V4), ("ip6tables", SET_V6)] {
-        let mut want = vec![format!("-N {ENFORCE_CHAIN}"), format!("-A INPUT -j {ENFORCE_CHAIN}")];
+        let jump = format!("-A {parent} -m comment --comment \"managed by allowsync\" -j {ENFORCE_CHAIN}");
+        let mut want = vec![format!("-N {ENFORCE_CHAIN}"), jump.clone()];
         want.extend(enforce_rules(set, &enforce).iter().map(|r| format!("-A {ENFORCE_CHAIN} {r}")));
-        let mut got = rules(prog);
+        let mut got = rules(prog, table);
         got.sort();
         want.sort();
         assert_eq!(got, want, "{prog}");
-        // The jump comes first in INPUT, loopback first in the chain.
-        let input = run(prog, &["-S", "INPUT"]);
-        assert_eq!(input.lines().nth(1), Some(&*format!("-A INPUT -j {ENFORCE_CHAIN}")), "{input}");
-        let chain = run(prog, &["-S", ENFORCE_CHAIN]);
-        assert_eq!(chain.lines().nth(1), Some(&*format!("-A {ENFORCE_CHAIN} -i lo -j RETURN")), "{chain}");
+        // The jump comes first in PREROUTING, loopback first in the chain.
+        let prerouting = run(prog, &["-t", table, "-S", parent]);
+        assert_eq!(prerouting.lines().nth(1), Some(&*jump), "{prerouting}");
+        let chain = run(prog, &["-t", table, "-S", ENFORCE_CHAIN]);
+        let lo = format!("-A {ENFORCE_CHAIN} -i lo -m comment --comment \"managed by allowsync\" -j RETURN");
+        assert_eq!(chain.lines().nth(1), Some(&*lo), "{chain}");
+        assert!(rules(prog, "filter").is_empty(), "{prog}: nothing in filter");
     }
 
     // Other ports: the chain is refilled, not appended to.
-    let mut other = backend(65536, Some(Enforce { tcp_ports: vec![22], udp_ports: vec![] }));
+    let mut other = backend(65536, Some(Enforce { tcp_ports: vec![22], ..Enforce::default() }));
     other.ensure().unwrap();
     other.enforce().unwrap();
-    assert_eq!(rules("iptables").len(), 4, "{:?}", rules("iptables"));
+    assert_eq!(rules("iptables", table).len(), 4, "{:?}", rules("iptables", table));
 
     // A set in use by a rule cannot be destroyed: teardown removes the rules first.
     assert!(run("ipset", &["list", "-t", SET_V4]).contains("References: 1"));
     b.teardown().unwrap();
-    assert!(rules("iptables").is_empty() && rules("ip6tables").is_empty());
+    assert!(rules("iptables", table).is_empty() && rules("ip6tables", table).is_empty());
     assert_eq!(run("ipset", &["list", "-n"]), "");
     b.teardown().unwrap(); // nothing left: fine
 
-    // Without enforce, enforce() removes an enforcement chain left from before.
-    other.ensure().unwrap();
-    other.enforce().unwrap();
-    backend(65536, None).enforce().unwrap();
-    assert!(rules("iptables").is_empty() && rules("ip6tables").is_empty());
+    // Without enforce, enforce() removes an enforcement chain left from before, in either table.
+    for scope in [EnforceScope::Host, EnforceScope::Local] {
+        let mut other = backend(65536, Some(Enforce { tcp_ports: vec![22], scope, ..Enforce::default() }));
+        other.ensure().unwrap();
+        other.enforce().unwrap();
+        assert!(!rules("iptables", hook_of(scope).0).is_empty());
+        backend(65536, None).enforce().unwrap();
+        for t in ["mangle", "filter"] {
+            assert!(rules("iptables", t).is_empty() && rules("ip6tables", t).is_empty(), "{t}");
+        }
+    }
+}
+
+/// allowsync's chain of the other scope (filter INPUT, `scope: local`) is moved to mangle
+/// PREROUTING by the next enforce(), in both families; the new one is in place before the old
+/// one goes. An earlier version's chain there (no mark) is not allowsync's: it stays.
+#[test]
+fn allowsyncs_input_chain_is_moved_to_prerouting_and_an_unmarked_one_stays() {
+    let Some(_ns) = enter_new_netns() else { return };
+    let host = Enforce { tcp_ports: vec![443], ..Enforce::default() };
+    let local = Enforce { scope: EnforceScope::Local, ..host.clone() };
+    let mut old = backend(65536, Some(local.clone()));
+    old.ensure().unwrap();
+    old.enforce().unwrap();
+    let jump = |parent: &str| {
+        format!("-A {parent} -m comment --comment \"managed by allowsync\" -j {ENFORCE_CHAIN}")
+    };
+    assert!(rules("iptables", "filter").contains(&jump("INPUT")));
+    let mut b = backend(65536, Some(host.clone()));
+    b.set_recorded(&old.footprint().unwrap());
+    b.enforce().unwrap();
+    for prog in ["iptables", "ip6tables"] {
+        assert!(rules(prog, "filter").is_empty(), "{prog}: {:?}", rules(prog, "filter"));
+        let moved = rules(prog, "mangle");
+        assert!(moved.contains(&jump("PREROUTING")), "{prog}: {moved:?}");
+        assert!(
+            moved.iter().any(|r| r.contains("--dport 443 -m addrtype --dst-type LOCAL")),
+            "{prog}: {moved:?}"
+        );
+    }
+    // `scope: local` brings the filter INPUT chain back, and takes the mangle one away.
+    backend(65536, Some(local)).enforce().unwrap();
+    assert!(rules("iptables", "mangle").is_empty());
+    assert!(rules("iptables", "filter").contains(&jump("INPUT")));
+
+    // What an earlier version wrote, unmarked, in filter INPUT: left as it is.
+    b.teardown().unwrap();
+    let mut b = backend(65536, Some(host));
+    b.ensure().unwrap();
+    for (prog, set) in [("iptables", SET_V4), ("ip6tables", SET_V6)] {
+        run(prog, &["-N", ENFORCE_CHAIN]);
+        run(prog, &["-A", ENFORCE_CHAIN, "-i", "lo", "-j", "RETURN"]);
+        let drop =
+            format!("-A {ENFORCE_CHAIN} -p tcp -m tcp --dport 443 -m set ! --match-set {set} src -j DROP");
+        run(prog, &drop.split_whitespace().collect::<Vec<_>>());
+        run(prog, &["-I", "INPUT", "1", "-j", ENFORCE_CHAIN]);
+    }
+    let legacy = rules("iptables", "filter");
+    b.enforce().unwrap();
+    assert_eq!(rules("iptables", "filter"), legacy, "not allowsync's: untouched");
+    assert!(rules("iptables", "mangle").contains(&jump("PREROUTING")));
 }
 
 #[test]
 fn a_foreign_chain_is_reported_and_left_alone() {
     let Some(_ns) = enter_new_netns() else { return };
-    run("iptables", &["-N", ENFORCE_CHAIN]);
-    run("iptables", &["-A", ENFORCE_CHAIN, "-p", "tcp", "--dport", "22", "-j", "ACCEPT"]);
-    let before = run("iptables-save", &["-t", "filter"]);
-    let enforce = Enforce { tcp_ports: vec![443], udp_ports: vec![] };
-    let mut b = backend(65536, Some(enforce));
-    b.ensure().unwrap();
-    let err = b.enforce().unwrap_err();
-    assert!(
-        matches!(&err, BackendError::Foreign { object, .. } if object.contains("iptables chain filter ALLOWSYNC")),
-        "{err}"
-    );
-    // Without enforce it is not removed either, and teardown leaves it.
+    // Where `scope: host` needs the name (mangle), and where `local` does (filter).
+    for table in ["mangle", "filter"] {
+        run("iptables", &["-t", table, "-N", ENFORCE_CHAIN]);
+        run("iptables", &["-t", table, "-A", ENFORCE_CHAIN, "-p", "tcp", "--dport", "22", "-j", "ACCEPT"]);
+    }
+    let save = || {
+        run("iptables-save", &[])
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let before = save();
+    for (scope, table) in [(EnforceScope::Host, "mangle"), (EnforceScope::Local, "filter")] {
+        let mut b = backend(65536, Some(Enforce { tcp_ports: vec![443], scope, ..Enforce::default() }));
+        b.ensure().unwrap();
+        let err = b.enforce().unwrap_err();
+        let want = format!("iptables chain {table} ALLOWSYNC");
+        assert!(matches!(&err, BackendError::Foreign { object, .. } if object.contains(&want)), "{err}");
+    }
+    // Without enforce they are not removed either, and teardown leaves them.
     let mut plain = backend(65536, None);
     plain.ensure().unwrap();
     plain.enforce().unwrap();
     plain.teardown().unwrap();
-    let strip = |s: &str| s.lines().filter(|l| !l.starts_with('#')).map(String::from).collect::<Vec<_>>();
-    assert_eq!(strip(&run("iptables-save", &["-t", "filter"])), strip(&before));
+    assert_eq!(save(), before);
+}
+
+/// The binary with the ipset backend (`enforce` on TCP 443) and a Chat source whose answer is
+/// `203.0.113.0/24` and `2001:db8:6::/48`.
+fn enforcing_env(key: &str) -> Option<allowsync_testkit::daemon::Env> {
+    let lists = [(5, strings(&["203.0.113.0/24"])), (6, strings(&["2001:db8:6::/48"]))].into();
+    setup_with(Setup::new(key, lists), |yaml| {
+        let ipset =
+            format!("ipset: {{ set_v4: {SET_V4}, set_v6: {SET_V6}, enforce: {{ tcp_ports: [443] }} }}");
+        *yaml = yaml.replace("nftables: { table: allowsync, set_v4: allow_v4, set_v6: allow_v6 }", &ipset);
+    })
 }
 
 /// The rules come after the sets: a rule iptables refuses (a foreign chain of that name here;
@@ -204,29 +287,30 @@ fn a_foreign_chain_is_reported_and_left_alone() {
 /// and the next cycle installs the rules once it can.
 #[test]
 fn a_rule_failure_never_keeps_the_sets_empty() {
-    let lists = [(5, strings(&["203.0.113.0/24"])), (6, strings(&["2001:db8:6::/48"]))].into();
-    let setup = Setup::new("ipset-rule-failure-test-key", lists);
-    let Some(env) = setup_with(setup, |yaml| {
-        let ipset =
-            format!("ipset: {{ set_v4: {SET_V4}, set_v6: {SET_V6}, enforce: {{ tcp_ports: [443] }} }}");
-        *yaml = yaml.replace("nftables: { table: allowsync, set_v4: allow_v4, set_v6: allow_v6 }", &ipset);
-    }) else {
-        return;
-    };
-    run("iptables", &["-N", ENFORCE_CHAIN]);
-    run("iptables", &["-A", ENFORCE_CHAIN, "-j", "ACCEPT"]);
+    let Some(env) = enforcing_env("ipset-rule-failure-test-key") else { return };
+    run("iptables", &["-t", "mangle", "-N", ENFORCE_CHAIN]);
+    run("iptables", &["-t", "mangle", "-A", ENFORCE_CHAIN, "-j", "ACCEPT"]);
     let o = env.once(Duration::from_secs(20));
     assert_eq!(o.code, Some(1), "{}", o.stderr);
-    assert!(o.stderr.contains("is not what allowsync manages"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("iptables chain mangle ALLOWSYNC holds rules allowsync did not write (-j ACCEPT)"),
+        "{}",
+        o.stderr
+    );
     assert_eq!(entries(SET_V4), ["203.0.113.0/24"]);
     assert_eq!(entries(SET_V6), ["2001:db8:6::/48"]);
 
-    run("iptables", &["-F", ENFORCE_CHAIN]);
-    run("iptables", &["-X", ENFORCE_CHAIN]);
+    run("iptables", &["-t", "mangle", "-F", ENFORCE_CHAIN]);
+    run("iptables", &["-t", "mangle", "-X", ENFORCE_CHAIN]);
     let o = env.once(Duration::from_secs(20));
     assert_eq!(o.code, Some(0), "{}", o.stderr);
-    let drop = format!("-m set ! --match-set {SET_V4} src -j DROP");
-    assert!(rules("iptables").iter().any(|r| r.ends_with(&drop)), "{:?}", rules("iptables"));
+    let drop =
+        format!("-m set ! --match-set {SET_V4} src -m comment --comment \"managed by allowsync\" -j DROP");
+    assert!(
+        rules("iptables", "mangle").iter().any(|r| r.ends_with(&drop)),
+        "{:?}",
+        rules("iptables", "mangle")
+    );
 }
 
 #[test]
@@ -242,4 +326,50 @@ fn a_missing_set_is_missing_and_ensure_recreates_it() {
     assert!(err.to_string().starts_with(&format!("ipset {SET_V6} does not exist")), "{err}");
     b.ensure().unwrap();
     assert_eq!(b.read().unwrap(), set(["192.0.2.1"]));
+}
+
+/// The state file is the ipsets' record of ownership: what `once` created is recorded there,
+/// `teardown` destroys exactly that (and the marked chain), says so, and forgets it; an ipset
+/// of the same name created by hand afterwards is not allowsync's.
+#[test]
+fn the_state_file_records_the_ipsets_allowsync_created_and_teardown_destroys_only_those() {
+    let Some(env) = enforcing_env("ipset-ownership-test-key") else { return };
+    let t = Duration::from_secs(20);
+    let o = env.once(t);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    let owned: Vec<String> = env.parsed_state().objects.owned.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        owned,
+        [
+            "ipset allowsync_v4",
+            "ipset allowsync_v6",
+            "iptables chain mangle ALLOWSYNC",
+            "ip6tables chain mangle ALLOWSYNC"
+        ]
+    );
+    let o = env.command(&["teardown"], t);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    for line in [
+        "removed iptables chain mangle ALLOWSYNC",
+        "removed ipset allowsync_v4",
+        "removed ipset allowsync_v6",
+    ] {
+        assert!(o.stdout.contains(line), "{line:?} in\n{}", o.stdout);
+    }
+    assert_eq!(run("ipset", &["list", "-n"]), "");
+    assert!(env.parsed_state().objects.owned.is_empty(), "forgotten once destroyed");
+
+    // Created by hand now: the operator's. Filled, then emptied, never destroyed.
+    run("ipset", &["create", SET_V4, "hash:net", "family", "inet", "maxelem", "2048"]);
+    run("ipset", &["create", SET_V6, "hash:net", "family", "inet6", "maxelem", "2048"]);
+    let o = env.once(t);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    assert_eq!(entries(SET_V4), ["203.0.113.0/24"], "filled");
+    assert_eq!(maxelem(SET_V4), 2048, "its size is not");
+    let o = env.command(&["teardown"], t);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    assert!(o.stdout.contains("emptied ipset allowsync_v4"), "{}", o.stdout);
+    assert!(o.stdout.contains("left ipset allowsync_v4: allowsync did not create it"), "{}", o.stdout);
+    assert_eq!(run("ipset", &["list", "-n"]).lines().count(), 2);
+    assert!(entries(SET_V4).is_empty());
 }

@@ -8,9 +8,9 @@
 
 use std::net::IpAddr;
 
-use allowsync::backend::nftables::{ENFORCE_CHAIN, NftablesBackend, enforce_rule_text};
+use allowsync::backend::nftables::{ENFORCE_CHAIN, NftablesBackend, enforce_chain_text, enforce_rule_text};
 use allowsync::backend::{Backend, BackendError};
-use allowsync::config::{Enforce, NftablesConfig};
+use allowsync::config::{Enforce, EnforceScope, NftablesConfig};
 use allowsync::prefixes::{AllowSet, Diff, Ranges};
 use allowsync_testkit::netns::{self, current_netns_id, enter_new_netns, nft_script, run};
 use allowsync_testkit::{set, sync};
@@ -103,20 +103,22 @@ fn foreign_sets_and_chains_are_reported_and_left_alone() {
     let before = run("nft", &["list", "ruleset"]);
     let err = backend(None).ensure().unwrap_err();
     assert!(
-        matches!(&err, BackendError::Foreign { object, why } if object == "set inet allowsync allow_v6" && why.contains("ipv6_addr")),
+        matches!(&err, BackendError::Foreign { object, why, .. } if object == "set inet allowsync allow_v6" && why == "has type inet_service, not ipv6_addr"),
         "{err}"
     );
     assert_eq!(run("nft", &["list", "ruleset"]), before);
 
-    // A regular chain with the reserved name is not adopted as the enforcement chain...
+    // A chain with the reserved name that allowsync did not create (no comment), in a table
+    // that is allowsync's, is not adopted as the enforcement chain...
     nft_script(&format!(
         "flush ruleset\n\
          table inet allowsync {{\n\
+           comment \"managed by allowsync\"\n\
            chain {ENFORCE_CHAIN} {{\n counter\n }}\n\
          }}\n"
     ));
     let before = run("nft", &["list", "ruleset"]);
-    let enforce = Enforce { tcp_ports: vec![443], udp_ports: vec![] };
+    let enforce = Enforce { tcp_ports: vec![443], ..Enforce::default() };
     let err = backend(Some(enforce)).ensure().unwrap_err();
     assert!(matches!(&err, BackendError::Foreign { object, .. } if object.contains(ENFORCE_CHAIN)), "{err}");
     assert_eq!(run("nft", &["list", "ruleset"]), before);
@@ -145,7 +147,7 @@ fn edges_of_the_address_space_round_trip() {
 #[test]
 fn ensure_is_idempotent_and_teardown_removes_the_table() {
     let Some(_ns) = enter_new_netns() else { return };
-    let enforce = Enforce { tcp_ports: vec![443, 8443], udp_ports: vec![53] };
+    let enforce = Enforce { tcp_ports: vec![443, 8443], udp_ports: vec![53], ..Enforce::default() };
     let mut b = backend(Some(enforce.clone()));
     b.ensure().unwrap();
     sync(&mut b, &set(["192.0.2.0/24"]));
@@ -164,7 +166,8 @@ fn ensure_is_idempotent_and_teardown_removes_the_table() {
             .collect()
     };
     let first = run("nft", &["list", "chain", "inet", TABLE, ENFORCE_CHAIN]);
-    assert!(first.contains("type filter hook input priority filter; policy accept;"), "{first}");
+    assert!(first.contains("type filter hook prerouting priority mangle; policy accept;"), "{first}");
+    assert!(first.contains(enforce_chain_text(EnforceScope::Host)), "{first}");
     // What ensure installed is exactly what the README tells operators to write.
     assert_eq!(rules(&first), enforce_rule_text(&config(None), &enforce));
 
@@ -177,7 +180,7 @@ fn ensure_is_idempotent_and_teardown_removes_the_table() {
     // A rule replaced by hand (same place, another rule) is noticed and put back.
     let handle = run("nft", &["-a", "list", "chain", "inet", TABLE, ENFORCE_CHAIN])
         .lines()
-        .find(|l| l.contains("dport 443 ip saddr"))
+        .find(|l| l.contains("dport 443 ") && l.contains(" ip saddr"))
         .and_then(|l| l.rsplit("handle ").next())
         .map(|h| h.trim().to_string())
         .unwrap();
@@ -230,4 +233,74 @@ fn ensure_is_idempotent_and_teardown_removes_the_table() {
         err.to_string(),
         "table inet allowsync does not exist (allowsync creates it at its next sync)"
     );
+}
+
+/// A removal the kernel refuses because an operator's rule still uses the object (EBUSY) does not
+/// hold up the rest: the transaction goes ahead without it, the object stays recorded as
+/// allowsync's, and teardown later reports it left, with the operator's chain that holds it.
+#[test]
+fn a_removal_an_operators_rule_blocks_is_left_and_the_rest_goes_ahead() {
+    let Some(_ns) = enter_new_netns() else { return };
+    let mut a = backend(None);
+    a.ensure().unwrap();
+    let list = set(["192.0.2.0/24", "2001:db8::/48"]);
+    sync(&mut a, &list);
+    // The operator's own rule in allowsync's table, on its set (the README of 0.1 suggested it).
+    nft_script(
+        "add chain inet allowsync mine { type filter hook input priority 0; policy accept; }\n\
+         add rule inet allowsync mine tcp dport 443 ip saddr != @allow_v4 drop\n",
+    );
+    let mut b = NftablesBackend::new(&NftablesConfig { set_v4: "chat_v4".into(), ..config(None) }).unwrap();
+    b.set_recorded(&a.footprint().unwrap());
+    b.ensure().unwrap();
+    assert_eq!(b.read().unwrap(), list, "the new set starts with the old one's elements");
+    let listing = run("nft", &["list", "table", "inet", TABLE]);
+    assert!(listing.contains("set allow_v4") && listing.contains("set chat_v4"), "{listing}");
+    let owned: Vec<String> = b.footprint().unwrap().owned.iter().map(ToString::to_string).collect();
+    assert!(owned.contains(&"set inet allowsync allow_v4".to_string()), "still recorded: {owned:?}");
+
+    let report = b.teardown().unwrap();
+    assert_eq!(report.removed, ["set inet allowsync allow_v6", "set inet allowsync chat_v4"], "{report:?}");
+    assert!(
+        report.left.iter().any(|l| l.starts_with("set inet allowsync allow_v4: the kernel refused")),
+        "{report:?}"
+    );
+    assert!(
+        report.left.contains(
+            &"table inet allowsync: it holds chain mine, which allowsync did not create".to_string()
+        ),
+        "{report:?}"
+    );
+    let listing = run("nft", &["list", "table", "inet", TABLE]);
+    assert!(listing.contains("chain mine") && listing.contains("set allow_v4"), "{listing}");
+}
+
+/// allowsync's enforcement chain of the other scope (`scope: local`, the input hook): the next
+/// `ensure` puts it in prerouting, in one transaction (the generation moves by one: no commit in
+/// between sees the port unenforced), and keeps the sets' elements. (An earlier version's
+/// unmarked chain is not allowsync's: refused, see the conformance suite.)
+#[test]
+fn allowsyncs_chain_of_the_other_scope_is_replaced_in_one_transaction() {
+    let Some(_ns) = enter_new_netns() else { return };
+    let enforce = Enforce { tcp_ports: vec![443], ..Enforce::default() };
+    let mut old = backend(Some(Enforce { scope: EnforceScope::Local, ..enforce.clone() }));
+    old.ensure().unwrap();
+    sync(&mut old, &set(["192.0.2.0/24"]));
+    let mut b = backend(Some(enforce.clone()));
+    let before = b.generation().unwrap().unwrap();
+    b.ensure().unwrap();
+    assert_eq!(b.generation().unwrap().unwrap(), before + 1, "one commit");
+    let chain = run("nft", &["list", "chain", "inet", TABLE, ENFORCE_CHAIN]);
+    assert!(chain.contains(enforce_chain_text(EnforceScope::Host)), "{chain}");
+    for rule in enforce_rule_text(&config(None), &enforce) {
+        assert!(chain.contains(&rule), "{rule} missing in\n{chain}");
+    }
+    assert_eq!(b.read().unwrap(), set(["192.0.2.0/24"]));
+
+    // `scope: local` keeps (or brings back) exactly that earlier chain.
+    let local = Enforce { scope: EnforceScope::Local, ..enforce };
+    backend(Some(local.clone())).ensure().unwrap();
+    let chain = run("nft", &["list", "chain", "inet", TABLE, ENFORCE_CHAIN]);
+    assert!(chain.contains(enforce_chain_text(EnforceScope::Local)), "{chain}");
+    assert_eq!(enforce_rule_text(&config(None), &local)[1], "tcp dport 443 ip saddr != @allow_v4 drop");
 }

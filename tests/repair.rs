@@ -66,7 +66,7 @@ fn intact(want: &AllowSet) -> bool {
         table: "allowsync".into(),
         set_v4: "allow_v4".into(),
         set_v6: "allow_v6".into(),
-        enforce: Some(Enforce { tcp_ports: vec![PORT], udp_ports: vec![] }),
+        enforce: Some(Enforce { tcp_ports: vec![PORT], ..Enforce::default() }),
     })
     .unwrap();
     b.missing().is_ok_and(|m| m.is_empty()) && b.read().ok().as_ref() == Some(want)
@@ -222,7 +222,8 @@ fn a_read_only_state_directory_at_start_still_restores_and_enforces() {
 }
 
 /// The ipset backend sends no notifications: its check every `check_interval` finds a flushed
-/// set and a lost iptables jump, and repairs them the same way.
+/// set and a lost iptables jump (mangle PREROUTING's, `scope: host`), and repairs them the same
+/// way.
 #[test]
 fn the_ipset_backend_check_repairs_a_flushed_set_and_a_lost_jump() {
     let lists = [(5, strings(LIST5)), (6, strings(LIST6))].into();
@@ -240,8 +241,8 @@ fn the_ipset_backend_check_repairs_a_flushed_set_and_a_lost_jump() {
         netns::run("ipset", &["list", "-o", "save", set]).lines().filter(|l| l.starts_with("add ")).count()
     };
     let jumps = || {
-        let s = netns::run("iptables", &["-S", "INPUT"]);
-        s.lines().filter(|l| *l == "-A INPUT -j ALLOWSYNC").count()
+        let s = netns::run("iptables", &["-t", "mangle", "-S", "PREROUTING"]);
+        s.lines().filter(|l| l.starts_with("-A PREROUTING") && l.ends_with("-j ALLOWSYNC")).count()
     };
     let d = env.spawn();
     assert!(wait_until(WAIT, || env.syncs() > 0 && ipset_entries("as_v4") == LIST5.len()), "{}", env.log());
@@ -254,10 +255,14 @@ fn the_ipset_backend_check_repairs_a_flushed_set_and_a_lost_jump() {
     let line = repairs(&env).pop().unwrap();
     assert!(line.contains("trigger=\"periodic check\"") && line.contains("restored=3"), "{line}");
 
-    netns::run("iptables", &["-F", "INPUT"]);
+    netns::run("iptables", &["-t", "mangle", "-F", "PREROUTING"]);
     assert!(wait_until(WAIT, || jumps() == 1), "the jump was not put back:\n{}", env.log());
     assert!(wait_until(WAIT, || repairs(&env).len() == 2), "{}", env.log());
-    assert!(repairs(&env)[1].contains("INPUT's jump to iptables chain filter ALLOWSYNC"), "{}", env.log());
+    assert!(
+        repairs(&env)[1].contains("PREROUTING's jump to iptables chain mangle ALLOWSYNC"),
+        "{}",
+        env.log()
+    );
     assert_eq!(env.mock.request_count(), requests, "a repair asked the API");
     stop(d);
 }

@@ -95,7 +95,7 @@ fn million_entry_parse_child() {
         serde_json::to_vec(&serde_json::json!({"ActionStatus": "OK", "ErrorCode": 0, "IPList": many(n)}))
             .unwrap();
     let t = Instant::now();
-    let got = chat::parse_response(&body, "s", 5, 1, "a", &Default::default()).unwrap();
+    let got = chat::parse_response(&body, 1, "a", &Default::default()).unwrap();
     eprintln!("parsed and aggregated {n} entries ({} bytes) in {:?}", body.len(), t.elapsed());
     assert_eq!((got.entries, got.skipped, got.list.len()), (n as usize, 0, n as usize));
     // Adjacent addresses merge: 1M of them are one range.
@@ -103,7 +103,7 @@ fn million_entry_parse_child() {
     let body =
         serde_json::to_vec(&serde_json::json!({"ActionStatus": "OK", "ErrorCode": 0, "IPList": adjacent}))
             .unwrap();
-    let got = chat::parse_response(&body, "s", 5, 1, "a", &Default::default()).unwrap();
+    let got = chat::parse_response(&body, 1, "a", &Default::default()).unwrap();
     assert_eq!((got.entries, got.list.len()), (n as usize, 1));
     // This process's own peak: exact, as it is read from inside.
     let status = std::fs::read_to_string("/proc/self/status").unwrap();

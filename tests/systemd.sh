@@ -542,8 +542,10 @@ add_peer() {
 ipset_full() { holds ipset_elements allowsync_v4 "${V4[@]}" "$STATIC" && holds ipset_elements allowsync_v6 "${V6[@]}"; }
 ipset_rules() {
   local out
-  out=$(c iptables -S 2>/dev/null) || return 1
-  [[ $out == *"-A INPUT -j ALLOWSYNC"* && $out == *"--match-set allowsync_v4 src -j DROP"* ]]
+  out=$(c iptables -t mangle -S 2>/dev/null) || return 1
+  # Every rule allowsync writes carries its mark (a comment match).
+  [[ $out == *'-A PREROUTING -m comment --comment "managed by allowsync" -j ALLOWSYNC'* &&
+     $out == *'--match-set allowsync_v4 src -m comment --comment "managed by allowsync" -j DROP'* ]]
 }
 
 # The ipset backend with enforce under the unit: the sets are filled even while the rules
@@ -557,15 +559,15 @@ check_ipset_enforce() {
   start_mock
   write_config "$IPSET_BACKEND" "$STATIC_SOURCE"
   add_peer "$NS_A" "$ALLOWED" a && add_peer "$NS_S" "$STRANGER" s || why "cannot set up the client namespaces" || return 1
-  c iptables -N ALLOWSYNC && c iptables -A ALLOWSYNC -j ACCEPT || why "cannot create the foreign chain" || return 1
+  c iptables -t mangle -N ALLOWSYNC && c iptables -t mangle -A ALLOWSYNC -j ACCEPT || why "cannot create the foreign chain" || return 1
   local cur
   cur=$(cursor)
   start_clean || why "systemctl start failed: $(c systemctl status allowsync --no-pager -l)" || return 1
   ipset_full || why "the ipsets were not filled while the rules failed: v4 [$(ipset_elements allowsync_v4 | tr '\n' ' ')]" || return 1
-  wait_until 20 logged "$cur" "is not what allowsync manages" -p err ||
+  wait_until 20 logged "$cur" "holds rules allowsync did not write" -p err ||
     why "the rule failure is not logged as an error" || return 1
   wait_until 20 connects "$NS_S" "${STRANGER%.*}.1" || why "the stranger cannot connect even without enforcement" || return 1
-  c iptables -F ALLOWSYNC && c iptables -X ALLOWSYNC || why "cannot remove the foreign chain" || return 1
+  c iptables -t mangle -F ALLOWSYNC && c iptables -t mangle -X ALLOWSYNC || why "cannot remove the foreign chain" || return 1
   usr1 || return 1
   wait_until 20 ipset_rules || why "the enforcement rules were not installed: $(c journalctl -u allowsync --after-cursor="$cur" -o cat -p warning | tail -3)" || return 1
   ipset_full || why "the ipsets do not hold the list" || return 1

@@ -158,7 +158,7 @@ pub fn repair_latency(rep: &mut Report, runs: usize) {
         table: "allowsync".into(),
         set_v4: "allow_v4".into(),
         set_v6: "allow_v6".into(),
-        enforce: Some(Enforce { tcp_ports: vec![PORT], udp_ports: vec![] }),
+        enforce: Some(Enforce { tcp_ports: vec![PORT], ..Enforce::default() }),
     };
     let mut b = NftablesBackend::new(&config).unwrap();
     let commits = Commits::new(&config);
@@ -181,9 +181,12 @@ pub fn repair_latency(rep: &mut Report, runs: usize) {
         netns::run("ipset", &["list", "-o", "save", set]).lines().filter(|l| l.starts_with("add ")).count()
     };
     let full = count("bench_rv4");
-    let jump = || netns::run("iptables", &["-S", "INPUT"]).lines().any(|l| l == "-A INPUT -j ALLOWSYNC");
+    let jump = || {
+        let s = netns::run("iptables", &["-t", "mangle", "-S", "PREROUTING"]);
+        s.lines().any(|l| l.starts_with("-A PREROUTING") && l.ends_with("-j ALLOWSYNC"))
+    };
     let ipset_flush = rounds(runs, &["ipset", "flush", "bench_rv4"], || count("bench_rv4") == full, None);
-    let jump_lost = rounds(runs, &["iptables", "-F", "INPUT"], jump, None);
+    let jump_lost = rounds(runs, &["iptables", "-t", "mangle", "-F", "PREROUTING"], jump, None);
     stop(d);
     drop(ip);
 
@@ -197,7 +200,7 @@ pub fn repair_latency(rep: &mut Report, runs: usize) {
         ("nft flush ruleset", "notification", &flush),
         ("nft delete table inet allowsync", "notification", &delete),
         ("ipset flush", "check every 1 s", &ipset_flush),
-        ("iptables -F INPUT (the jump)", "check every 1 s", &jump_lost),
+        ("iptables -t mangle -F PREROUTING (the jump)", "check every 1 s", &jump_lost),
     ];
     for (what, by, v) in rows {
         rep.line(format!(
@@ -222,7 +225,7 @@ pub fn repair_latency(rep: &mut Report, runs: usize) {
             format!("repair after {what}: p99 {} (target <= {TARGET_P99_MS:.0} ms)", fmt_ms(Some(p99))),
         );
     }
-    for (what, v) in [("ipset flush", &ipset_flush), ("iptables -F INPUT", &jump_lost)] {
+    for (what, v) in [("ipset flush", &ipset_flush), ("iptables -t mangle -F PREROUTING", &jump_lost)] {
         let p99 = percentile(v, 99.0);
         let target = IPSET_CHECK_MS as f64 + TARGET_P99_MS;
         rep.target(

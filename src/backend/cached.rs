@@ -2,6 +2,7 @@
 //! the kernel's ruleset generation says nothing changed since allowsync last looked.
 
 use super::{Backend, BackendError};
+use crate::ownership::{Footprint, Object, Teardown};
 use crate::prefixes::{AllowSet, Diff};
 
 /// Skips [`Backend::read`] when the ruleset generation is the one seen right after our own last
@@ -104,7 +105,21 @@ impl Backend for Cached {
         self.inner.enforce()
     }
 
-    fn teardown(&mut self) -> Result<(), BackendError> {
+    fn managed(&self) -> Vec<Object> {
+        self.inner.managed()
+    }
+
+    fn set_recorded(&mut self, recorded: &Footprint) {
+        // Another record may mean other objects to remove: ensure again.
+        self.ensured_at = None;
+        self.inner.set_recorded(recorded);
+    }
+
+    fn footprint(&self) -> Option<Footprint> {
+        self.inner.footprint()
+    }
+
+    fn teardown(&mut self) -> Result<Teardown, BackendError> {
         self.known = None;
         self.ensured_at = None;
         self.inner.teardown()
@@ -165,8 +180,8 @@ mod tests {
         fn apply(&mut self, diff: &Diff) -> Result<(), BackendError> {
             self.0.apply(diff)
         }
-        fn teardown(&mut self) -> Result<(), BackendError> {
-            Ok(())
+        fn teardown(&mut self) -> Result<Teardown, BackendError> {
+            Ok(Teardown::default())
         }
         fn generation(&mut self) -> Result<Option<u64>, BackendError> {
             self.0.generation()

@@ -4,6 +4,7 @@
 use tracing::info;
 
 use super::{Backend, BackendError};
+use crate::ownership::Teardown;
 use crate::prefixes::{AllowSet, Diff};
 
 #[derive(Debug, Default)]
@@ -43,7 +44,7 @@ impl Backend for DryRun {
         Ok(())
     }
 
-    fn teardown(&mut self) -> Result<(), BackendError> {
-        Ok(())
+    fn teardown(&mut self) -> Result<Teardown, BackendError> {
+        Ok(Teardown::default())
     }
 }

@@ -111,8 +111,8 @@ impl Backend for MemoryBackend {
         Ok(*self.generation.lock().unwrap())
     }
 
-    fn teardown(&mut self) -> Result<(), BackendError> {
+    fn teardown(&mut self) -> Result<crate::ownership::Teardown, BackendError> {
         *self.set.lock().unwrap() = AllowSet::default();
-        Ok(())
+        Ok(crate::ownership::Teardown::default())
     }
 }

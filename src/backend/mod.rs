@@ -7,7 +7,7 @@
 //!
 //! - [`dry_run`]: logs the transaction it would send and keeps nothing;
 //! - [`nftables`]: two interval sets (and optionally an enforcement chain) in an nftables table,
-//!   over netlink.
+//!   over netlink (`netlink.rs`, the transport);
 //! - [`ipset`]: two `hash:net` ipsets (and optionally an iptables enforcement chain), through
 //!   the `ipset` and `iptables-restore` programs. `ipset restore` is not atomic: that module's
 //!   docs say how a failed apply still leaves the sets as they were (swap, or roll back).
@@ -29,7 +29,19 @@ pub mod nftables;
 pub use cached::Cached;
 
 use crate::config::BackendConfig;
+use crate::ownership::{Footprint, Object, Teardown};
 use crate::prefixes::{AllowSet, Diff};
+
+/// The two sets of every backend, by address family (each backend adds what it calls them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub(crate) const BOTH: [Family; 2] = [Family::V4, Family::V6];
+}
 
 /// A place that holds the allowlist. Calls block (netlink round trips, `ipset` and
 /// `iptables` processes): [`crate::syncer::Syncer`] runs each on tokio's blocking pool
@@ -45,19 +57,40 @@ pub trait Backend: Send {
         true
     }
 
-    /// Creates the table, sets and (with `enforce`) rules when missing. An existing object of
-    /// the same name but another type or flags is [`BackendError::Foreign`]: never changed.
-    /// Writes nothing when everything is in place.
+    /// Creates the table, sets and (with `enforce`) rules when missing, and removes the objects
+    /// an earlier configuration created that this one no longer uses (see
+    /// [`Backend::set_recorded`]). An existing object that is not allowsync's (see
+    /// [`crate::ownership`]) is never changed: one of the wrong type or flags, or named like
+    /// one allowsync would have to rewrite, is [`BackendError::Foreign`]; an operator's set or
+    /// table that does not exist is [`BackendError::Absent`]. Writes nothing when everything is
+    /// in place.
     fn ensure(&mut self) -> Result<(), BackendError>;
 
     /// What [`Backend::ensure`] and [`Backend::enforce`] would put back now, each named for a
     /// log line (`table inet allowsync`, `ipset allowsync_v4`, …); empty when everything is in
     /// place. Reads only, and cheaply: the daemon asks after every foreign change (nftables) or
-    /// every `check_interval` (ipset). The ipset backend also names a set that holds fewer
-    /// entries than it last wrote (flushed behind its back); set contents are otherwise the
-    /// sync's business.
+    /// every `check_interval` (ipset). The ipset backend also names a set that holds another
+    /// number of entries than it last wrote (flushed behind its back); set contents are
+    /// otherwise the sync's business.
     fn missing(&mut self) -> Result<Vec<String>, BackendError> {
         Ok(Vec::new())
+    }
+
+    /// The kernel objects this backend writes to: what [`crate::ownership::lock`] keeps a second
+    /// allowsync off. None for backends that keep nothing in the kernel.
+    fn managed(&self) -> Vec<Object> {
+        Vec::new()
+    }
+
+    /// What the state file recorded about the kernel objects (an earlier run's
+    /// [`Backend::footprint`]): `ensure` removes what was owned and is no longer used, `teardown`
+    /// removes it all. Called before either.
+    fn set_recorded(&mut self, _recorded: &Footprint) {}
+
+    /// The objects allowsync owns and the sets it fills, as the last `ensure` or `teardown`
+    /// left them, for the state file. `None`: nothing to record (dry-run, tests' backends).
+    fn footprint(&self) -> Option<Footprint> {
+        None
     }
 
     /// What the kernel holds now: the truth every diff is computed against.
@@ -75,8 +108,9 @@ pub trait Backend: Send {
         Ok(())
     }
 
-    /// Removes everything allowsync created (only on `allowsync teardown`).
-    fn teardown(&mut self) -> Result<(), BackendError>;
+    /// Removes exactly what allowsync owns (only on `allowsync teardown`), empties the operator's
+    /// sets it filled, and says what it removed and what it left.
+    fn teardown(&mut self) -> Result<Teardown, BackendError>;
 
     /// A number that changes whenever the kernel's copy may have changed (nftables: the ruleset
     /// generation). Equal to the value seen right after our last apply means nothing changed
@@ -99,11 +133,15 @@ pub enum BackendError {
     #[error("{object} does not exist (allowsync creates it at its next sync)")]
     Missing { object: String },
 
-    /// An object with our name that allowsync did not create, or of another type or flags.
-    #[error(
-        "{object} already exists and is not what allowsync manages: {why}; rename it or configure another name"
-    )]
-    Foreign { object: String, why: String },
+    /// An object allowsync would have to change but may not (it did not create it), or cannot
+    /// use as it is (another type or flags): what is wrong, and the fix. Nothing was changed.
+    #[error("{object} {why}: {fix}")]
+    Foreign { object: String, why: String, fix: String },
+
+    /// An operator's table or set that the configuration names does not exist. allowsync never
+    /// creates it (it creates tables and sets only under its own name).
+    #[error("{object} does not exist: {fix}")]
+    Absent { object: String, fix: String },
 
     /// The kernel (or a helper program) refused the operation.
     #[error("{op} on {object} failed: {cause}")]
@@ -123,6 +161,16 @@ impl BackendError {
     /// True when a table or set allowsync manages does not exist.
     pub fn is_missing(&self) -> bool {
         matches!(self, BackendError::Missing { .. })
+    }
+
+    /// The object a refusal of the kernel names, and its errno, for a transaction that may go
+    /// on without the step that was refused.
+    pub fn refused_object(&self) -> Option<(&str, Option<i32>)> {
+        match self {
+            BackendError::Conflict { object, .. } => Some((object, Some(libc::ENOENT))),
+            BackendError::Kernel { object, cause, .. } => Some((object, cause.raw_os_error())),
+            _ => None,
+        }
     }
 }
 

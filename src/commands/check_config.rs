@@ -2,7 +2,7 @@
 //! secret key). Exit 2 when it is invalid.
 
 use allowsync::cli::Cli;
-use allowsync::config::{BackendConfig, Config, Enforce, SourceKind, fmt_duration};
+use allowsync::config::{BackendConfig, Config, Enforce, EnforceScope, SourceKind, fmt_duration};
 
 use super::{CmdResult, Failure};
 
@@ -49,31 +49,26 @@ fn summary(cfg: &Config) -> String {
             }
         }
     }
-    match &cfg.backend {
-        BackendConfig::Nftables(n) => {
-            let _ = writeln!(
-                s,
-                "  backend nftables: table inet {}, sets {} and {}{}",
-                n.table,
-                n.set_v4,
-                n.set_v6,
-                enforce_text(&n.enforce)
-            );
-        }
+    let backend = match &cfg.backend {
+        BackendConfig::Nftables(n) => format!(
+            "nftables: own table inet {}, {} and {}{}",
+            n.table,
+            n.set_object(false),
+            n.set_object(true),
+            enforce_text(&n.enforce)
+        ),
         BackendConfig::Ipset(i) => {
-            let _ = writeln!(
-                s,
-                "  backend ipset: sets {} and {}, maxelem {}{}",
+            format!(
+                "ipset: sets {} and {}, maxelem {}{}",
                 i.set_v4,
                 i.set_v6,
                 i.maxelem,
                 enforce_text(&i.enforce)
-            );
+            )
         }
-        BackendConfig::DryRun => {
-            let _ = writeln!(s, "  backend dry_run: nothing is written to the firewall");
-        }
-    }
+        BackendConfig::DryRun => "dry_run: nothing is written to the firewall".into(),
+    };
+    let _ = writeln!(s, "  backend {backend}");
     let sf = &cfg.safety;
     let _ = writeln!(
         s,
@@ -93,7 +88,13 @@ fn summary(cfg: &Config) -> String {
 fn enforce_text(e: &Option<Enforce>) -> String {
     match e {
         None => ", not enforcing (add your own rule)".into(),
-        Some(e) => format!(", enforcing tcp {:?} udp {:?}", e.tcp_ports, e.udp_ports),
+        Some(e) => {
+            let scope = match e.scope {
+                EnforceScope::Host => "host: every packet addressed to this host, DNATed ones included",
+                EnforceScope::Local => "local: local sockets only, not DNATed ports",
+            };
+            format!(", enforcing tcp {:?} udp {:?} (scope {scope})", e.tcp_ports, e.udp_ports)
+        }
     }
 }
 
@@ -106,7 +107,9 @@ mod tests {
     #[test]
     fn the_summary_never_shows_the_key() {
         let text = "sources:\n  - name: sgp\n    tencent_chat:\n      region: singapore\n      sdkappid: 1400000000\n      identifier: administrator\n      secret_key: s3cr3t-value\n";
-        let cfg = Config::parse(text, Path::new("/etc/allowsync/config.yaml")).unwrap();
+        let cfg = allowsync::config::parse(text, Path::new("/etc/allowsync/config.yaml"))
+            .and_then(allowsync::config::Parsed::resolve)
+            .unwrap();
         let shown = summary(&cfg);
         assert!(shown.contains("sgp: tencent_chat sdkappid 1400000000 as administrator"), "{shown}");
         assert!(!shown.contains("s3cr3t-value"), "{shown}");

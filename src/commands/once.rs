@@ -2,7 +2,7 @@
 //! failed or a source failed (its last good list stood in), 0 otherwise.
 
 use allowsync::cli::Cli;
-use allowsync::engine::{Outcome, SourceStatus};
+use allowsync::engine::{Outcome, SourceReport};
 use allowsync::syncer::{CycleReport, Syncer};
 
 use super::{CmdResult, exit, exit_with, load, runtime};
@@ -19,9 +19,7 @@ fn code(report: &CycleReport) -> u8 {
     match &report.outcome {
         Ok(Outcome::Refused(_)) => exit::REFUSED,
         Err(_) => exit::FAILURE,
-        Ok(_) if report.sources.iter().any(|s| !matches!(s.status, SourceStatus::Fresh { .. })) => {
-            exit::FAILURE
-        }
+        Ok(_) if !report.sources.iter().all(SourceReport::is_fresh) => exit::FAILURE,
         Ok(_) => 0,
     }
 }

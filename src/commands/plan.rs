@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 
 use allowsync::cli::Cli;
-use allowsync::engine::{SourceStatus, Verdict};
+use allowsync::engine::Verdict;
 use allowsync::prefixes::{Addr, Delta, Range};
 use allowsync::syncer::Syncer;
 
@@ -31,7 +31,7 @@ pub fn run(cli: &Cli) -> CmdResult {
         safety.max_added_addresses_v6
     )?;
     // As `once` would exit: 3 refused, else 1 when a source failed, else 0.
-    let source_failed = desired.sources.iter().any(|s| !matches!(s.status, SourceStatus::Fresh { .. }));
+    let source_failed = !desired.all_fresh();
     let ok = if source_failed { exit::FAILURE } else { 0 };
     let code = match &plan.verdict {
         Verdict::InSync => {

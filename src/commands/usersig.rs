@@ -3,14 +3,14 @@
 
 use allowsync::cli::Cli;
 use allowsync::clock;
-use allowsync::source;
+use allowsync::source::chat;
 use allowsync::usersig::Minted;
 
 use super::{CmdResult, Failure, load};
 
 pub fn run(cli: &Cli, name: &str) -> CmdResult {
     let cfg = load(cli)?;
-    let minted = source::mint_usersig(&cfg, name, clock::now_unix()).map_err(Failure::usage)?;
+    let minted = chat::mint_usersig(&cfg, name, clock::now_unix()).map_err(Failure::usage)?;
     print!("{}", render(&minted));
     Ok(())
 }

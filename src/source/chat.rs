@@ -7,30 +7,48 @@
 //! on the backup domain. Everything else (backoff, the next cycle) is the scheduler's.
 //!
 //! Secrets: the usersig travels in the query string, so every URL that may reach a log or an
-//! error goes through [`redact_url`], and reqwest errors are stripped of their URL.
+//! error goes through `redact_url`, and reqwest errors are stripped of their URL.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::Url;
 use serde_json::Value;
-use tracing::{debug, error, warn};
+use tracing::{Instrument, debug, error, warn};
 
-use super::{ErrorClass, FetchError};
+use super::{ErrorClass, FetchError, SourceError};
 use crate::admission::{self, MinPrefix, Refused};
 use crate::clock;
-use crate::config::TencentChatConfig;
+use crate::config::{Config, Region, SourceKind, TencentChatConfig};
 use crate::logging::Untrusted;
 use crate::prefixes::{self, AllowSet};
-use crate::usersig::{Minted, UsersigCache};
+use crate::usersig::{self, Minted, UsersigCache};
 
 /// The path of the API, appended to an endpoint's base URL.
-pub const GET_IP_LIST: &str = "/v4/ConfigSvc/GetIPList";
+pub(crate) const GET_IP_LIST: &str = "/v4/ConfigSvc/GetIPList";
 /// Largest response body read; a longer one is an error and nothing of it is used.
-pub const MAX_BODY: usize = 1024 * 1024;
+pub(crate) const MAX_BODY: usize = 1024 * 1024;
 /// Invalid or refused entries logged one by one per response; the rest are counted in one
 /// summary line, so that a broken list cannot flood the journal.
 const MAX_ENTRY_WARNINGS: usize = 20;
+
+impl Region {
+    /// The REST API domains of the region's data centre, primary first, as documented. Tokyo
+    /// and Mumbai have no documented backup.
+    pub fn domains(self) -> &'static [&'static str] {
+        match self {
+            Region::China => &["console.tim.qq.com", "adminapi.my-imcloud.com"],
+            Region::Singapore => &["adminapisgp.im.qcloud.com", "adminapisgp.my-imcloud.com"],
+            Region::Seoul => &["adminapikr.im.qcloud.com", "adminapikr.my-imcloud.com"],
+            Region::Frankfurt => &["adminapiger.im.qcloud.com", "adminapiger.my-imcloud.com"],
+            Region::SiliconValley => &["adminapiusa.im.qcloud.com", "adminapiusa.my-imcloud.com"],
+            Region::Jakarta => &["adminapiidn.im.qcloud.com", "adminapiidn.my-imcloud.com"],
+            Region::Tokyo => &["adminapijpn.im.qcloud.com"],
+            Region::Mumbai => &["adminapiind.im.qcloud.com"],
+        }
+    }
+}
 
 /// What one nettype's request gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +62,7 @@ pub struct NettypeList {
 
 /// One `tencent_chat` source.
 #[derive(Debug)]
-pub struct ChatSource {
+pub(crate) struct ChatSource {
     name: String,
     endpoints: Vec<String>,
     sdkappid: u64,
@@ -92,18 +110,34 @@ impl ChatSource {
         &self.nettypes
     }
 
-    /// Fetches one nettype: the list, or why not. A usersig rejected as expired is re-minted
-    /// and the request retried once; a primary domain that cannot be reached is replaced by the
-    /// next endpoint once.
-    pub async fn fetch_nettype(&self, nettype: u8) -> Result<NettypeList, FetchError> {
+    /// The span every log line of one nettype's fetch is in: `fetch{source=… nettype=…}`. At
+    /// error level, so that it is there whatever level the log is filtered at.
+    pub(crate) fn span(&self, nettype: u8) -> tracing::Span {
+        tracing::error_span!("fetch", source = %self.name, nettype)
+    }
+
+    /// Fetches one nettype: the list, or why not (logged). A usersig rejected as expired is
+    /// re-minted and the request retried once; a primary domain that cannot be reached is
+    /// replaced by the next endpoint once.
+    pub(crate) async fn fetch_nettype(&self, nettype: u8) -> Result<NettypeList, FetchError> {
+        async {
+            let result = self.fetch_with_retries(nettype).await;
+            if let Err(e) = &result {
+                warn!(class = %e.class(), error = %e, "GetIPList failed");
+            }
+            result
+        }
+        .instrument(self.span(nettype))
+        .await
+    }
+
+    async fn fetch_with_retries(&self, nettype: u8) -> Result<NettypeList, FetchError> {
         let mut sig = self.sigs.get(clock::now_unix());
         let mut reminted = false;
         loop {
             match self.request(nettype, &sig).await {
                 Err(e) if e.class() == ErrorClass::UsersigExpired && !reminted => {
                     warn!(
-                        source = %self.name,
-                        nettype,
                         code = e.code().unwrap_or_default(),
                         "the server rejected the usersig as expired; minting a new one and retrying once"
                     );
@@ -113,8 +147,6 @@ impl ChatSource {
                 Err(e) if e.class() == ErrorClass::UsersigExpired => {
                     // Still expired with a usersig signed seconds ago: the clocks disagree.
                     warn!(
-                        source = %self.name,
-                        nettype,
                         "a freshly minted usersig was rejected as expired too: check this host's clock (NTP)"
                     );
                     return Err(e);
@@ -130,11 +162,11 @@ impl ChatSource {
         // Only one fallback: the configuration holds [primary, backup] or a single endpoint.
         for (i, endpoint) in self.endpoints.iter().take(2).enumerate() {
             if i > 0 {
-                warn!(source = %self.name, nettype, endpoint = %endpoint, "trying the backup endpoint");
+                warn!(endpoint = %endpoint, "trying the backup endpoint");
             }
             match self.attempt(endpoint, nettype, sig).await {
                 Err(e @ FetchError::Connect { .. }) => {
-                    warn!(source = %self.name, nettype, endpoint = %endpoint, error = %e, "cannot reach the endpoint");
+                    warn!(endpoint = %endpoint, error = %e, "cannot reach the endpoint");
                     last = Some(e);
                 }
                 other => return other,
@@ -148,7 +180,7 @@ impl ChatSource {
     async fn attempt(&self, endpoint: &str, nettype: u8, sig: &Minted) -> Result<NettypeList, FetchError> {
         let url = build_url(endpoint, self.sdkappid, &self.identifier, sig.usersig.expose(), nettype)?;
         let shown = redact_url(&url);
-        debug!(source = %self.name, nettype, url = %shown, "GetIPList");
+        debug!(url = %shown, "GetIPList");
         let mut body = self.post(url, &shown).await?;
         // ErrorInfo is the server's text: make sure it cannot carry our usersig (nor its TLS.sig,
         // nor the key: a server, proxy or wrong endpoint may echo anything) into a log. Scrubbed
@@ -159,8 +191,7 @@ impl ChatSource {
         for secret in &secrets {
             body = scrub_bytes(body, secret.as_bytes());
         }
-        let parsed =
-            parse_response(&body, &self.name, nettype, self.sdkappid, &self.identifier, &self.min_prefix);
+        let parsed = parse_response(&body, self.sdkappid, &self.identifier, &self.min_prefix);
         parsed.map_err(|e| secrets.iter().fold(e, |e, secret| e.scrub(secret)))
     }
 
@@ -217,7 +248,7 @@ fn scrub_bytes(body: Vec<u8>, secret: &[u8]) -> Vec<u8> {
 
 /// `{endpoint}/v4/ConfigSvc/GetIPList?sdkappid=..&identifier=..&usersig=..&random=..&contenttype=json&nettype=..`
 /// with every value URL-encoded and a fresh random number.
-pub fn build_url(
+pub(crate) fn build_url(
     endpoint: &str,
     sdkappid: u64,
     identifier: &str,
@@ -239,7 +270,7 @@ pub fn build_url(
 }
 
 /// The URL as it may be shown: the usersig replaced by `REDACTED`.
-pub fn redact_url(url: &Url) -> String {
+pub(crate) fn redact_url(url: &Url) -> String {
     let mut shown = url.clone();
     let pairs: Vec<(String, String)> =
         url.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
@@ -253,8 +284,8 @@ pub fn redact_url(url: &Url) -> String {
     shown.to_string()
 }
 
-/// Parses a GetIPList answer. `source`, `nettype`, `sdkappid` and `identifier` only word logs
-/// and error messages.
+/// Parses a GetIPList answer. `sdkappid` and `identifier` only word error messages; the log
+/// lines name the source and nettype through the caller's span (`ChatSource::span`).
 ///
 /// - `ActionStatus` must be a string and `ErrorCode` an integer; `FAIL` or a non-zero code is
 ///   an API error, classified by its code.
@@ -267,14 +298,12 @@ pub fn redact_url(url: &Url) -> String {
 ///
 ///   If no element is valid the whole answer is an error: a list of nothing but garbage says
 ///   the service is broken, not that the allowlist is empty.
-/// - Every text of the answer that reaches a log or an error goes through [`Untrusted`].
+/// - Every text of the answer that reaches a log or an error goes through `Untrusted`.
 /// - An empty `IPList` is a success with an empty list. Whether to apply it is the engine's
 ///   decision, taken with its safety guards (`allow_empty`, `max_removal_percent`) that see the
 ///   whole desired set; refusing it here would hide it from them.
 pub fn parse_response(
     body: &[u8],
-    source: &str,
-    nettype: u8,
     sdkappid: u64,
     identifier: &str,
     min_prefix: &MinPrefix,
@@ -330,7 +359,7 @@ pub fn parse_response(
             Err(reason) => {
                 skipped += 1;
                 if skipped <= MAX_ENTRY_WARNINGS {
-                    warn!(source = %source, nettype, entry = %shown(item), reason = %reason, "skipping invalid entry");
+                    warn!(entry = %shown(item), reason = %reason, "skipping invalid entry");
                 }
                 continue;
             }
@@ -339,24 +368,24 @@ pub fn parse_response(
             Ok(()) => {}
             Err(r @ Refused::TooShort { .. }) => {
                 let entry = shown(item);
-                error!(source = %source, nettype, entry = %entry, reason = %r, "suspicious answer: an entry is wider than the minimum prefix length; not using any of it");
+                error!(entry = %entry, reason = %r, "suspicious answer: an entry is wider than the minimum prefix length; not using any of it");
                 return Err(FetchError::Suspicious { entry, reason: r.to_string() });
             }
             Err(r @ Refused::Special { .. }) => {
                 skipped += 1;
                 if refused.insert(e.net) && skipped <= MAX_ENTRY_WARNINGS {
-                    warn!(source = %source, nettype, entry = %shown(item), reason = %r, "skipping an entry that is never allowed");
+                    warn!(entry = %shown(item), reason = %r, "skipping an entry that is never allowed");
                 }
                 continue;
             }
         }
         if let Some(orig) = e.masked_from {
-            warn!(source = %source, nettype, entry = %orig, used = %e.net, "entry has host bits set; using its network");
+            warn!(entry = %orig, used = %e.net, "entry has host bits set; using its network");
         }
         nets.push(e.net);
     }
     if skipped > MAX_ENTRY_WARNINGS {
-        warn!(source = %source, nettype, skipped, "more entries skipped without a warning each");
+        warn!(skipped, "more entries skipped without a warning each");
     }
     if nets.is_empty() && skipped > 0 {
         return Err(FetchError::AllInvalid { count: skipped });
@@ -380,13 +409,149 @@ impl ClassifyStr for serde_json::Error {
     }
 }
 
+// ---- the Chat error codes, per the reference's table ---------------------------------------
+
+impl FetchError {
+    /// The error for an answer with this `ErrorCode` and `ErrorInfo` (the server's text,
+    /// quoted and escaped here), with the fix named where the reference knows it.
+    pub fn api(code: i64, info: &str, sdkappid: u64, identifier: &str) -> FetchError {
+        let class = classify_code(code);
+        let hint = match code {
+            60010 | 70403 => Some(format!(
+                "the identifier {identifier} is not an app administrator of SDKAppID {sdkappid}"
+            )),
+            60021 => Some("this host's address is not allowed to call the REST API".to_owned()),
+            70009 => Some("usersig minted with the wrong secret key".to_owned()),
+            60006 => Some(format!("invalid SDKAppID {sdkappid}")),
+            60016 => Some(format!("SDKAppID {sdkappid} is disabled")),
+            60020 => Some(format!("the package of SDKAppID {sdkappid} has expired or is not active yet")),
+            70013 => Some(format!("the usersig's identifier does not match {identifier}")),
+            70014 => Some(format!("the usersig's SDKAppID does not match {sdkappid}")),
+            60004 => Some(format!("wrong identifier ({identifier}) or usersig")),
+            70001 | 70052 => Some("usersig expired: if this persists, check this host's clock".to_owned()),
+            70050 => Some("the admin account is locked after failed logins; wait at least 60 s".to_owned()),
+            _ => None,
+        };
+        let message = match (hint, info.is_empty()) {
+            (Some(h), true) => h,
+            (Some(h), false) => format!("{h} (server: {})", Untrusted(info)),
+            (None, true) => "no ErrorInfo".to_owned(),
+            (None, false) => format!("server: {}", Untrusted(info)),
+        };
+        FetchError::Api { code, class, message }
+    }
+
+    /// A reqwest error, without its URL (which holds the usersig): `shown` is the redacted URL.
+    pub(super) fn from_reqwest(e: reqwest::Error, shown: &str, timeout: Duration) -> FetchError {
+        let url = shown.to_owned();
+        let connect = e.is_connect();
+        let timed_out = e.is_timeout();
+        let e = e.without_url();
+        let mut message = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            let _ = write!(message, ": {s}");
+            src = s.source();
+        }
+        let message = redact_query_param(&message, "usersig");
+        if connect {
+            FetchError::Connect { url, message }
+        } else if timed_out {
+            FetchError::Timeout { url, after: timeout }
+        } else {
+            FetchError::Network { url, message }
+        }
+    }
+}
+
+/// The class of an API error code, after the reference's table. Unknown codes are treated as
+/// transient: retried with backoff, never hammered.
+pub(crate) fn classify_code(code: i64) -> ErrorClass {
+    match code {
+        60007 | 60011 | 60018 | 60019 => ErrorClass::RateLimited,
+        60008 | 60013 | 60014 | 70169 | 70500 => ErrorClass::Transient,
+        70001 | 70052 => ErrorClass::UsersigExpired,
+        70050 => ErrorClass::Locked,
+        60002 | 60003 | 60004 | 60005 | 60006 | 60009 | 60010 | 60012 | 60015 | 60016 | 60017 | 60020
+        | 60021 | 70002 | 70003 | 70005 | 70009 | 70013 | 70014 | 70016 | 70020 | 70051 | 70114 | 70403 => {
+            ErrorClass::Configuration
+        }
+        _ => ErrorClass::Transient,
+    }
+}
+
+/// `usersig=<anything>` in free text becomes `usersig=REDACTED`, up to the next `&`, space or
+/// quote: the last line of defence for messages built by libraries.
+pub(crate) fn redact_query_param(text: &str, param: &str) -> String {
+    let needle = format!("{param}=");
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(&needle) {
+        out.push_str(&rest[..i + needle.len()]);
+        out.push_str("REDACTED");
+        rest = &rest[i + needle.len()..];
+        let end = rest.find(|c: char| c == '&' || c.is_whitespace() || c == '"' || c == '\'' || c == ')');
+        rest = &rest[end.unwrap_or(rest.len())..];
+    }
+    out.push_str(rest);
+    out
+}
+
+// ---- the HTTP client and the usersig of `allowsync usersig` ---------------------------------
+
+/// The one HTTP client every Chat source sends through (every `ca_file` is read here).
+pub(super) fn client(chats: &[&TencentChatConfig]) -> Result<reqwest::Client, SourceError> {
+    let shortest = chats.iter().map(|c| c.timeout).min().unwrap_or(Duration::from_secs(10));
+    let mut b = reqwest::Client::builder()
+        .user_agent(concat!("allowsync/", env!("CARGO_PKG_VERSION")))
+        // Half the shortest whole-request timeout, so that an unreachable primary domain leaves
+        // time to try the backup before the caller gives up.
+        .connect_timeout((shortest / 2).max(Duration::from_millis(500)))
+        // A redirect would carry the usersig in its query string to another address.
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_idle_timeout(Duration::from_secs(90));
+    // One client serves every source, so it trusts the union of their extra CAs (on top of the
+    // system store).
+    let mut seen = std::collections::BTreeSet::new();
+    for path in chats.iter().filter_map(|c| c.ca_file.as_ref()) {
+        if !seen.insert(path.clone()) {
+            continue;
+        }
+        let pem =
+            std::fs::read(path).map_err(|cause| SourceError::CaFileRead { path: path.clone(), cause })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| SourceError::CaFile { path: path.clone(), message: e.to_string() })?;
+        if certs.is_empty() {
+            return Err(SourceError::CaFile { path: path.clone(), message: "no certificate found".into() });
+        }
+        b = b.tls_certs_merge(certs);
+    }
+    b.build().map_err(|e| SourceError::Client(e.to_string()))
+}
+
+/// A fresh usersig for the Chat source `name` of the configuration, signed at `now_unix`.
+pub fn mint_usersig(cfg: &Config, name: &str, now_unix: u64) -> Result<Minted, SourceError> {
+    match cfg.sources.iter().find(|s| s.name == name).map(|s| &s.kind) {
+        Some(SourceKind::TencentChat(c)) => {
+            let expire = c.usersig_ttl.as_secs().max(1);
+            Ok(Minted {
+                usersig: usersig::mint(c.sdkappid, &c.identifier, c.secret_key.expose(), expire, now_unix),
+                time: now_unix,
+                expire,
+            })
+        }
+        Some(SourceKind::Static(_)) => Err(SourceError::NotChat(name.to_owned())),
+        None => Err(SourceError::UnknownSource(name.to_owned())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn answer(entries: &[&str]) -> Result<NettypeList, FetchError> {
         let body = serde_json::json!({"ActionStatus": "OK", "ErrorCode": 0, "IPList": entries});
-        parse_response(body.to_string().as_bytes(), "chat", 5, 1, "a", &MinPrefix::default())
+        parse_response(body.to_string().as_bytes(), 1, "a", &MinPrefix::default())
     }
     fn listed(l: &NettypeList) -> Vec<String> {
         l.list.to_nets().iter().map(ToString::to_string).collect()
@@ -419,7 +584,7 @@ mod tests {
         // The operator's lower minimum is honoured.
         let body = r#"{"ActionStatus":"OK","ErrorCode":0,"IPList":["16.0.0.0/4"]}"#.as_bytes();
         let low = MinPrefix { v4: 4, v6: 32 };
-        assert_eq!(listed(&parse_response(body, "chat", 5, 1, "a", &low).unwrap()), ["16.0.0.0/4"]);
+        assert_eq!(listed(&parse_response(body, 1, "a", &low).unwrap()), ["16.0.0.0/4"]);
     }
 
     #[test]
@@ -450,10 +615,85 @@ mod tests {
     #[test]
     fn error_info_reaches_the_error_escaped() {
         let body = serde_json::json!({"ActionStatus": "FAIL", "ErrorCode": 70009, "ErrorInfo": "bad\n\u{1b}[31mINFO forged"});
-        let e = parse_response(body.to_string().as_bytes(), "chat", 5, 1, "a", &MinPrefix::default())
-            .unwrap_err();
+        let e = parse_response(body.to_string().as_bytes(), 1, "a", &MinPrefix::default()).unwrap_err();
         let text = e.to_string();
         assert!(text.ends_with(r#"(server: "bad\n\u{1b}[31mINFO forged")"#), "{text}");
         assert!(!text.chars().any(char::is_control), "{text}");
+    }
+
+    #[test]
+    fn codes_are_classified_after_the_reference() {
+        use ErrorClass::*;
+        for (code, class) in [
+            (60007, RateLimited),
+            (60019, RateLimited),
+            (60008, Transient),
+            (70500, Transient),
+            (70001, UsersigExpired),
+            (70052, UsersigExpired),
+            (70050, Locked),
+            (60004, Configuration),
+            (70403, Configuration),
+            (60021, Configuration),
+            (99999, Transient),
+        ] {
+            assert_eq!(classify_code(code), class, "{code}");
+        }
+    }
+
+    #[test]
+    fn configuration_errors_name_the_fix() {
+        let e = FetchError::api(60010, "", 1400000000, "administrator");
+        assert_eq!(e.class(), ErrorClass::Configuration);
+        assert!(
+            e.to_string()
+                .contains("the identifier administrator is not an app administrator of SDKAppID 1400000000")
+        );
+        let e = FetchError::api(70009, "sig error", 1, "a");
+        assert!(e.to_string().contains(r#"usersig minted with the wrong secret key (server: "sig error")"#));
+        assert!(FetchError::api(60021, "", 1, "a").to_string().contains("not allowed"));
+        assert_eq!(FetchError::api(12345, "", 1, "a").code(), Some(12345));
+    }
+
+    #[test]
+    fn the_servers_text_is_escaped_and_capped() {
+        let forged = format!(
+            "oops\n2026-01-01T00:00:00Z  INFO sync outcome=\"applied\"\r\u{1b}[2J{}",
+            "x".repeat(500)
+        );
+        for code in [70009, 12345] {
+            let shown = FetchError::api(code, &forged, 1, "a").to_string();
+            assert!(!shown.chars().any(char::is_control), "{shown}");
+            assert!(
+                shown.contains(r#""oops\n2026-01-01T00:00:00Z  INFO sync outcome=\"applied\"\r\u{1b}[2J"#),
+                "{shown}"
+            );
+            assert!(shown.len() < 400, "not capped: {} characters", shown.len());
+        }
+    }
+
+    #[test]
+    fn query_params_are_redacted_in_free_text() {
+        assert_eq!(
+            redact_query_param("url (http://h/p?a=1&usersig=eJy*x-_&random=2) failed", "usersig"),
+            "url (http://h/p?a=1&usersig=REDACTED&random=2) failed"
+        );
+        assert_eq!(redact_query_param("usersig=abc", "usersig"), "usersig=REDACTED");
+        assert_eq!(redact_query_param("nothing here", "usersig"), "nothing here");
+    }
+
+    #[test]
+    fn urls_are_encoded_and_redacted() {
+        let url = build_url("http://127.0.0.1:1/", 1400000000, "ad min&x", "eJy*a-b_", 5).unwrap();
+        let q: std::collections::HashMap<_, _> = url.query_pairs().into_owned().collect();
+        assert_eq!(q["identifier"], "ad min&x");
+        assert_eq!(q["usersig"], "eJy*a-b_");
+        assert_eq!(q["nettype"], "5");
+        assert_eq!(q["contenttype"], "json");
+        q["random"].parse::<u32>().unwrap();
+        assert_eq!(url.path(), "/v4/ConfigSvc/GetIPList");
+        let shown = redact_url(&url);
+        assert!(shown.contains("usersig=REDACTED"), "{shown}");
+        assert!(!shown.contains("eJy"), "{shown}");
     }
 }

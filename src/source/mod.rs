@@ -4,11 +4,15 @@
 //!
 //! A source's result is all or nothing: a Chat source with several nettypes succeeds only if
 //! every nettype did, so the engine never mistakes half a list for the whole one (it keeps the
-//! source's last good list instead).
+//! source's last good list instead). What became of each source is the engine's
+//! [`crate::engine::SourceReport`].
+//!
+//! This module is the orchestration; everything about the Chat REST API itself (requests,
+//! answers, its error codes, the HTTP client, the region domains) is in [`chat`].
 
 pub mod chat;
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,13 +20,12 @@ use std::time::Duration;
 use ipnet::IpNet;
 use tracing::warn;
 
-pub use chat::{ChatSource, NettypeList};
+use chat::ChatSource;
+pub use chat::NettypeList;
 
 use crate::admission::MinPrefix;
 use crate::config::{Config, SourceConfig, SourceKind, TencentChatConfig};
-use crate::logging::Untrusted;
 use crate::prefixes::AllowSet;
-use crate::usersig::{self, Minted};
 
 /// What a client should do about a failure, after the reference's error table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -86,7 +89,7 @@ pub enum FetchError {
     #[error("every one of the {count} entries of IPList is invalid or never allowed")]
     AllInvalid { count: usize },
     /// An entry wider than `safety.min_prefix_v4` / `_v6`: the whole answer is not used.
-    /// `entry` is the entry as sent, escaped ([`crate::logging::Untrusted`]).
+    /// `entry` is the entry as sent, escaped (`logging::Untrusted`).
     #[error("suspicious answer, none of it used: entry {entry}: {reason}")]
     Suspicious { entry: String, reason: String },
     /// A bug: a fetch task panicked. Reported, never propagated as a panic.
@@ -126,36 +129,6 @@ impl FetchError {
         }
     }
 
-    /// The error for an API error code, with the fix named where the reference knows it.
-    /// The error for an answer with this `ErrorCode` and `ErrorInfo` (the server's text,
-    /// quoted and escaped here).
-    pub fn api(code: i64, info: &str, sdkappid: u64, identifier: &str) -> FetchError {
-        let class = classify_code(code);
-        let hint = match code {
-            60010 | 70403 => Some(format!(
-                "the identifier {identifier} is not an app administrator of SDKAppID {sdkappid}"
-            )),
-            60021 => Some("this host's address is not allowed to call the REST API".to_owned()),
-            70009 => Some("usersig minted with the wrong secret key".to_owned()),
-            60006 => Some(format!("invalid SDKAppID {sdkappid}")),
-            60016 => Some(format!("SDKAppID {sdkappid} is disabled")),
-            60020 => Some(format!("the package of SDKAppID {sdkappid} has expired or is not active yet")),
-            70013 => Some(format!("the usersig's identifier does not match {identifier}")),
-            70014 => Some(format!("the usersig's SDKAppID does not match {sdkappid}")),
-            60004 => Some(format!("wrong identifier ({identifier}) or usersig")),
-            70001 | 70052 => Some("usersig expired: if this persists, check this host's clock".to_owned()),
-            70050 => Some("the admin account is locked after failed logins; wait at least 60 s".to_owned()),
-            _ => None,
-        };
-        let message = match (hint, info.is_empty()) {
-            (Some(h), true) => h,
-            (Some(h), false) => format!("{h} (server: {})", Untrusted(info)),
-            (None, true) => "no ErrorInfo".to_owned(),
-            (None, false) => format!("server: {}", Untrusted(info)),
-        };
-        FetchError::Api { code, class, message }
-    }
-
     /// Replaces any occurrence of `secret` in the error's text.
     pub(crate) fn scrub(self, secret: &str) -> FetchError {
         if secret.is_empty() {
@@ -169,61 +142,6 @@ impl FetchError {
             other => other,
         }
     }
-
-    /// A reqwest error, without its URL (which holds the usersig): `shown` is the redacted URL.
-    fn from_reqwest(e: reqwest::Error, shown: &str, timeout: Duration) -> FetchError {
-        let url = shown.to_owned();
-        let connect = e.is_connect();
-        let timed_out = e.is_timeout();
-        let e = e.without_url();
-        let mut message = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            let _ = write!(message, ": {s}");
-            src = s.source();
-        }
-        let message = redact_query_param(&message, "usersig");
-        if connect {
-            FetchError::Connect { url, message }
-        } else if timed_out {
-            FetchError::Timeout { url, after: timeout }
-        } else {
-            FetchError::Network { url, message }
-        }
-    }
-}
-
-/// The class of an API error code, after the reference's table. Unknown codes are treated as
-/// transient: retried with backoff, never hammered.
-pub fn classify_code(code: i64) -> ErrorClass {
-    match code {
-        60007 | 60011 | 60018 | 60019 => ErrorClass::RateLimited,
-        60008 | 60013 | 60014 | 70169 | 70500 => ErrorClass::Transient,
-        70001 | 70052 => ErrorClass::UsersigExpired,
-        70050 => ErrorClass::Locked,
-        60002 | 60003 | 60004 | 60005 | 60006 | 60009 | 60010 | 60012 | 60015 | 60016 | 60017 | 60020
-        | 60021 | 70002 | 70003 | 70005 | 70009 | 70013 | 70014 | 70016 | 70020 | 70051 | 70114 | 70403 => {
-            ErrorClass::Configuration
-        }
-        _ => ErrorClass::Transient,
-    }
-}
-
-/// `usersig=<anything>` in free text becomes `usersig=REDACTED`, up to the next `&`, space or
-/// quote: the last line of defence for messages built by libraries.
-pub fn redact_query_param(text: &str, param: &str) -> String {
-    let needle = format!("{param}=");
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(i) = rest.find(&needle) {
-        out.push_str(&rest[..i + needle.len()]);
-        out.push_str("REDACTED");
-        rest = &rest[i + needle.len()..];
-        let end = rest.find(|c: char| c == '&' || c.is_whitespace() || c == '"' || c == '\'' || c == ')');
-        rest = &rest[end.unwrap_or(rest.len())..];
-    }
-    out.push_str(rest);
-    out
 }
 
 /// Why the sources could not be set up.
@@ -304,7 +222,7 @@ impl Sources {
                 SourceKind::Static(_) => None,
             })
             .collect();
-        let client = if chats.is_empty() { None } else { Some(build_client(&chats)?) };
+        let client = if chats.is_empty() { None } else { Some(chat::client(&chats)?) };
         let sources = configs
             .iter()
             .map(|s| match &s.kind {
@@ -369,12 +287,13 @@ async fn fetch_chat(c: &Arc<ChatSource>) -> Fetched {
         .collect();
     let mut nettypes = Vec::with_capacity(handles.len());
     for (nettype, h) in handles {
+        // The fetch logs its own failure; a task that did not finish is logged here.
         let result = h.await.unwrap_or_else(|e| {
-            Err(FetchError::Internal { message: format!("the fetch task for nettype {nettype} failed: {e}") })
+            let e =
+                FetchError::Internal { message: format!("the fetch task for nettype {nettype} failed: {e}") };
+            c.span(nettype).in_scope(|| warn!(class = %e.class(), error = %e, "GetIPList failed"));
+            Err(e)
         });
-        if let Err(e) = &result {
-            warn!(source = %c.name(), nettype, class = %e.class(), error = %e, "GetIPList failed");
-        }
         nettypes.push(NettypeFetched { nettype, result });
     }
     let ok: Vec<&NettypeList> = nettypes.iter().filter_map(|n| n.result.as_ref().ok()).collect();
@@ -385,130 +304,4 @@ async fn fetch_chat(c: &Arc<ChatSource>) -> Fetched {
         None => Ok(AllowSet::union(ok.iter().map(|l| &l.list))),
     };
     Fetched { name: c.name().to_owned(), result, entries, skipped, nettypes }
-}
-
-fn build_client(chats: &[&TencentChatConfig]) -> Result<reqwest::Client, SourceError> {
-    let shortest = chats.iter().map(|c| c.timeout).min().unwrap_or(Duration::from_secs(10));
-    let mut b = reqwest::Client::builder()
-        .user_agent(concat!("allowsync/", env!("CARGO_PKG_VERSION")))
-        // Half the shortest whole-request timeout, so that an unreachable primary domain leaves
-        // time to try the backup before the caller gives up.
-        .connect_timeout((shortest / 2).max(Duration::from_millis(500)))
-        // A redirect would carry the usersig in its query string to another address.
-        .redirect(reqwest::redirect::Policy::none())
-        .pool_idle_timeout(Duration::from_secs(90));
-    // One client serves every source, so it trusts the union of their extra CAs (on top of the
-    // system store).
-    let mut seen = std::collections::BTreeSet::new();
-    for path in chats.iter().filter_map(|c| c.ca_file.as_ref()) {
-        if !seen.insert(path.clone()) {
-            continue;
-        }
-        let pem =
-            std::fs::read(path).map_err(|cause| SourceError::CaFileRead { path: path.clone(), cause })?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| SourceError::CaFile { path: path.clone(), message: e.to_string() })?;
-        if certs.is_empty() {
-            return Err(SourceError::CaFile { path: path.clone(), message: "no certificate found".into() });
-        }
-        b = b.tls_certs_merge(certs);
-    }
-    b.build().map_err(|e| SourceError::Client(e.to_string()))
-}
-
-/// A fresh usersig for the Chat source `name` of the configuration, signed at `now_unix`.
-pub fn mint_usersig(cfg: &Config, name: &str, now_unix: u64) -> Result<Minted, SourceError> {
-    match cfg.sources.iter().find(|s| s.name == name).map(|s| &s.kind) {
-        Some(SourceKind::TencentChat(c)) => {
-            let expire = c.usersig_ttl.as_secs().max(1);
-            Ok(Minted {
-                usersig: usersig::mint(c.sdkappid, &c.identifier, c.secret_key.expose(), expire, now_unix),
-                time: now_unix,
-                expire,
-            })
-        }
-        Some(SourceKind::Static(_)) => Err(SourceError::NotChat(name.to_owned())),
-        None => Err(SourceError::UnknownSource(name.to_owned())),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn codes_are_classified_after_the_reference() {
-        use ErrorClass::*;
-        for (code, class) in [
-            (60007, RateLimited),
-            (60019, RateLimited),
-            (60008, Transient),
-            (70500, Transient),
-            (70001, UsersigExpired),
-            (70052, UsersigExpired),
-            (70050, Locked),
-            (60004, Configuration),
-            (70403, Configuration),
-            (60021, Configuration),
-            (99999, Transient),
-        ] {
-            assert_eq!(classify_code(code), class, "{code}");
-        }
-    }
-
-    #[test]
-    fn configuration_errors_name_the_fix() {
-        let e = FetchError::api(60010, "", 1400000000, "administrator");
-        assert_eq!(e.class(), ErrorClass::Configuration);
-        assert!(
-            e.to_string()
-                .contains("the identifier administrator is not an app administrator of SDKAppID 1400000000")
-        );
-        let e = FetchError::api(70009, "sig error", 1, "a");
-        assert!(e.to_string().contains(r#"usersig minted with the wrong secret key (server: "sig error")"#));
-        assert!(FetchError::api(60021, "", 1, "a").to_string().contains("not allowed"));
-        assert_eq!(FetchError::api(12345, "", 1, "a").code(), Some(12345));
-    }
-
-    #[test]
-    fn the_servers_text_is_escaped_and_capped() {
-        let forged = format!(
-            "oops\n2026-01-01T00:00:00Z  INFO sync outcome=\"applied\"\r\u{1b}[2J{}",
-            "x".repeat(500)
-        );
-        for code in [70009, 12345] {
-            let shown = FetchError::api(code, &forged, 1, "a").to_string();
-            assert!(!shown.chars().any(char::is_control), "{shown}");
-            assert!(
-                shown.contains(r#""oops\n2026-01-01T00:00:00Z  INFO sync outcome=\"applied\"\r\u{1b}[2J"#),
-                "{shown}"
-            );
-            assert!(shown.len() < 400, "not capped: {} characters", shown.len());
-        }
-    }
-
-    #[test]
-    fn query_params_are_redacted_in_free_text() {
-        assert_eq!(
-            redact_query_param("url (http://h/p?a=1&usersig=eJy*x-_&random=2) failed", "usersig"),
-            "url (http://h/p?a=1&usersig=REDACTED&random=2) failed"
-        );
-        assert_eq!(redact_query_param("usersig=abc", "usersig"), "usersig=REDACTED");
-        assert_eq!(redact_query_param("nothing here", "usersig"), "nothing here");
-    }
-
-    #[test]
-    fn urls_are_encoded_and_redacted() {
-        let url = chat::build_url("http://127.0.0.1:1/", 1400000000, "ad min&x", "eJy*a-b_", 5).unwrap();
-        let q: std::collections::HashMap<_, _> = url.query_pairs().into_owned().collect();
-        assert_eq!(q["identifier"], "ad min&x");
-        assert_eq!(q["usersig"], "eJy*a-b_");
-        assert_eq!(q["nettype"], "5");
-        assert_eq!(q["contenttype"], "json");
-        q["random"].parse::<u32>().unwrap();
-        assert_eq!(url.path(), "/v4/ConfigSvc/GetIPList");
-        let shown = chat::redact_url(&url);
-        assert!(shown.contains("usersig=REDACTED"), "{shown}");
-        assert!(!shown.contains("eJy"), "{shown}");
-    }
 }

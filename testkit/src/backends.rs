@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use allowsync::backend::{Backend, BackendError};
+use allowsync::ownership::{Footprint, Object, Teardown};
 use allowsync::prefixes::{AllowSet, Diff};
 
 /// Brings the kernel from whatever it holds to `desired` in one apply, as the engine does
@@ -54,7 +55,16 @@ impl<B: Backend> Backend for Counting<B> {
     fn enforce(&mut self) -> Result<(), BackendError> {
         self.inner.enforce()
     }
-    fn teardown(&mut self) -> Result<(), BackendError> {
+    fn managed(&self) -> Vec<Object> {
+        self.inner.managed()
+    }
+    fn set_recorded(&mut self, recorded: &Footprint) {
+        self.inner.set_recorded(recorded)
+    }
+    fn footprint(&self) -> Option<Footprint> {
+        self.inner.footprint()
+    }
+    fn teardown(&mut self) -> Result<Teardown, BackendError> {
         self.inner.teardown()
     }
     fn generation(&mut self) -> Result<Option<u64>, BackendError> {

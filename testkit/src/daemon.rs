@@ -184,11 +184,16 @@ impl Env {
 
     /// Runs `allowsync -c CFG <args>` to its end, killing it at `deadline` (see [`wait_child`]).
     pub fn command(&self, args: &[&str], deadline: Duration) -> Finished {
+        self.command_with(&self.cfg, args, deadline)
+    }
+
+    /// [`Env::command`] with another configuration file.
+    pub fn command_with(&self, cfg: &std::path::Path, args: &[&str], deadline: Duration) -> Finished {
         let dir = self.dir.path();
         let (out, err) = (dir.join("cmd.stdout"), dir.join("cmd.stderr"));
         let child = Command::new(allowsync_bin())
             .arg("-c")
-            .arg(&self.cfg)
+            .arg(cfg)
             .args(args)
             .env_remove("NOTIFY_SOCKET")
             .env_remove("RUST_LOG")

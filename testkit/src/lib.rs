@@ -2,6 +2,7 @@
 //!
 //! - [`mock`]: the mock Chat REST API (`GetIPList`) with fault injection;
 //! - [`netns`]: a private network namespace per test, and the commands that inspect it;
+//! - [`traffic`]: servers and clients of real TCP and UDP traffic between namespaces;
 //! - [`daemon`]: the real binary against the mock and the kernel, in such a namespace;
 //! - [`backends`]: test-only backends and [`sync`];
 //! - [`fuzzing`]: the fuzz targets' entry functions (`fuzz/` and `tests/fuzz_corpus.rs`);
@@ -16,6 +17,7 @@ pub mod daemon;
 pub mod fuzzing;
 pub mod mock;
 pub mod netns;
+pub mod traffic;
 
 pub use backends::sync;
 

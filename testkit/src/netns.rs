@@ -168,75 +168,135 @@ pub fn nft_set_elements(family: &str, table: &str, set: &str) -> Vec<(std::net::
     ranges
 }
 
+/// `nft monitor` in the current thread's namespace: every committed change, and one
+/// `# new generation N by process P (name)` line per transaction.
+pub struct NftMonitor {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl NftMonitor {
+    /// Starts it and waits (bounded) until it reports a probe commit of its own: from then on it
+    /// sees every commit.
+    pub fn start() -> NftMonitor {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("monitor.txt");
+        let child = Command::new("nft")
+            .arg("monitor")
+            .stdout(File::create(&out).unwrap())
+            .spawn()
+            .expect("nft monitor");
+        let m = NftMonitor { child, out, _dir: dir };
+        let probe = "table inet nft_monitor_probe";
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let _ = Command::new("nft").args(["add", "table", "inet", "nft_monitor_probe"]).status();
+            let _ = Command::new("nft").args(["delete", "table", "inet", "nft_monitor_probe"]).status();
+            if m.text().contains(&format!("delete {probe}")) {
+                return m;
+            }
+            assert!(std::time::Instant::now() < end, "nft monitor reported nothing within 10 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn text(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    /// Commits a probe and waits (bounded) until the monitor reports it: everything committed
+    /// before has been reported too.
+    pub fn barrier(&self) {
+        let seen = |m: &NftMonitor| m.text().matches("delete table inet nft_monitor_probe").count();
+        let before = seen(self);
+        let _ = Command::new("nft").args(["add", "table", "inet", "nft_monitor_probe"]).status();
+        let _ = Command::new("nft").args(["delete", "table", "inet", "nft_monitor_probe"]).status();
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while seen(self) == before {
+            assert!(std::time::Instant::now() < end, "nft monitor did not report the probe within 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The events of each transaction since the start, probe excluded: the lines before each
+    /// `# new generation` line.
+    pub fn transactions(&self) -> Vec<Vec<String>> {
+        let mut out = Vec::new();
+        let mut current = Vec::new();
+        for line in self.text().lines() {
+            if line.starts_with("# new generation") {
+                if !current.is_empty() && !current.iter().any(|l: &String| l.contains("nft_monitor_probe")) {
+                    out.push(std::mem::take(&mut current));
+                }
+                current.clear();
+            } else if !line.trim().is_empty() {
+                current.push(line.to_string());
+            }
+        }
+        out
+    }
+}
+
+impl Drop for NftMonitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 // ---- two hosts: this namespace and a client one, joined by a veth pair ----------------------
 
 /// Whether a TCP connection from `from` (an address of `ns`) to `to` completes within 700 ms.
 pub fn tcp_connects(ns: &NamedNetns, from: IpAddr, to: SocketAddr) -> bool {
-    ns.run_in(move || {
-        let domain = socket2::Domain::for_address(to);
-        let s = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
-        s.bind(&SocketAddr::new(from, 0).into()).unwrap();
-        s.connect_timeout(&to.into(), Duration::from_millis(700)).is_ok()
-    })
+    ns.run_in(move || crate::traffic::connect(from, to, Duration::from_millis(700)).is_ok())
 }
 
 /// A client namespace `as-cli` joined to this one by a veth pair: server `10.200.0.1` and
 /// `fd00:200::1` here, clients `.2` and `.3` of both families there.
 pub fn veth_pair() -> NamedNetns {
-    let client = NamedNetns::new("as-cli");
-    let (srv_mac, cli_mac) = ("02:00:00:00:02:01", "02:00:00:00:02:02");
-    run(
-        "ip",
-        &[
-            "link",
-            "add",
-            "as-srv",
-            "address",
-            srv_mac,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "as-cli",
-            "address",
-            cli_mac,
-            "netns",
-            &client.name,
-        ],
-    );
-    run("ip", &["addr", "add", "10.200.0.1/24", "dev", "as-srv"]);
-    run("ip", &["addr", "add", "fd00:200::1/64", "dev", "as-srv", "nodad"]);
-    run("ip", &["link", "set", "as-srv", "up"]);
-    for a in ["10.200.0.2/24", "10.200.0.3/24"] {
-        run("ip", &["-n", &client.name, "addr", "add", a, "dev", "as-cli"]);
+    veth_to(
+        "as-cli",
+        VethEnd { dev: "as-srv", mac: "02:00:00:00:02:01", addrs: &["10.200.0.1/24", "fd00:200::1/64"] },
+        VethEnd {
+            dev: "as-cli",
+            mac: "02:00:00:00:02:02",
+            addrs: &["10.200.0.2/24", "10.200.0.3/24", "fd00:200::2/64", "fd00:200::3/64"],
+        },
+    )
+}
+
+/// One end of a veth pair: interface name, MAC address, addresses (`address/prefix length`).
+pub struct VethEnd<'a> {
+    pub dev: &'a str,
+    pub mac: &'a str,
+    pub addrs: &'a [&'a str],
+}
+
+/// A new namespace (named after `prefix`) joined to this one by a veth pair, `here` in this
+/// namespace and `there` in the new one, both up, with every address of each end as a static
+/// neighbour on the other: IPv6 neighbour discovery for a new source address can take a 1 s
+/// retransmission while the link-local addresses are still tentative, longer than the
+/// connect timeouts; the tests are about the firewall, not about ND. IPv6 addresses skip DAD.
+pub fn veth_to(prefix: &str, here: VethEnd<'_>, there: VethEnd<'_>) -> NamedNetns {
+    let ns = NamedNetns::new(prefix);
+    let link = ["link", "add", here.dev, "address", here.mac, "type", "veth", "peer", "name", there.dev];
+    run("ip", &[&link[..], &["address", there.mac, "netns", &ns.name]].concat());
+    // `ip` in this namespace, or with `-n <new namespace>`.
+    let ip = |in_ns: bool, args: &[&str]| {
+        let prefix: &[&str] = if in_ns { &["-n", &ns.name] } else { &[] };
+        run("ip", &[prefix, args].concat());
+    };
+    for (in_ns, end, peer) in [(false, &here, &there), (true, &there, &here)] {
+        for a in end.addrs {
+            let nodad: &[&str] = if a.contains(':') { &["nodad"] } else { &[] };
+            ip(in_ns, &[&["addr", "add", a, "dev", end.dev][..], nodad].concat());
+        }
+        ip(in_ns, &["link", "set", end.dev, "up"]);
+        for a in peer.addrs {
+            let addr = a.split('/').next().unwrap();
+            ip(in_ns, &["neigh", "replace", addr, "lladdr", peer.mac, "dev", end.dev, "nud", "permanent"]);
+        }
     }
-    for a in ["fd00:200::2/64", "fd00:200::3/64"] {
-        run("ip", &["-n", &client.name, "addr", "add", a, "dev", "as-cli", "nodad"]);
-    }
-    run("ip", &["-n", &client.name, "link", "set", "as-cli", "up"]);
-    // Static neighbours: IPv6 neighbour discovery for a new source address can take a 1 s
-    // retransmission while the link-local addresses are still tentative, longer than the
-    // connect timeout; the test is about the firewall, not about ND.
-    for a in ["10.200.0.2", "10.200.0.3", "fd00:200::2", "fd00:200::3"] {
-        run("ip", &["neigh", "replace", a, "lladdr", cli_mac, "dev", "as-srv", "nud", "permanent"]);
-    }
-    for a in ["10.200.0.1", "fd00:200::1"] {
-        run(
-            "ip",
-            &[
-                "-n",
-                &client.name,
-                "neigh",
-                "replace",
-                a,
-                "lladdr",
-                srv_mac,
-                "dev",
-                "as-cli",
-                "nud",
-                "permanent",
-            ],
-        );
-    }
-    client
+    ns
 }

@@ -8,7 +8,7 @@
 //! apply sends the prefix-level difference to its target (`/0` as two `/1`). `ipset restore` is
 //! not atomic: each family's change is a temporary set swapped in, or one incremental restore
 //! with its exact inverse at hand, and a failure in the second family takes the first one's
-//! change back (see `change`).
+//! change back (see `change`). A set that does not exist is [`BackendError::Missing`].
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -20,31 +20,24 @@ use tracing::{debug, info, warn};
 
 mod cmd;
 mod iptables;
+mod owned;
 
-pub use iptables::{ENFORCE_CHAIN, enforce_rules};
+pub use iptables::{ENFORCE_CHAIN, enforce_rules, hook_of};
 
 use cmd::{Output, Tools, run};
 
-use super::{Backend, BackendError};
+use super::{Backend, BackendError, Family};
 use crate::config::{Enforce, IpsetConfig};
+use crate::ownership::{Footprint, Object, Teardown};
 use crate::prefixes::{Addr, AllowSet, Delta, Diff, Range, Ranges};
 
 /// Above this many prefix operations in one family, a change is made by filling a temporary set
 /// and swapping it in rather than line by line in the live set: a failure then costs nothing
 /// (and a rollback of thousands of lines is avoided), and rebuilding a set of that order costs
 /// about as much as editing it (measured: 100k prefixes in about 2 s).
-pub const FULL_REPLACE_OPS: usize = 4096;
-
-/// The two sets, by address family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Family {
-    V4,
-    V6,
-}
+const FULL_REPLACE_OPS: usize = 4096;
 
 impl Family {
-    const BOTH: [Family; 2] = [Family::V4, Family::V6];
-
     /// ipset's name of the family.
     fn ipset_family(self) -> &'static str {
         match self {
@@ -128,7 +121,7 @@ fn grown_maxelem(count: usize) -> u32 {
 
 /// The temporary set used to replace `name` (`<name>_t4`/`_t6`, truncated to ipset's 31
 /// characters). Reserved like the set names themselves.
-pub fn temp_name(name: &str, family: Family) -> String {
+fn temp_name(name: &str, family: Family) -> String {
     let keep = name.len().min(31 - 3);
     format!("{}_t{}", &name[..keep], family.suffix())
 }
@@ -166,23 +159,29 @@ impl Header {
         Some(Header { set_type, family, maxelem, extra })
     }
 
-    /// Why a set with this header is not one allowsync manages for `family`, if it is not.
-    fn foreign(&self, family: Family) -> Option<String> {
-        if self.set_type != "hash:net" || self.family != family.ipset_family() {
-            Some(format!(
-                "it is {} family {}, allowsync needs hash:net family {}",
-                self.set_type,
-                self.family,
-                family.ipset_family()
-            ))
+    /// Why set `name` with this header cannot hold `family`'s allowlist, if it cannot, with
+    /// the fix.
+    fn foreign(&self, name: &str, family: Family) -> Option<BackendError> {
+        let create = format!("ipset create {name} hash:net family {}", family.ipset_family());
+        let (why, fix) = if self.set_type != "hash:net" || self.family != family.ipset_family() {
+            (
+                format!(
+                    "is {} family {}, not hash:net family {}",
+                    self.set_type,
+                    self.family,
+                    family.ipset_family()
+                ),
+                format!("recreate it with `{create}`, or configure another set name"),
+            )
         } else if !self.extra.is_empty() {
-            Some(format!(
-                "it was created with `{}`, allowsync needs a plain hash:net set",
-                self.extra.join(" ")
-            ))
+            (
+                format!("was created with `{}`, which allowsync does not manage", self.extra.join(" ")),
+                format!("recreate it as a plain `{create}`, or configure another set name"),
+            )
         } else {
-            None
-        }
+            return None;
+        };
+        Some(BackendError::Foreign { object: set_object(name), why, fix })
     }
 }
 
@@ -221,6 +220,13 @@ pub struct IpsetBackend {
     tools: Tools,
     /// What the last read (or our own apply since) saw: the prefixes `apply` diffs against.
     known: Option<(Live<u32>, Live<u128>)>,
+    /// What the state file recorded (see `owned.rs`).
+    recorded: Footprint,
+    /// The ipsets that are allowsync's: created by it, as the state file records or this process
+    /// saw. An ipset cannot carry a mark, so this record is all there is.
+    owned_sets: BTreeSet<String>,
+    /// The enforcement chains that are allowsync's (see `iptables.rs`).
+    owned_chains: BTreeSet<Object>,
 }
 
 impl IpsetBackend {
@@ -236,6 +242,9 @@ impl IpsetBackend {
             enforce: config.enforce.clone(),
             tools,
             known: None,
+            recorded: Footprint::default(),
+            owned_sets: BTreeSet::new(),
+            owned_chains: BTreeSet::new(),
         })
     }
 
@@ -291,7 +300,11 @@ impl IpsetBackend {
 
     /// Reads one family's set: its header (checked) and its exact prefixes.
     fn read_family<A: IpsetAddr>(&self) -> Result<Live<A>, BackendError> {
-        let name = self.set_name(A::FAMILY);
+        self.read_named(self.set_name(A::FAMILY))
+    }
+
+    /// Reads set `name` as one of `A`'s family.
+    fn read_named<A: IpsetAddr>(&self, name: &str) -> Result<Live<A>, BackendError> {
         let object = set_object(name);
         let out = self.ipset(&["-o", "save", "list", name], None, "list set", &object)?;
         let mut lines = out.stdout.lines();
@@ -300,8 +313,8 @@ impl IpsetBackend {
             object: object.clone(),
             cause: io::Error::new(io::ErrorKind::InvalidData, "no create line in `ipset list -o save`"),
         })?;
-        if let Some(why) = header.foreign(A::FAMILY) {
-            return Err(BackendError::Foreign { object, why });
+        if let Some(e) = header.foreign(name, A::FAMILY) {
+            return Err(e);
         }
         let mut prefixes = Vec::new();
         for line in lines {
@@ -318,8 +331,9 @@ impl IpsetBackend {
                     return Err(BackendError::Foreign {
                         object,
                         why: format!(
-                            "it holds the entry `{line}`, which allowsync does not manage (plain prefixes only)"
+                            "holds the entry `{line}`, which allowsync does not manage (plain prefixes only)"
                         ),
+                        fix: "remove that entry, or configure another set name".into(),
                     });
                 }
             }
@@ -336,8 +350,8 @@ impl IpsetBackend {
     fn clear_temp(&self, family: Family) -> Result<String, BackendError> {
         let tmp = temp_name(self.set_name(family), family);
         if let Some(h) = self.header(&tmp)? {
-            if let Some(why) = h.foreign(family) {
-                return Err(BackendError::Foreign { object: set_object(&tmp), why });
+            if let Some(e) = h.foreign(&tmp, family) {
+                return Err(e);
             }
             warn!(set = %tmp, "destroying a temporary set left by an interrupted replace");
             self.ipset(&["destroy", &tmp], None, "destroy set", &set_object(&tmp))?;
@@ -443,7 +457,22 @@ impl IpsetBackend {
         let needed =
             if target.len() > self.maxelem as usize { grown_maxelem(target.len()) } else { self.maxelem };
         // Keep a set that was grown earlier and still has room; otherwise build one of `needed`.
-        let maxelem = if target.len() <= live.maxelem as usize && live.maxelem >= self.maxelem {
+        // An operator's set keeps the size it was given: only its elements are allowsync's.
+        let maxelem = if !self.owned_sets.contains(set) {
+            if target.len() > live.maxelem as usize {
+                return Err(BackendError::Foreign {
+                    object: set_object(set),
+                    why: format!(
+                        "holds at most {} entries (maxelem {}), and the allowlist needs {}; allowsync does not resize a set it did not create",
+                        live.maxelem,
+                        live.maxelem,
+                        target.len()
+                    ),
+                    fix: "recreate it with a larger maxelem".into(),
+                });
+            }
+            live.maxelem
+        } else if target.len() <= live.maxelem as usize && live.maxelem >= self.maxelem {
             live.maxelem
         } else {
             needed
@@ -507,23 +536,33 @@ impl IpsetBackend {
     }
 
     /// Creates a missing set; rebuilds one whose `maxelem` no longer fits the configuration.
-    fn ensure_set<A: IpsetAddr>(&self) -> Result<Option<String>, BackendError> {
+    fn ensure_set<A: IpsetAddr>(&mut self) -> Result<Option<String>, BackendError> {
         let family = A::FAMILY;
-        let name = self.set_name(family);
-        let object = set_object(name);
-        let Some(h) = self.header(name)? else {
-            let maxelem = self.maxelem.to_string();
-            self.ipset(
-                &["create", name, "hash:net", "family", family.ipset_family(), "maxelem", &maxelem],
-                None,
-                "create set",
-                &object,
-            )?;
-            return Ok(Some(name.to_string()));
+        let name = self.set_name(family).to_string();
+        let object = set_object(&name);
+        let Some(h) = self.header(&name)? else {
+            // Created with the contents of the set it replaces, if the configuration moved.
+            let seed = self.seed::<A>();
+            let mut script = format!(
+                "create {name} hash:net family {} maxelem {}\n",
+                family.ipset_family(),
+                self.maxelem.max(grown_maxelem(seed.len()))
+            );
+            for &p in &seed {
+                let _ = writeln!(script, "add {name} {}", A::format(p));
+            }
+            self.owned_sets.insert(name.clone());
+            self.ipset(&["restore"], Some(script.as_bytes()), "create set", &object)?;
+            return Ok(Some(name));
         };
-        if let Some(why) = h.foreign(family) {
-            return Err(BackendError::Foreign { object, why });
+        if let Some(e) = h.foreign(&name, family) {
+            return Err(e);
         }
+        if !self.owned_sets.contains(&name) {
+            debug!(set = %name, "an ipset allowsync did not create: only its elements are managed");
+            return Ok(None);
+        }
+        let name = name.as_str();
         // Raised in the configuration: rebuild now. Lowered (or grown earlier and no longer
         // needed): shrink once the contents fit with a quarter to spare, so that a list hovering
         // around maxelem does not rebuild back and forth.
@@ -591,8 +630,8 @@ impl Backend for IpsetBackend {
         for family in Family::BOTH {
             let name = self.set_name(family);
             if let Some(h) = self.header(name)? {
-                if let Some(why) = h.foreign(family) {
-                    return Err(BackendError::Foreign { object: set_object(name), why });
+                if let Some(e) = h.foreign(name, family) {
+                    return Err(e);
                 }
             }
         }
@@ -703,28 +742,41 @@ impl Backend for IpsetBackend {
         Ok(())
     }
 
-    /// Installs (or, without `enforce`, removes) the enforcement chain, once the sets are there.
+    /// Installs (or, without `enforce`, removes) the enforcement chain, once the sets are there;
+    /// then destroys the ipsets an earlier configuration created that this one no longer uses
+    /// (no rule of ours refers to them any more).
     fn enforce(&mut self) -> Result<(), BackendError> {
-        self.ensure_enforcement()
+        self.ensure_enforcement()?;
+        self.remove_stale_sets();
+        Ok(())
     }
 
-    /// Removes INPUT's jumps and the enforcement chain (iptables and ip6tables) first, then the
-    /// sets and any temporary set: the kernel refuses to destroy a set a rule still uses. A chain
-    /// of that name that allowsync did not write is left alone (and then its set too, which the
-    /// kernel reports as in use).
-    fn teardown(&mut self) -> Result<(), BackendError> {
-        self.known = None;
-        self.teardown_enforcement()?;
-        for family in Family::BOTH {
-            let name = self.set_name(family);
-            for set in [name.to_string(), temp_name(name, family)] {
-                match self.ipset(&["destroy", &set], None, "destroy set", &set_object(&set)) {
-                    Ok(_) | Err(BackendError::Missing { .. }) => {}
-                    Err(e) => return Err(e),
-                }
-            }
+    /// Both sets, and with `enforce` the chains of both iptables (in the scope's table).
+    fn managed(&self) -> Vec<Object> {
+        let mut out =
+            vec![Object::Ipset { name: self.set_v4.clone() }, Object::Ipset { name: self.set_v6.clone() }];
+        if let Some(e) = &self.enforce {
+            out.extend(Family::BOTH.map(|f| iptables::chain_of(f, e.scope)));
         }
-        Ok(())
+        out
+    }
+
+    fn set_recorded(&mut self, recorded: &Footprint) {
+        self.adopt_record(recorded);
+    }
+
+    fn footprint(&self) -> Option<Footprint> {
+        Some(self.current_footprint())
+    }
+
+    /// Removes the jumps and the enforcement chains (iptables and ip6tables, every scope's
+    /// table) first, then the sets allowsync created and any temporary set: the kernel refuses
+    /// to destroy a set a rule still uses. A chain of that name that allowsync did not write is
+    /// left alone, and so is an ipset it did not create (emptied: only its elements were
+    /// allowsync's).
+    fn teardown(&mut self) -> Result<Teardown, BackendError> {
+        self.known = None;
+        self.remove_everything()
     }
 }
 
@@ -759,12 +811,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(h.maxelem, 65536);
-        assert_eq!(h.foreign(Family::V4), None);
-        assert!(h.foreign(Family::V6).unwrap().contains("family inet6"));
+        assert!(h.foreign("s", Family::V4).is_none());
+        let e = h.foreign("s", Family::V6).unwrap().to_string();
+        assert_eq!(
+            e,
+            "ipset s is hash:net family inet, not hash:net family inet6: recreate it with `ipset create s hash:net family inet6`, or configure another set name"
+        );
         let t = Header::parse("create s hash:net family inet6 hashsize 1024 maxelem 65536 timeout 0 counters comment bucketsize 12 initval 0x1").unwrap();
-        assert!(t.foreign(Family::V6).unwrap().contains("timeout 0 counters comment"));
+        assert!(t.foreign("s", Family::V6).unwrap().to_string().contains("`timeout 0 counters comment`"));
         let ip = Header::parse("create s hash:ip family inet hashsize 1024 maxelem 65536").unwrap();
-        assert!(ip.foreign(Family::V4).unwrap().contains("hash:ip"));
+        assert!(ip.foreign("s", Family::V4).unwrap().to_string().contains("is hash:ip family inet"));
     }
 
     #[test]

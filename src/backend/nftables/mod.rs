@@ -1,27 +1,38 @@
-//! The nftables backend: the allowlist lives in two interval sets of allowsync's own table,
-//! `inet <table>`, written and read over netlink with libnftnl (no `nft` process).
+//! The nftables backend: the allowlist lives in two interval sets, written and read over netlink
+//! with libnftnl (no `nft` process). By default both are sets of allowsync's own table,
+//! `inet <table>`; `set_v4`/`set_v6` may also name an operator's sets in any family
+//! (`ip filter chat_v4`).
 //!
-//! What it manages, all inside that one table:
+//! What it manages (who owns what: [`crate::ownership`]):
 //!
 //! - set `<set_v4>` (`type ipv4_addr; flags interval`) and set `<set_v6>` (`type ipv6_addr;
-//!   flags interval`), created when missing. An existing set of another type or flags is
-//!   [`BackendError::Foreign`] and never changed;
-//! - with `enforce`, the base chain [`ENFORCE_CHAIN`] (`type filter hook input priority filter;
-//!   policy accept`): loopback is accepted first, then traffic to the enforced ports is dropped
-//!   unless its source is in the set of its family ([`enforce_rule_text`] prints the rules).
-//!   Each rule carries the comment `allowsync: <the rule>`: `ensure` reads the comments back
-//!   and rewrites the chain only when they are not exactly the ones it would write, so an
-//!   intact chain costs no kernel write. Without `enforce` that chain is removed if an earlier
-//!   configuration created it; other chains of the table (an operator's own rules using the
-//!   sets) are never touched.
+//!   flags interval`). In allowsync's own table they are created when missing (the table too),
+//!   with the comment `managed by allowsync`. A set elsewhere (or in a table allowsync did not
+//!   create) is the operator's: it must exist ([`BackendError::Absent`] otherwise), and only its
+//!   elements are managed. A set of another type, or with flags that cannot hold the allowlist,
+//!   is [`BackendError::Foreign`], in nft's words, and never changed;
+//! - with `enforce`, the base chain [`ENFORCE_CHAIN`] of allowsync's table (`policy accept`,
+//!   marked): loopback is accepted first, then traffic to the enforced ports is dropped unless
+//!   its source is in the set of its family ([`enforce_rule_text`] prints the rules). With
+//!   `scope: host` (the default) it is `type filter hook prerouting priority mangle` and its
+//!   rules match `fib daddr type local`: every packet addressed to this host, by its port
+//!   before DNAT, so a port published to a container is covered too; with `scope: local` it is
+//!   `type filter hook input priority filter`, as in earlier versions. allowsync's chain of the
+//!   other scope is replaced in the same transaction. A chain of that name allowsync did not create is
+//!   [`BackendError::Foreign`] and never touched; without `enforce`, allowsync's own chain is
+//!   removed, anyone else's left alone;
+//! - what an earlier configuration created and this one no longer uses (the state file's
+//!   [`Footprint`]) is removed in the same commit that creates the new objects, and a new set
+//!   starts with the elements of the set it replaces: a reload never leaves a moment without
+//!   the allowlist, nor the old objects behind.
 //!
-//! This file holds the [`Backend`] impl and its decisions (what to create, adopt, refuse or
-//! remove). The layers under it:
+//! This file holds the [`Backend`] impl; `owned.rs` its decisions (what to create, refuse or
+//! remove, in `ensure` and `teardown`). The layers under it:
 //!
 //! - `batch.rs`: every transaction sent, each one nf_tables batch that the kernel applies whole
 //!   or not at all;
-//! - `query.rs`: reading the kernel (table, sets, chain, generation, element dumps) and
-//!   rebuilding ranges from interval elements;
+//! - `query.rs`: reading the kernel (tables, sets, chains with their comments, generation,
+//!   element dumps) and rebuilding ranges from interval elements;
 //! - `nftnl.rs`: every libnftnl C call, behind safe functions;
 //! - `monitor.rs`: the change notifications that let the daemon repair at once;
 //! - `../netlink.rs`: the socket transport.
@@ -29,42 +40,44 @@
 mod batch;
 pub mod monitor;
 mod nftnl;
+mod owned;
 mod query;
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::io;
 use std::time::Instant;
 
+use ::nftnl::ProtoFamily;
 use ::nftnl::expr::{Ipv4HeaderField, Ipv6HeaderField, NetworkHeaderField, Payload};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
-use batch::ChainAction;
-pub use batch::enforce_rule_text;
+use batch::Step;
+pub use batch::{enforce_chain_text, enforce_rule_text};
 pub use monitor::Monitor;
-use query::{ChainInfo, SetInfo, get_generation};
+use query::get_generation;
 
 use super::netlink::NfSocket;
-use super::{Backend, BackendError};
+use super::{Backend, BackendError, Family};
 use crate::config::{Enforce, NftablesConfig};
+use crate::ownership::{Footprint, NftFamily, Object, Teardown};
 use crate::prefixes::{Addr, AllowSet, Diff};
 
 /// Name of the enforcement chain in allowsync's table. Reserved: allowsync creates, flushes and
-/// deletes a chain of this name in its table.
+/// deletes a chain of this name in its table, as long as it is its own (marked).
 pub const ENFORCE_CHAIN: &str = "enforce";
 
 /// The nf_tables data types of the set keys (`ipv4_addr`, `ipv6_addr` in nft's `datatype.h`).
 const TYPE_IPV4_ADDR: u32 = 7;
 const TYPE_IPV6_ADDR: u32 = 8;
 
-/// The two sets, by address family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Family {
-    V4,
-    V6,
-}
-
 impl Family {
-    const BOTH: [Family; 2] = [Family::V4, Family::V6];
+    /// 0 for IPv4, 1 for IPv6: the index into the backend's sets.
+    fn index(self) -> usize {
+        match self {
+            Family::V4 => 0,
+            Family::V6 => 1,
+        }
+    }
 
     fn key_type(self) -> u32 {
         match self {
@@ -141,14 +154,78 @@ impl SetKeyAddr for u128 {
     }
 }
 
+/// An nftables object as libnftnl addresses it (family, table and, for sets and chains, name)
+/// and as messages name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Name {
+    family: NftFamily,
+    table: CString,
+    /// The set's or chain's name; the table's own for a table.
+    name: CString,
+    object: Object,
+}
+
+impl Name {
+    /// The libnftnl names of `object` (an nftables table, set or chain), or why the kernel
+    /// cannot take them (a NUL byte; the configuration loader never produces one).
+    fn of(object: &Object) -> Result<Name, BackendError> {
+        let c = |s: &str| {
+            CString::new(s).map_err(|_| {
+                BackendError::Unavailable(format!("nftables name {s:?} in {object} contains a NUL byte"))
+            })
+        };
+        let (family, table, name) = match object {
+            Object::NftTable { family, table } => (*family, table, table),
+            Object::NftSet { family, table, name } | Object::NftChain { family, table, name } => {
+                (*family, table, name)
+            }
+            other => return Err(BackendError::Unavailable(format!("{other} is not an nftables object"))),
+        };
+        Ok(Name { family, table: c(table)?, name: c(name)?, object: object.clone() })
+    }
+
+    /// The table this object is or lives in.
+    fn table(&self) -> Name {
+        let object = self.object.nft_table().expect("an nftables object");
+        Name { family: self.family, table: self.table.clone(), name: self.table.clone(), object }
+    }
+
+    /// A set or chain `name` of this table.
+    fn child(&self, name: &str, chain: bool) -> Name {
+        let (family, table) = (self.family, self.table.to_string_lossy().into_owned());
+        let object = if chain {
+            Object::NftChain { family, table, name: name.to_string() }
+        } else {
+            Object::NftSet { family, table, name: name.to_string() }
+        };
+        Name { family, table: self.table.clone(), name: CString::new(name).expect("from the kernel"), object }
+    }
+}
+
+/// libnftnl's family for `f`.
+fn proto(f: NftFamily) -> ProtoFamily {
+    match f {
+        NftFamily::Inet => ProtoFamily::Inet,
+        NftFamily::Ip => ProtoFamily::Ipv4,
+        NftFamily::Ip6 => ProtoFamily::Ipv6,
+    }
+}
+
 /// The [`Backend`] for nftables. Each call opens its own netlink socket in the calling thread's
 /// network namespace.
 #[derive(Debug)]
 pub struct NftablesBackend {
-    table: CString,
-    set_v4: CString,
-    set_v6: CString,
+    /// allowsync's own table, `inet <table>`.
+    table: Name,
+    /// The IPv4 and IPv6 sets.
+    sets: [Name; 2],
+    /// [`ENFORCE_CHAIN`] of the own table.
+    chain: Name,
     enforce: Option<Enforce>,
+    /// What the state file says an earlier run owned and filled.
+    recorded: Footprint,
+    /// What the last `ensure` or `teardown` left.
+    footprint: Option<Footprint>,
 }
 
 impl NftablesBackend {
@@ -156,140 +233,20 @@ impl NftablesBackend {
     /// [`Backend::ensure`]. Fails only on names the kernel cannot take (NUL bytes); the
     /// configuration loader never produces those.
     pub fn new(config: &NftablesConfig) -> Result<Self, BackendError> {
-        let c = |what: &str, name: &str| {
-            CString::new(name).map_err(|_| {
-                BackendError::Unavailable(format!("nftables {what} name {name:?} contains a NUL byte"))
-            })
-        };
+        let table = Name::of(&config.table_object())?;
+        let chain = table.child(ENFORCE_CHAIN, true);
         Ok(NftablesBackend {
-            table: c("table", &config.table)?,
-            set_v4: c("set", &config.set_v4)?,
-            set_v6: c("set", &config.set_v6)?,
+            sets: [Name::of(&config.set_object(false))?, Name::of(&config.set_object(true))?],
+            table,
+            chain,
             enforce: config.enforce.clone(),
+            recorded: Footprint::default(),
+            footprint: None,
         })
     }
 
-    fn table_str(&self) -> &str {
-        self.table.to_str().expect("built from a String")
-    }
-
-    fn set_name(&self, family: Family) -> &CStr {
-        match family {
-            Family::V4 => &self.set_v4,
-            Family::V6 => &self.set_v6,
-        }
-    }
-
-    /// `set inet <table> <name>`, as errors and logs name it.
-    fn set_object(&self, family: Family) -> String {
-        format!("set inet {} {}", self.table_str(), self.set_name(family).to_string_lossy())
-    }
-
-    fn table_object(&self) -> String {
-        format!("table inet {}", self.table_str())
-    }
-
-    fn chain_object(&self) -> String {
-        format!("chain inet {} {}", self.table_str(), ENFORCE_CHAIN)
-    }
-
-    /// Why an existing set is not one allowsync can use, if it is not.
-    fn foreign_set(&self, family: Family, info: &SetInfo) -> Option<BackendError> {
-        let want_flags = libc::NFT_SET_INTERVAL as u32;
-        let why = if info.key_type != family.key_type() || info.key_len != family.key_len() {
-            format!(
-                "its key is type {} of {} bytes, allowsync needs {} ({} bytes)",
-                info.key_type,
-                info.key_len,
-                family.type_name(),
-                family.key_len()
-            )
-        } else if info.flags != want_flags {
-            format!(
-                "its flags are {:#x}, allowsync needs exactly `flags interval` ({want_flags:#x})",
-                info.flags
-            )
-        } else {
-            return None;
-        };
-        Some(BackendError::Foreign { object: self.set_object(family), why })
-    }
-}
-
-/// What the kernel holds of allowsync's objects, read before anything is written.
-struct Inspection {
-    table: bool,
-    missing_sets: Vec<Family>,
-    chain: FoundChain,
-}
-
-/// The enforcement chain, as found.
-enum FoundChain {
-    Absent,
-    /// Shaped like allowsync's; `current` when its rules are exactly the ones `ensure` writes.
-    Ours {
-        current: bool,
-    },
-    /// A chain of that name and another shape: never allowsync's.
-    Other(ChainInfo),
-}
-
-impl NftablesBackend {
-    /// Queries the table, both sets (key type and flags), the enforcement chain and its rules'
-    /// comments; a foreign set is an error here, before anything is written.
-    fn inspect(&self, sock: &NfSocket) -> Result<Inspection, BackendError> {
-        if !self.table_exists(sock)? {
-            return Ok(Inspection {
-                table: false,
-                missing_sets: Family::BOTH.to_vec(),
-                chain: FoundChain::Absent,
-            });
-        }
-        let mut missing_sets = Vec::new();
-        for family in Family::BOTH {
-            match self.get_set(sock, family)? {
-                Some(info) => {
-                    if let Some(e) = self.foreign_set(family, &info) {
-                        return Err(e);
-                    }
-                }
-                None => missing_sets.push(family),
-            }
-        }
-        let chain = match self.get_chain(sock)? {
-            None => FoundChain::Absent,
-            Some(c) if !c.is_enforcement_chain() => FoundChain::Other(c),
-            Some(_) => {
-                let want = self.enforce.as_ref().map(|e| self.rule_comments(e));
-                let have = self.get_rule_comments(sock)?;
-                let current = want.is_some_and(|w| {
-                    have.len() == w.len() && have.iter().zip(&w).all(|(h, w)| h.as_ref() == Some(w))
-                });
-                FoundChain::Ours { current }
-            }
-        };
-        Ok(Inspection { table: true, missing_sets, chain })
-    }
-
-    /// What `ensure` does to the enforcement chain that `found` describes. Only a chain shaped
-    /// like allowsync's is adopted (with `enforce`) or removed (without); with `enforce`, a
-    /// chain of that name and another shape is refused; without, it is left alone.
-    fn chain_action(&self, found: &FoundChain) -> Result<ChainAction, BackendError> {
-        Ok(match (found, &self.enforce) {
-            (FoundChain::Other(c), Some(_)) => {
-                return Err(BackendError::Foreign {
-                    object: self.chain_object(),
-                    why: format!(
-                        "it is not a `type filter hook input priority filter` base chain ({c}); \
-                         the name is reserved for allowsync's enforcement"
-                    ),
-                });
-            }
-            (FoundChain::Ours { current: true }, Some(_)) => ChainAction::Keep,
-            (_, Some(_)) => ChainAction::Write,
-            (FoundChain::Ours { .. }, None) => ChainAction::Delete,
-            (_, None) => ChainAction::Keep,
-        })
+    fn set(&self, family: Family) -> &Name {
+        &self.sets[family.index()]
     }
 }
 
@@ -298,46 +255,48 @@ impl Backend for NftablesBackend {
         "nftables"
     }
 
-    /// Looks before it writes ([`NftablesBackend::inspect`]): anything foreign stops it before
-    /// any change. Then one transaction creates what is missing, rewrites the enforcement
-    /// chain if its rules are not the ones it writes, or removes a chain `enforce` no longer
-    /// asks for. With everything in place it commits nothing.
+    /// Looks before it writes: the tables, sets (key type and flags, comments) and the
+    /// enforcement chain are queried first, and anything foreign or missing stops it before any
+    /// change. Then one transaction creates what is missing and removes what an earlier
+    /// configuration left (see `owned.rs`). With everything in place (the enforcement chain
+    /// holding exactly its rules, as their comments tell) it commits nothing.
     fn ensure(&mut self) -> Result<(), BackendError> {
         let sock = open_socket()?;
-        let found = self.inspect(&sock)?;
-        let chain = self.chain_action(&found.chain)?;
-        if found.table && found.missing_sets.is_empty() && chain == ChainAction::Keep {
-            debug!(table = %self.table_object(), "nftables objects already in place");
+        let plan = self.plan_ensure(&sock)?;
+        if plan.steps.is_empty() {
+            debug!(table = %self.table.object, "nftables objects already in place");
+            self.footprint = Some(plan.footprint);
             return Ok(());
         }
-        if chain == ChainAction::Delete {
-            warn!(chain = %self.chain_object(), "enforcement is not configured: removing the enforcement chain");
-        }
-        self.ensure_transaction(&found.missing_sets, chain).commit()?;
+        let dropped = self.commit_ensure(&plan)?;
+        self.footprint = Some(plan.footprint_after(self, &dropped));
         info!(
-            table = %self.table_object(),
-            created_sets = ?found.missing_sets.iter().map(|f| self.set_object(*f)).collect::<Vec<_>>(),
+            steps = ?plan.steps.iter().map(|s| s.describe(self)).collect::<Vec<_>>(),
             enforce = self.enforce.is_some(),
-            chain = ?chain,
             "nftables objects ensured"
         );
         Ok(())
     }
 
-    /// The table, or the sets, or the enforcement chain or its rules, as `ensure` would put them
-    /// back.
+    /// The tables and sets to create, or the enforcement chain or its rules, as `ensure` would
+    /// put them back (queries only).
     fn missing(&mut self) -> Result<Vec<String>, BackendError> {
-        let found = self.inspect(&open_socket()?)?;
-        if !found.table {
-            return Ok(vec![self.table_object()]);
-        }
-        let mut out: Vec<String> = found.missing_sets.iter().map(|&f| self.set_object(f)).collect();
-        match (&found.chain, self.chain_action(&found.chain)?) {
-            (FoundChain::Absent, ChainAction::Write) => out.push(self.chain_object()),
-            (_, ChainAction::Write) => out.push(format!("the rules of {}", self.chain_object())),
-            _ => {}
-        }
-        Ok(out)
+        self.missing_objects(&open_socket()?)
+    }
+
+    /// Both sets, and allowsync's own table when anything of ours lives there (a set, the
+    /// enforcement chain).
+    fn managed(&self) -> Vec<Object> {
+        let own = self.uses_own_table().then(|| self.table.object.clone());
+        own.into_iter().chain(self.sets.iter().map(|s| s.object.clone())).collect()
+    }
+
+    fn set_recorded(&mut self, recorded: &Footprint) {
+        self.recorded = recorded.clone();
+    }
+
+    fn footprint(&self) -> Option<Footprint> {
+        self.footprint.clone()
     }
 
     fn read(&mut self) -> Result<AllowSet, BackendError> {
@@ -345,11 +304,16 @@ impl Backend for NftablesBackend {
         let sock = open_socket()?;
         // Two dumps are two snapshots: the generation around them makes them one.
         let before = get_generation(&sock)?;
-        let set = AllowSet { v4: self.read_set::<u32>(&sock)?, v6: self.read_set::<u128>(&sock)? };
+        let read = query::read_set::<u32>(&sock, self.set(Family::V4))
+            .and_then(|v4| Ok(AllowSet { v4, v6: query::read_set::<u128>(&sock, self.set(Family::V6))? }));
+        let set = match read {
+            Err(BackendError::Missing { object }) => return Err(self.missing_error(&sock, &object)?),
+            other => other?,
+        };
         if get_generation(&sock)? != before {
             return Err(BackendError::Conflict {
                 op: "list elements",
-                object: self.table_object(),
+                object: format!("{} and {}", self.sets[0].object, self.sets[1].object),
                 detail: "the ruleset changed while the sets were read".into(),
             });
         }
@@ -381,15 +345,14 @@ impl Backend for NftablesBackend {
         Ok(())
     }
 
-    fn teardown(&mut self) -> Result<(), BackendError> {
-        match self.teardown_transaction().commit() {
-            Err(BackendError::Conflict { .. }) => {
-                // ENOENT: the table is already gone (EEXIST cannot happen on a delete).
-                debug!(table = %self.table_object(), "nothing to tear down");
-                Ok(())
-            }
-            r => r,
-        }
+    fn teardown(&mut self) -> Result<Teardown, BackendError> {
+        let sock = open_socket()?;
+        let plan = self.plan_teardown(&sock)?;
+        let steps = plan.steps.iter().map(|(s, _, _)| s.clone()).collect();
+        let dropped = self.commit_steps(steps, |s| !matches!(s, Step::FlushSet(_)))?;
+        let (report, footprint) = plan.outcome(self, &dropped);
+        self.footprint = Some(footprint);
+        Ok(report)
     }
 
     fn generation(&mut self) -> Result<Option<u64>, BackendError> {

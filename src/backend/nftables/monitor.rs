@@ -1,6 +1,7 @@
 //! Change notifications: a task that reads nf_tables' multicast group `NFNLGRP_NFTABLES` (what
-//! `nft monitor` reads) and reports every commit by someone else that touched allowsync's
-//! table, so that the daemon can repair it at once instead of at its next poll.
+//! `nft monitor` reads) and reports every commit by someone else that touched a table holding
+//! allowsync's objects (its own table, and the operator's tables whose sets it fills), so that
+//! the daemon can repair them at once instead of at its next poll.
 //!
 //! Each committed transaction arrives as its `NFT_MSG_NEW*` / `NFT_MSG_DEL*` messages (one per
 //! table, chain, rule, set or batch of elements it changed), then one `NFT_MSG_NEWGEN`; every
@@ -28,6 +29,7 @@ use crate::backend::netlink::{
 };
 use crate::config::NftablesConfig;
 use crate::logging::Untrusted;
+use crate::ownership::Object;
 
 /// Receive buffer of the notification socket: a `flush ruleset` of a large ruleset is a burst
 /// of thousands of messages, and the daemon may be busy for a moment.
@@ -83,11 +85,27 @@ impl Changes {
     }
 }
 
-/// The table whose changes matter: `(nfproto family, name)`.
+/// The tables whose changes matter, as `(nfproto family, name)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Watch {
-    family: u8,
-    table: String,
+    tables: Vec<(u8, String)>,
+}
+
+impl Watch {
+    /// allowsync's own table and the tables of both sets.
+    fn of(config: &NftablesConfig) -> Watch {
+        let mut tables = Vec::new();
+        let objects = [config.table_object(), config.set_object(false), config.set_object(true)];
+        for t in objects.iter().filter_map(Object::nft_table) {
+            if let Object::NftTable { family, table } = t {
+                let entry = (family.nfproto() as u8, table);
+                if !tables.contains(&entry) {
+                    tables.push(entry);
+                }
+            }
+        }
+        Watch { tables }
+    }
 }
 
 struct Shared {
@@ -113,7 +131,7 @@ impl Monitor {
     /// Subscribes, in the calling thread's network namespace, and starts the reader on the
     /// current tokio runtime. Fails when the socket cannot be opened or subscribed.
     pub fn start(config: &NftablesConfig) -> Result<Monitor, BackendError> {
-        let watch = Watch { family: libc::NFPROTO_INET as u8, table: config.table.clone() };
+        let watch = Watch::of(config);
         let fd = subscribe()?;
         let shared = Arc::new(Shared { changes: Mutex::default(), notify: Notify::new() });
         // Noting our own batches starts before the first notification can be read.
@@ -240,12 +258,12 @@ fn describe(m: &Message<'_>, watch: &Watch) -> Option<String> {
     // `struct nfgenmsg`: family, version, resource id; the attributes follow.
     let family = *m.payload(0).first()?;
     let attr = |want: u16| m.str_attr(4, want);
-    if family != watch.family || attr(NFTA_TABLE)? != watch.table {
+    let name = attr(NFTA_TABLE)?;
+    if !watch.tables.iter().any(|(f, t)| *f == family && *t == name) {
         return None;
     }
-    let table = format!("table {} {}", family_name(family), watch.table);
-    let named =
-        |kind: &str, a: u16| format!("{kind} {} {} {}", family_name(family), watch.table, shown(attr(a)));
+    let table = format!("table {} {name}", family_name(family));
+    let named = |kind: &str, a: u16| format!("{kind} {} {name} {}", family_name(family), shown(attr(a)));
     Some(match msg {
         libc::NFT_MSG_NEWTABLE => format!("{table} changed"),
         libc::NFT_MSG_DELTABLE => format!("{table} deleted"),
@@ -322,7 +340,12 @@ mod tests {
 
     /// Feeds `bytes` through a transaction reader, as the task does; the reports it makes.
     fn read(bytes: &[u8]) -> Vec<Changes> {
-        let watch = Watch { family: libc::NFPROTO_INET as u8, table: "allowsync".into() };
+        let watch = Watch {
+            tables: vec![
+                (libc::NFPROTO_INET as u8, "allowsync".into()),
+                (libc::NFPROTO_IPV4 as u8, "filter".into()),
+            ],
+        };
         let mut tx = Transaction::default();
         let mut out = Vec::new();
         for_each_message(bytes, |m| {
@@ -366,6 +389,9 @@ mod tests {
         let bytes = [
             inet(libc::NFT_MSG_NEWSETELEM, "f2b-table", Some((NFTA_SET_NAME, "addr-set-sshd")), 77),
             newgen(77),
+            // `ip filter` holds a set allowsync fills (see `read`); `inet filter` is another table.
+            inet(libc::NFT_MSG_DELTABLE, "filter", None, 79),
+            newgen(79),
             // Same name, another family: `table ip allowsync` is not ours.
             message(
                 libc::NFT_MSG_DELTABLE,
@@ -377,6 +403,25 @@ mod tests {
         ]
         .concat();
         assert_eq!(read(&bytes), []);
+    }
+
+    #[test]
+    fn the_tables_of_operator_sets_are_watched() {
+        let set = [attr(NFTA_TABLE, b"filter\0"), attr(NFTA_SET_NAME, b"chat_v4\0")];
+        let bytes = [message(libc::NFT_MSG_DELSET, libc::NFPROTO_IPV4 as u8, 80, &set), newgen(80)].concat();
+        let got = read(&bytes);
+        assert_eq!(got[0].what.iter().next().unwrap(), "set ip filter chat_v4 deleted");
+        let cfg = NftablesConfig {
+            table: "allowsync".into(),
+            set_v4: "ip filter chat_v4".into(),
+            set_v6: "allow_v6".into(),
+            enforce: None,
+        };
+        let want = [
+            (libc::NFPROTO_INET as u8, "allowsync".to_string()),
+            (libc::NFPROTO_IPV4 as u8, "filter".to_string()),
+        ];
+        assert_eq!(Watch::of(&cfg).tables, want);
     }
 
     #[test]

@@ -1,172 +1,240 @@
-//! Reading the kernel's state: whether allowsync's table exists, what its sets and its
-//! enforcement chain are ([`SetInfo`], [`ChainInfo`]), the comments of the chain's rules (how
-//! `ensure` tells that they are the ones it would write), the ruleset generation, and the sets'
-//! elements.
+//! Reading the kernel's state: tables, sets and chains ([`TableInfo`], [`SetInfo`],
+//! [`ChainInfo`], with their comments: whether they are allowsync's), what a table holds, the
+//! comments of a chain's rules (how `ensure` tells that the enforcement rules are the ones it
+//! writes), the ruleset generation, and the sets' elements.
 //!
 //! Reading dumps both sets (`NFT_MSG_GETSETELEM`) between two reads of the ruleset generation;
 //! a change in between or a dump the kernel flags as interrupted is a
 //! [`BackendError::Conflict`] (read again), a missing table or set [`BackendError::Missing`]
-//! (run `ensure` again, which recreates it). A missing set is never read as empty. The ranges
-//! are rebuilt exactly as the kernel holds them (adjacent elements stay separate), because
-//! removals must name exact intervals.
+//! (run `ensure` again, which recreates it). A missing set is never read as empty. The ranges are rebuilt exactly as the kernel
+//! holds them (adjacent elements stay separate), because removals must name exact intervals.
 //!
 //! Interval encoding (kernel facts): a range `start..=end` is the element `start` plus the
 //! element `end + 1` flagged `NFT_SET_ELEM_INTERVAL_END`; a range reaching the top of the address
 //! space has no end element. Keys are in network byte order.
 
-use std::ffi::CString;
 use std::io;
 
 use tracing::debug;
 
-use super::{ENFORCE_CHAIN, Family, NftablesBackend, SetKeyAddr, kernel, nftnl};
+use super::{Name, SetKeyAddr, kernel, nftnl};
 use crate::backend::BackendError;
-use crate::backend::netlink::{DumpInterrupted, Message, NfSocket};
+use crate::backend::netlink::{DumpInterrupted, NfSocket};
+use crate::config::EnforceScope;
+use crate::ownership::MARK;
 use crate::prefixes::{Addr, Range, Ranges};
+
+/// What matters about an existing table.
+#[derive(Debug)]
+pub(super) struct TableInfo {
+    /// How many chains, sets, stateful objects and flowtables it holds (`NFTA_TABLE_USE`).
+    pub(super) objects: u32,
+    pub(super) comment: Option<String>,
+}
 
 /// What matters about an existing set.
 #[derive(Debug)]
 pub(super) struct SetInfo {
+    pub(super) name: String,
     pub(super) key_type: u32,
     pub(super) key_len: u32,
     pub(super) flags: u32,
+    pub(super) comment: Option<String>,
 }
 
 /// What matters about an existing chain.
 #[derive(Debug)]
 pub(super) struct ChainInfo {
+    pub(super) table: String,
+    pub(super) name: String,
     /// `None` for a regular (non-base) chain.
     pub(super) hook: Option<u32>,
     pub(super) priority: i32,
     pub(super) chain_type: String,
+    pub(super) comment: Option<String>,
 }
 
 impl ChainInfo {
-    /// `type filter hook input priority filter`: the shape of allowsync's enforcement chain.
-    pub(super) fn is_enforcement_chain(&self) -> bool {
-        self.hook == Some(libc::NF_INET_LOCAL_IN as u32) && self.priority == 0 && self.chain_type == "filter"
+    /// The scope whose shape this chain has, if it has one of allowsync's enforcement chain
+    /// shapes: `type filter hook prerouting priority mangle` (`host`), or `type filter hook
+    /// input priority filter` (`local`, and every earlier version's chain).
+    pub(super) fn enforcement_scope(&self) -> Option<EnforceScope> {
+        if self.chain_type != "filter" {
+            return None;
+        }
+        match (self.hook.map(|h| h as i32), self.priority) {
+            (Some(libc::NF_INET_PRE_ROUTING), libc::NF_IP_PRI_MANGLE) => Some(EnforceScope::Host),
+            (Some(libc::NF_INET_LOCAL_IN), libc::NF_IP_PRI_FILTER) => Some(EnforceScope::Local),
+            _ => None,
+        }
     }
+}
+
+/// Whether an object's comment makes it allowsync's ([`MARK`]).
+pub(super) fn marked(comment: &Option<String>) -> bool {
+    comment.as_deref() == Some(MARK)
 }
 
 impl std::fmt::Display for ChainInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.hook {
             None => write!(f, "a regular chain"),
-            Some(h) => write!(f, "type {} hook {} priority {}", self.chain_type, h, self.priority),
+            Some(h) => {
+                let hooks = ["prerouting", "input", "forward", "output", "postrouting"];
+                match hooks.get(h as usize) {
+                    Some(hook) => {
+                        write!(f, "type {} hook {hook} priority {}", self.chain_type, self.priority)
+                    }
+                    None => write!(f, "type {} hook #{h} priority {}", self.chain_type, self.priority),
+                }
+            }
         }
     }
 }
 
-impl NftablesBackend {
-    /// Whether the table exists.
-    pub(super) fn table_exists(&self, sock: &NfSocket) -> Result<bool, BackendError> {
-        let seq = sock.next_seq();
-        let request = nftnl::table_request(seq, &self.table);
-        match sock.request(request.bytes(), seq, |_| Ok(())) {
-            Ok(()) => Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-            Err(e) => Err(kernel("get table", self.table_object(), e)),
-        }
-    }
+/// The chains and sets of a table, as one dump each.
+#[derive(Debug, Default)]
+pub(super) struct Contents {
+    pub(super) chains: Vec<ChainInfo>,
+    pub(super) sets: Vec<SetInfo>,
+}
 
-    /// The kernel's description of one of our sets, `None` when it (or the table) is missing.
-    pub(super) fn get_set(&self, sock: &NfSocket, family: Family) -> Result<Option<SetInfo>, BackendError> {
-        let seq = sock.next_seq();
-        let request = nftnl::set_request(seq, &self.table, self.set_name(family));
-        let mut info = None;
-        let result = sock.request(request.bytes(), seq, |m| {
-            info = Some(nftnl::parse_set(m)?);
-            Ok(())
-        });
-        match result {
-            Ok(()) => Ok(info),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-            Err(e) => Err(kernel("get set", self.set_object(family), e)),
-        }
+/// One object by name: `Ok(None)` when it (or its table) does not exist.
+fn get_one<T>(
+    sock: &NfSocket,
+    request: &nftnl::Request,
+    seq: u32,
+    what: (&'static str, &Name),
+    parse: impl Fn(&crate::backend::netlink::Message<'_>) -> io::Result<T>,
+) -> Result<Option<T>, BackendError> {
+    let mut info = None;
+    match sock.request(request.bytes(), seq, |m| {
+        info = Some(parse(m)?);
+        Ok(())
+    }) {
+        Ok(()) => Ok(info),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(kernel(what.0, what.1.object.to_string(), e)),
     }
+}
 
-    /// The kernel's description of the enforcement chain, `None` when it is missing.
-    pub(super) fn get_chain(&self, sock: &NfSocket) -> Result<Option<ChainInfo>, BackendError> {
-        let chain_name = CString::new(ENFORCE_CHAIN).expect("no NUL");
-        let seq = sock.next_seq();
-        let request = nftnl::chain_request(seq, &self.table, &chain_name);
-        let mut info = None;
-        let result = sock.request(request.bytes(), seq, |m| {
-            info = Some(nftnl::parse_chain(m)?);
-            Ok(())
-        });
-        match result {
-            Ok(()) => Ok(info),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-            Err(e) => Err(kernel("get chain", self.chain_object(), e)),
-        }
-    }
+/// The table `t`, `None` when it does not exist.
+pub(super) fn get_table(sock: &NfSocket, t: &Name) -> Result<Option<TableInfo>, BackendError> {
+    let seq = sock.next_seq();
+    let request = nftnl::table_request(seq, t.family, &t.table);
+    get_one(sock, &request, seq, ("get table", t), nftnl::parse_table)
+}
 
-    /// The comments of the enforcement chain's rules, in the chain's order (`None` for a rule
-    /// without one); empty when the chain does not exist.
-    pub(super) fn get_rule_comments(&self, sock: &NfSocket) -> Result<Vec<Option<String>>, BackendError> {
-        let chain_name = CString::new(ENFORCE_CHAIN).expect("no NUL");
-        let seq = sock.next_seq();
-        let request = nftnl::rule_dump_request(seq, &self.table, &chain_name);
-        let mut comments = Vec::new();
-        let result = sock.request(request.bytes(), seq, |m| {
-            // The kernel filters the dump by chain; a rule of another chain is not counted all
-            // the same.
-            if m.str_attr(4, NFTA_RULE_CHAIN).as_deref() == Some(ENFORCE_CHAIN) {
-                comments.push(rule_comment(m));
-            }
-            Ok(())
-        });
-        match result {
-            Ok(()) => Ok(comments),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(Vec::new()),
-            Err(e) if DumpInterrupted::is(&e) => Err(BackendError::Conflict {
-                op: "list rules",
-                object: self.chain_object(),
-                detail: e.to_string(),
-            }),
-            Err(e) => Err(kernel("list rules", self.chain_object(), e)),
-        }
-    }
+/// The set `s`, `None` when it (or its table) does not exist.
+pub(super) fn get_set(sock: &NfSocket, s: &Name) -> Result<Option<SetInfo>, BackendError> {
+    let seq = sock.next_seq();
+    let request = nftnl::set_request(seq, s.family, &s.table, Some(&s.name));
+    get_one(sock, &request, seq, ("get set", s), nftnl::parse_set)
+}
 
-    /// Dumps one set's elements and rebuilds its ranges, exactly as the kernel holds them.
-    pub(super) fn read_set<A: SetKeyAddr>(&self, sock: &NfSocket) -> Result<Ranges<A>, BackendError> {
-        let family = A::FAMILY;
-        let object = self.set_object(family);
-        let seq = sock.next_seq();
-        let request = nftnl::set_elements_request(seq, &self.table, self.set_name(family));
-        let mut elements: Vec<(A, bool)> = Vec::new();
-        let mut bad_key = None;
-        let result = sock.request(request.bytes(), seq, |m| {
-            nftnl::for_each_element(m, |key, end| match A::from_key(key) {
-                Some(a) => elements.push((a, end)),
-                None => bad_key = Some(key.len()),
-            })
-        });
-        match result {
-            Ok(()) => {}
-            // No table or no set: not something to read as "empty" (an apply against it could
-            // only fail); the caller runs `ensure` again, which recreates them.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                let object = if self.table_exists(sock)? { object } else { self.table_object() };
-                return Err(BackendError::Missing { object });
-            }
-            Err(e) if DumpInterrupted::is(&e) => {
-                return Err(BackendError::Conflict { op: "list elements", object, detail: e.to_string() });
-            }
-            Err(e) => return Err(kernel("list elements", object, e)),
+/// The chain `c`, `None` when it (or its table) does not exist.
+pub(super) fn get_chain(sock: &NfSocket, c: &Name) -> Result<Option<ChainInfo>, BackendError> {
+    let seq = sock.next_seq();
+    let request = nftnl::chain_request(seq, c.family, &c.table, Some(&c.name));
+    get_one(sock, &request, seq, ("get chain", c), nftnl::parse_chain)
+}
+
+// From linux/netfilter/nf_tables.h (not in the libc crate).
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_USERDATA: u16 = 7;
+
+/// The comments of chain `c`'s rules, in the chain's order (`None` for a rule without one);
+/// empty when the chain (or its table) does not exist.
+pub(super) fn rule_comments(sock: &NfSocket, c: &Name) -> Result<Vec<Option<String>>, BackendError> {
+    let seq = sock.next_seq();
+    let request = nftnl::rule_dump_request(seq, c.family, &c.table, &c.name);
+    let chain = c.name.to_string_lossy();
+    let mut out = Vec::new();
+    let result = sock.request(request.bytes(), seq, |m| {
+        // The kernel filters the dump by chain; a rule of another chain is not counted all the
+        // same.
+        if m.str_attr(4, NFTA_RULE_CHAIN).as_deref() == Some(&*chain) {
+            let udata = m.attr(4, NFTA_RULE_USERDATA);
+            out.push(udata.and_then(|u| nftnl::udata_comment(u, nftnl::UDATA_RULE_COMMENT)));
         }
-        if let Some(len) = bad_key {
-            return Err(BackendError::Foreign {
-                object,
-                why: format!("it holds {len}-byte keys, allowsync needs {}", family.type_name()),
-            });
-        }
-        let ranges = intervals_from_elements(elements)
-            .map_err(|why| BackendError::Foreign { object: object.clone(), why: why.clone() })?;
-        Ranges::from_disjoint(ranges)
-            .map_err(|e| BackendError::Foreign { object, why: format!("its elements overlap: {e}") })
+        Ok(())
+    });
+    match result {
+        Ok(()) => Ok(out),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(Vec::new()),
+        Err(e) if DumpInterrupted::is(&e) => Err(BackendError::Conflict {
+            op: "list rules",
+            object: c.object.to_string(),
+            detail: e.to_string(),
+        }),
+        Err(e) => Err(kernel("list rules", c.object.to_string(), e)),
     }
+}
+
+/// Every chain and set of table `t` (empty when it does not exist).
+pub(super) fn contents(sock: &NfSocket, t: &Name) -> Result<Contents, BackendError> {
+    let mut out = Contents::default();
+    let table = t.table.to_string_lossy();
+    let seq = sock.next_seq();
+    let request = nftnl::chain_request(seq, t.family, &t.table, None);
+    sock.request(request.bytes(), seq, |m| {
+        let c = nftnl::parse_chain(m)?;
+        if c.table == table {
+            out.chains.push(c);
+        }
+        Ok(())
+    })
+    .map_err(|e| kernel("list chains", t.object.to_string(), e))?;
+    let seq = sock.next_seq();
+    let request = nftnl::set_request(seq, t.family, &t.table, None);
+    match sock.request(request.bytes(), seq, |m| {
+        out.sets.push(nftnl::parse_set(m)?);
+        Ok(())
+    }) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+        Err(e) => return Err(kernel("list sets", t.object.to_string(), e)),
+    }
+    Ok(out)
+}
+
+/// Dumps set `s`'s elements and rebuilds its ranges, exactly as the kernel holds them. A set or
+/// table that does not exist is [`BackendError::Missing`], naming the set.
+pub(super) fn read_set<A: SetKeyAddr>(sock: &NfSocket, s: &Name) -> Result<Ranges<A>, BackendError> {
+    let family = A::FAMILY;
+    let object = s.object.to_string();
+    let seq = sock.next_seq();
+    let request = nftnl::set_elements_request(seq, s.family, &s.table, &s.name);
+    let mut elements: Vec<(A, bool)> = Vec::new();
+    let mut bad_key = None;
+    let result = sock.request(request.bytes(), seq, |m| {
+        nftnl::for_each_element(m, |key, end| match A::from_key(key) {
+            Some(a) => elements.push((a, end)),
+            None => bad_key = Some(key.len()),
+        })
+    });
+    let unusable = |why: String| BackendError::Foreign {
+        object: object.clone(),
+        why,
+        fix: "allowsync cannot read it as an allowlist".into(),
+    };
+    match result {
+        Ok(()) => {}
+        // No table or no set: not something to read as "empty" (an apply against it could
+        // only fail); the caller says which is missing and whether ensure recreates it.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            return Err(BackendError::Missing { object });
+        }
+        Err(e) if DumpInterrupted::is(&e) => {
+            return Err(BackendError::Conflict { op: "list elements", object, detail: e.to_string() });
+        }
+        Err(e) => return Err(kernel("list elements", object, e)),
+    }
+    if let Some(len) = bad_key {
+        return Err(unusable(format!("holds {len}-byte keys, not {}", family.type_name())));
+    }
+    let ranges = intervals_from_elements(elements).map_err(unusable)?;
+    Ranges::from_disjoint(ranges).map_err(|e| unusable(format!("holds overlapping elements ({e})")))
 }
 
 /// The ruleset generation of the socket's network namespace (`NFT_MSG_GETGEN`).
@@ -180,26 +248,6 @@ pub(super) fn get_generation(sock: &NfSocket) -> Result<u32, BackendError> {
     })
     .map_err(|e| kernel("get generation", "nf_tables".into(), e))?;
     id.ok_or_else(|| kernel("get generation", "nf_tables".into(), io::ErrorKind::UnexpectedEof.into()))
-}
-
-// From linux/netfilter/nf_tables.h and libnftnl's udata.h (not in the libc crate).
-const NFTA_RULE_CHAIN: u16 = 2;
-const NFTA_RULE_USERDATA: u16 = 7;
-const NFTNL_UDATA_RULE_COMMENT: u8 = 0;
-
-/// The comment of a rule message: in its user data, a list of `(type u8, length u8, value)`
-/// records, the one of type comment (a NUL-terminated string, as `nft` writes it).
-fn rule_comment(m: &Message<'_>) -> Option<String> {
-    let mut udata = m.attr(4, NFTA_RULE_USERDATA)?;
-    while let [ty, len, rest @ ..] = udata {
-        let value = rest.get(..usize::from(*len))?;
-        if *ty == NFTNL_UDATA_RULE_COMMENT {
-            let text = value.split(|&b| b == 0).next().unwrap_or_default();
-            return Some(String::from_utf8_lossy(text).into_owned());
-        }
-        udata = &rest[usize::from(*len)..];
-    }
-    None
 }
 
 /// Rebuilds ranges from interval elements `(key, is_interval_end)` in any order (the kernel
@@ -261,6 +309,25 @@ mod tests {
         let elems = vec![(0, true), (0, false), (256, true), (u32::MAX, false)];
         assert_eq!(intervals_from_elements(elems).unwrap(), [r(0, 255), r(u32::MAX, u32::MAX)]);
         assert_eq!(intervals_from_elements(vec![(0u32, true)]).unwrap(), []);
+    }
+
+    #[test]
+    fn only_allowsyncs_chain_shapes_have_a_scope() {
+        let chain = |hook: Option<i32>, priority: i32, chain_type: &str| ChainInfo {
+            table: "t".into(),
+            name: "enforce".into(),
+            hook: hook.map(|h| h as u32),
+            priority,
+            chain_type: chain_type.into(),
+            comment: None,
+        };
+        let (pre, input) = (Some(libc::NF_INET_PRE_ROUTING), Some(libc::NF_INET_LOCAL_IN));
+        assert_eq!(chain(pre, -150, "filter").enforcement_scope(), Some(EnforceScope::Host));
+        assert_eq!(chain(input, 0, "filter").enforcement_scope(), Some(EnforceScope::Local));
+        assert_eq!(chain(pre, -100, "nat").enforcement_scope(), None);
+        assert_eq!(chain(pre, 0, "filter").enforcement_scope(), None);
+        assert_eq!(chain(input, -150, "filter").enforcement_scope(), None);
+        assert_eq!(chain(None, 0, "").enforcement_scope(), None);
     }
 
     #[test]
