@@ -8,13 +8,13 @@
 //! - special addresses are skipped, each with one warning, the rest applied;
 //! - text from the network cannot forge a log line.
 
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::time::Duration;
 
 use allowsync::prefixes::AllowSet;
 use allowsync_testkit::daemon::{Env, Setup, lists_of, setup_with, stop, strings, wait_until};
 use allowsync_testkit::mock::Fault;
-use allowsync_testkit::netns::{NamedNetns, tcp_connects, veth_pair};
+use allowsync_testkit::netns::{veth_pair, who_connects};
 use allowsync_testkit::set;
 
 const KEY: &str = "input-safety-test-key";
@@ -44,19 +44,6 @@ fn output(f: &allowsync_testkit::daemon::Finished) -> String {
     format!("{}{}", f.stdout, f.stderr)
 }
 
-/// Who can connect to [`PORT`]: (allowlisted v4, stranger v4, allowlisted v6, stranger v6).
-fn who_connects(client: &NamedNetns) -> [bool; 4] {
-    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-    let v4: SocketAddr = (ip("10.200.0.1"), PORT).into();
-    let v6: SocketAddr = (ip("fd00:200::1"), PORT).into();
-    [
-        tcp_connects(client, ip("10.200.0.2"), v4),
-        tcp_connects(client, ip("10.200.0.3"), v4),
-        tcp_connects(client, ip("fd00:200::2"), v6),
-        tcp_connects(client, ip("fd00:200::3"), v6),
-    ]
-}
-
 #[test]
 fn an_entry_wider_than_the_minimum_fails_the_source_and_opens_nothing() {
     let Some(env) = env_with([(5, GOOD5), (6, GOOD6)], "text") else { return };
@@ -65,12 +52,12 @@ fn an_entry_wider_than_the_minimum_fails_the_source_and_opens_nothing() {
     // the backlog, nothing needs to accept.
     let _l4 = TcpListener::bind(("10.200.0.1", PORT)).unwrap();
     let _l6 = TcpListener::bind(("fd00:200::1", PORT)).unwrap();
-    assert_eq!(who_connects(&client), [true; 4], "without allowsync the network works");
+    assert_eq!(who_connects(&client, PORT), [true; 4], "without allowsync the network works");
 
     let o = env.once(T);
     assert_eq!(o.code, Some(0), "{}", output(&o));
     assert_eq!(env.kernel(), good());
-    assert_eq!(who_connects(&client), [true, false, true, false]);
+    assert_eq!(who_connects(&client, PORT), [true, false, true, false]);
     let state = lists_of(&env.parsed_state());
 
     for wide in ["0.0.0.0/0", "::ffff:0.0.0.0/96", "::/0"] {
@@ -87,7 +74,7 @@ fn an_entry_wider_than_the_minimum_fails_the_source_and_opens_nothing() {
             .unwrap_or_else(|| panic!("{wide}: no error line:\n{err}"));
         assert!(line.contains("source=chat") && line.contains(&format!("entry=\"{wide}\"")), "{line}");
         assert!(err.contains("failed(kept last good)"), "{wide}: {err}");
-        assert_eq!(who_connects(&client), [true, false, true, false], "{wide}: a stranger got in");
+        assert_eq!(who_connects(&client, PORT), [true, false, true, false], "{wide}: a stranger got in");
     }
     // `plan` shows why the source's last good list stands in.
     let o = env.command(&["plan"], T);

@@ -14,8 +14,8 @@
 //! Every wait is for a condition, bounded; nothing asserts how fast a repair is (the bench
 //! measures that).
 
-use std::net::{IpAddr, SocketAddr, TcpListener};
-use std::process::Command;
+use std::net::TcpListener;
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use allowsync::backend::Backend;
@@ -26,7 +26,7 @@ use allowsync_testkit::daemon::{
     Env, Setup, allowsync_bin, backend, setup_with, signal, stop, strings, wait_until,
 };
 use allowsync_testkit::mock::Fault;
-use allowsync_testkit::netns::{self, NamedNetns, tcp_connects, veth_pair};
+use allowsync_testkit::netns::{self, veth_pair, who_connects};
 use allowsync_testkit::set;
 
 const KEY: &str = "repair-test-secret-key";
@@ -72,16 +72,22 @@ fn intact(want: &AllowSet) -> bool {
     b.missing().is_ok_and(|m| m.is_empty()) && b.read().ok().as_ref() == Some(want)
 }
 
+/// The environment with the daemon started and its objects in place (`None`: no namespaces).
+fn started(log_level: &'static str) -> Option<(Env, Child, AllowSet)> {
+    let env = env(log_level)?;
+    let want = full_list();
+    let d = env.start(&want);
+    assert!(wait_until(WAIT, || intact(&want)), "not in place after the first sync:\n{}", env.log());
+    Some((env, d, want))
+}
+
 fn repairs(env: &Env) -> Vec<String> {
     env.log().lines().filter(|l| l.contains(REPAIRED)).map(String::from).collect()
 }
 
 #[test]
 fn every_wipe_is_repaired_from_memory_without_an_api_request() {
-    let Some(env) = env("info") else { return };
-    let want = full_list();
-    let d = env.start(&want);
-    assert!(wait_until(WAIT, || intact(&want)), "not in place after the first sync:\n{}", env.log());
+    let Some((env, d, want)) = started("info") else { return };
     let requests = env.mock.request_count();
 
     // What each wipe is, and what its repair line must name. A set the enforcement rules use
@@ -126,10 +132,7 @@ fn every_wipe_is_repaired_from_memory_without_an_api_request() {
 
 #[test]
 fn foreign_commits_that_leave_allowsync_alone_cause_no_allowsync_commit() {
-    let Some(env) = env("debug") else { return };
-    let want = full_list();
-    let d = env.start(&want);
-    assert!(wait_until(WAIT, || intact(&want)));
+    let Some((env, d, want)) = started("debug") else { return };
     // fail2ban's kind of table, in one commit of its own before counting.
     netns::nft_script("table inet churn {\n  set s { type ipv4_addr; }\n}\n");
     let generation = || backend().generation().unwrap().unwrap();
@@ -160,19 +163,6 @@ fn foreign_commits_that_leave_allowsync_alone_cause_no_allowsync_commit() {
     stop(d);
 }
 
-/// Who can connect to [`PORT`]: (allowlisted v4, stranger v4, allowlisted v6, stranger v6).
-fn who_connects(client: &NamedNetns) -> [bool; 4] {
-    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-    let v4: SocketAddr = (ip("10.200.0.1"), PORT).into();
-    let v6: SocketAddr = (ip("fd00:200::1"), PORT).into();
-    [
-        tcp_connects(client, ip("10.200.0.2"), v4),
-        tcp_connects(client, ip("10.200.0.3"), v4),
-        tcp_connects(client, ip("fd00:200::2"), v6),
-        tcp_connects(client, ip("fd00:200::3"), v6),
-    ]
-}
-
 const STATE_WRITE_FAILED: &str = "cannot write the state file";
 
 #[test]
@@ -186,7 +176,7 @@ fn a_read_only_state_directory_at_start_still_restores_and_enforces() {
     let o = env.once(WAIT);
     assert_eq!(o.code, Some(0), "{}", o.stderr);
     netns::run("nft", &["flush", "ruleset"]);
-    assert_eq!(who_connects(&client), [true; 4], "nothing enforced before the daemon");
+    assert_eq!(who_connects(&client, PORT), [true; 4], "nothing enforced before the daemon");
     env.mock.inject(Fault::Status(502));
 
     // The daemon in a mount namespace where the state directory is read-only.
@@ -206,7 +196,7 @@ fn a_read_only_state_directory_at_start_still_restores_and_enforces() {
     }
     let want = full_list();
     assert!(wait_until(WAIT, || intact(&want)), "not restored:\n{}", env.log());
-    assert_eq!(who_connects(&client), [true, false, true, false], "{}", env.log());
+    assert_eq!(who_connects(&client, PORT), [true, false, true, false], "{}", env.log());
     let log = env.log();
     assert!(log.contains("restored the last good allowlist from the state file"), "{log}");
     assert!(log.contains("holding the lock through a read-only descriptor"), "{log}");
@@ -217,7 +207,7 @@ fn a_read_only_state_directory_at_start_still_restores_and_enforces() {
     signal(&d, libc::SIGUSR1);
     assert!(wait_until(WAIT, || env.log().matches(STATE_WRITE_FAILED).count() > n), "{}", env.log());
     assert!(env.log().contains("Read-only file system"), "{}", env.log());
-    assert_eq!(who_connects(&client), [true, false, true, false]);
+    assert_eq!(who_connects(&client, PORT), [true, false, true, false]);
     stop(d);
 }
 
@@ -271,10 +261,7 @@ fn the_ipset_backend_check_repairs_a_flushed_set_and_a_lost_jump() {
 /// storm, the table is back at its end.
 #[test]
 fn repairs_are_rate_limited_against_a_tool_that_keeps_deleting() {
-    let Some(env) = env("info") else { return };
-    let want = full_list();
-    let d = env.start(&want);
-    assert!(wait_until(WAIT, || intact(&want)));
+    let Some((env, d, want)) = started("info") else { return };
     let before = repairs(&env).len();
     let t = std::time::Instant::now();
     for _ in 0..100 {

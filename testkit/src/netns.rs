@@ -252,6 +252,21 @@ pub fn tcp_connects(ns: &NamedNetns, from: IpAddr, to: SocketAddr) -> bool {
     ns.run_in(move || crate::traffic::connect(from, to, Duration::from_millis(700)).is_ok())
 }
 
+/// Who can connect to `port` of the server addresses of a [`veth_pair`] from its client
+/// namespace, as (allowlisted `10.200.0.2`, stranger `.3`, allowlisted `fd00:200::2`, stranger
+/// `::3`): what the tests' allowlists hold and leave out.
+pub fn who_connects(client: &NamedNetns, port: u16) -> [bool; 4] {
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let v4 = SocketAddr::new(ip("10.200.0.1"), port);
+    let v6 = SocketAddr::new(ip("fd00:200::1"), port);
+    [
+        tcp_connects(client, ip("10.200.0.2"), v4),
+        tcp_connects(client, ip("10.200.0.3"), v4),
+        tcp_connects(client, ip("fd00:200::2"), v6),
+        tcp_connects(client, ip("fd00:200::3"), v6),
+    ]
+}
+
 /// A client namespace `as-cli` joined to this one by a veth pair: server `10.200.0.1` and
 /// `fd00:200::1` here, clients `.2` and `.3` of both families there.
 pub fn veth_pair() -> NamedNetns {
