@@ -37,6 +37,11 @@ const INTERVAL_S: f64 = 300.0;
 const JITTER_S: f64 = 30.0;
 const TARGET_P99_MS: f64 = 50.0;
 const IPSET_CHECK_MS: u64 = 1000;
+/// What one ipset check and one repair cost on top of the wait for the check: processes
+/// (`ipset -t list` twice, `iptables -S` twice, then `ipset restore`, `iptables-restore`), each
+/// tens of milliseconds on a loaded host. The 50 ms target is for notifications; polling is
+/// judged on the interval it waits plus that.
+const IPSET_REPAIR_MS: f64 = 250.0;
 const GAP: Duration = Duration::from_millis(250);
 
 /// A realistic GetIPList answer: tens of /24s and /25s per nettype.
@@ -227,11 +232,11 @@ pub fn repair_latency(rep: &mut Report, runs: usize) {
     }
     for (what, v) in [("ipset flush", &ipset_flush), ("iptables -t mangle -F PREROUTING", &jump_lost)] {
         let p99 = percentile(v, 99.0);
-        let target = IPSET_CHECK_MS as f64 + TARGET_P99_MS;
+        let target = IPSET_CHECK_MS as f64 + IPSET_REPAIR_MS;
         rep.target(
             p99 <= target,
             format!(
-                "ipset repair after {what}: p99 {} (target <= check_interval {IPSET_CHECK_MS} ms + {TARGET_P99_MS:.0} ms)",
+                "ipset repair after {what}: p99 {} (target <= check_interval {IPSET_CHECK_MS} ms + {IPSET_REPAIR_MS:.0} ms)",
                 fmt_ms(Some(p99))
             ),
         );
