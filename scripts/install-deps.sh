@@ -8,7 +8,7 @@ set -euo pipefail
 # and util-linux (nsenter): the packages under a real systemd (tests/systemd.sh).
 packages=(pkg-config libnftnl-dev libmnl-dev nftables ipset iptables iproute2 util-linux procps
   lintian rpm binutils man-db debootstrap debian-archive-keyring systemd-container)
-# No `dpkg-query | grep -q` under pipefail: grep may exit before dpkg-query has written all.
+# dpkg-query's whole answer is captured, then matched: no consumer in a pipe that could stop early.
 installed() { [[ "$(dpkg-query -W -f='${Status}\n' "$1" 2>/dev/null)" == *"install ok installed"* ]]; }
 missing=()
 for p in "${packages[@]}"; do

@@ -184,7 +184,12 @@ booted() {
   s=$(c systemctl is-system-running 2>/dev/null)
   [ "$s" = running ] || [ "$s" = degraded ]
 }
-exited() { [ ! -e "/proc/$1" ] || grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null; }
+# Gone, or a zombie. The status file is read whole (it may vanish meanwhile: then it is gone).
+exited() {
+  local status
+  status=$(cat "/proc/$1/status" 2>/dev/null) || return 0
+  [[ $status =~ (^|$'\n')State:[^$'\n']*Z ]]
+}
 
 boot() {
   local cg
