@@ -1,7 +1,7 @@
-//! Running the ipset and iptables programs: resolved once to absolute paths, run without a
-//! shell under `LC_ALL=C`, with the stdin written from another thread, and their stderr mapped
-//! to a [`BackendError`] (a missing set is missing, a full one storage, a refusal of privilege
-//! unavailable).
+//! Running the iptables programs (the enforcement rules; the sets themselves are spoken to over
+//! netlink, `proto.rs`): resolved once to absolute paths, run without a shell under `LC_ALL=C`,
+//! with the stdin written from another thread, and their stderr mapped to a [`BackendError`]
+//! (a refusal of privilege is unavailable).
 
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
@@ -12,21 +12,15 @@ use crate::backend::BackendError;
 /// The programs the backend runs, resolved to absolute paths once.
 #[derive(Debug, Clone)]
 pub(super) struct Tools {
-    pub(super) ipset: PathBuf,
     /// `iptables`, `iptables-restore`, `ip6tables`, `ip6tables-restore`; `None` when any is
     /// missing (an error only with `enforce`).
     pub(super) iptables: Option<[PathBuf; 4]>,
 }
 
 impl Tools {
-    /// Finds `ipset` and the iptables programs now, so that a missing one is reported at start
-    /// with the package to install. Without the iptables programs only `enforce` fails.
+    /// Finds the iptables programs now, so that a missing one is reported at start with the
+    /// package to install. Without them only `enforce` fails.
     pub(super) fn find(enforce: bool) -> Result<Tools, BackendError> {
-        let ipset = which("ipset").ok_or_else(|| {
-            BackendError::Unavailable(
-                "the ipset backend needs the `ipset` program, which is not in PATH: install the Debian package `ipset` (apt-get install ipset)".into(),
-            )
-        })?;
         let found: Vec<Option<PathBuf>> = ["iptables", "iptables-restore", "ip6tables", "ip6tables-restore"]
             .iter()
             .map(|p| which(p))
@@ -40,7 +34,7 @@ impl Tools {
                 "ipset enforcement needs iptables, iptables-restore, ip6tables and ip6tables-restore, which are not all in PATH: install the Debian package `iptables` (apt-get install iptables)".into(),
             ));
         }
-        Ok(Tools { ipset, iptables })
+        Ok(Tools { iptables })
     }
 }
 
@@ -113,23 +107,13 @@ pub(super) fn classify(op: &'static str, object: &str, msg: &str) -> BackendErro
         object: object.clone(),
         cause: io::Error::new(kind, msg),
     };
-    if lower.contains("set with the given name does not exist") {
-        // Like a missing nftables set: not "empty"; `ensure` recreates it.
-        BackendError::Missing { object }
-    } else if lower.contains("already added") || lower.contains("it's not added") {
-        // Cannot happen with `-exist`; if it does, someone changed the set under us.
-        BackendError::Conflict { op, object, detail: msg.to_string() }
-    } else if lower.contains("hash is full") || lower.contains("set is full") {
-        kernel(io::ErrorKind::StorageFull)
-    } else if lower.contains("in use by a kernel component") {
+    if lower.contains("in use by a kernel component") {
         kernel(io::ErrorKind::ResourceBusy)
     } else if lower.contains("operation not permitted")
         || lower.contains("permission denied")
         || lower.contains("must be root")
     {
         BackendError::Unavailable(format!("{op} on {object}: {msg} (needs CAP_NET_ADMIN)"))
-    } else if lower.contains("cannot open session to kernel") || lower.contains("kernel support protocol") {
-        BackendError::Unavailable(format!("{op} on {object}: {msg} (no ip_set support in this kernel?)"))
     } else {
         kernel(io::ErrorKind::Other)
     }
@@ -141,11 +125,10 @@ mod tests {
 
     #[test]
     fn errors_are_classified() {
-        assert!(classify("x", "s", "ipset v7.17: The set with the given name does not exist").is_missing());
-        assert!(matches!(
-            classify("x", "s", "Error in line 3: Hash is full, cannot add more elements"),
-            BackendError::Kernel { cause, .. } if cause.kind() == io::ErrorKind::StorageFull
-        ));
         assert!(matches!(classify("x", "s", "Operation not permitted"), BackendError::Unavailable(_)));
+        assert!(matches!(
+            classify("x", "s", "iptables: No chain/target/match by that name."),
+            BackendError::Kernel { .. }
+        ));
     }
 }

@@ -11,9 +11,7 @@
 //! change back (see `change`). A set that does not exist is [`BackendError::Missing`].
 
 use std::collections::BTreeSet;
-use std::fmt::Write as _;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Instant;
 
 use tracing::{debug, info, warn};
@@ -21,10 +19,12 @@ use tracing::{debug, info, warn};
 mod cmd;
 mod iptables;
 mod owned;
+mod proto;
 
 pub use iptables::{ENFORCE_CHAIN, enforce_rules, hook_of};
 
-use cmd::{Output, Tools, run};
+use cmd::Tools;
+use proto::{Af, Batch, Cmd, FLAG_EXIST, Listing};
 
 use super::{Backend, BackendError, Family};
 use crate::config::{Enforce, IpsetConfig};
@@ -32,18 +32,22 @@ use crate::ownership::{Footprint, Object, Teardown};
 use crate::prefixes::{Addr, AllowSet, Delta, Diff, Range, Ranges};
 
 /// Above this many prefix operations in one family, a change is made by filling a temporary set
-/// and swapping it in rather than line by line in the live set: a failure then costs nothing
-/// (and a rollback of thousands of lines is avoided), and rebuilding a set of that order costs
-/// about as much as editing it (measured: 100k prefixes in about 2 s).
+/// and swapping it in rather than element by element in the live set: a failure then costs
+/// nothing (and a rollback of thousands of elements is avoided), and rebuilding a set of that
+/// order costs about as much as editing it.
 const FULL_REPLACE_OPS: usize = 4096;
 
 impl Family {
+    fn af(self) -> Af {
+        match self {
+            Family::V4 => Af::Inet,
+            Family::V6 => Af::Inet6,
+        }
+    }
+
     /// ipset's name of the family.
     fn ipset_family(self) -> &'static str {
-        match self {
-            Family::V4 => "inet",
-            Family::V6 => "inet6",
-        }
+        self.af().name()
     }
 
     fn suffix(self) -> &'static str {
@@ -57,41 +61,42 @@ impl Family {
 /// A stored prefix `(network, length)`, host order.
 type Prefix<A> = (A, u8);
 
-/// An address as ipset writes and reads it.
+/// An address as the ipset protocol carries it (network byte order).
 trait IpsetAddr: Addr {
     const FAMILY: Family;
-    fn format(p: Prefix<Self>) -> String;
-    fn parse(s: &str) -> Option<Prefix<Self>>;
+    const BYTES: usize;
+    type Be: AsRef<[u8]>;
+    fn to_be(self) -> Self::Be;
+    fn from_be(b: &[u8]) -> Self;
 }
 
 impl IpsetAddr for u32 {
     const FAMILY: Family = Family::V4;
-    fn format((a, len): Prefix<u32>) -> String {
-        format!("{}/{len}", Ipv4Addr::from(a))
+    const BYTES: usize = 4;
+    type Be = [u8; 4];
+    fn to_be(self) -> [u8; 4] {
+        self.to_be_bytes()
     }
-    fn parse(s: &str) -> Option<Prefix<u32>> {
-        let (a, len) = match s.split_once('/') {
-            Some((a, l)) => (a, l.parse().ok()?),
-            None => (s, 32),
-        };
-        (len <= 32).then_some(())?;
-        Some((u32::from(a.parse::<Ipv4Addr>().ok()?), len))
+    fn from_be(b: &[u8]) -> u32 {
+        u32::from_be_bytes(b.try_into().expect("4 bytes"))
     }
 }
 
 impl IpsetAddr for u128 {
     const FAMILY: Family = Family::V6;
-    fn format((a, len): Prefix<u128>) -> String {
-        format!("{}/{len}", Ipv6Addr::from(a))
+    const BYTES: usize = 16;
+    type Be = [u8; 16];
+    fn to_be(self) -> [u8; 16] {
+        self.to_be_bytes()
     }
-    fn parse(s: &str) -> Option<Prefix<u128>> {
-        let (a, len) = match s.split_once('/') {
-            Some((a, l)) => (a, l.parse().ok()?),
-            None => (s, 128),
-        };
-        (len <= 128).then_some(())?;
-        Some((u128::from(a.parse::<Ipv6Addr>().ok()?), len))
+    fn from_be(b: &[u8]) -> u128 {
+        u128::from_be_bytes(b.try_into().expect("16 bytes"))
     }
+}
+
+/// `prefixes` as the protocol's elements.
+fn elements<A: IpsetAddr>(prefixes: &[Prefix<A>]) -> impl Iterator<Item = (A::Be, u8)> + '_ {
+    prefixes.iter().map(|&(a, l)| (a.to_be(), l))
 }
 
 /// The prefixes a `hash:net` set must hold for `ranges`: minimal CIDR prefixes, with a `/0`
@@ -119,70 +124,36 @@ fn grown_maxelem(count: usize) -> u32 {
     u32::try_from(want).unwrap_or(u32::MAX)
 }
 
+/// A hash sized for `count` entries up front saves the kernel the rehashes of growing from 1024.
+fn hashsize_for(count: usize) -> u32 {
+    (count / 2).next_power_of_two().clamp(1024, 1 << 20) as u32
+}
+
 /// The temporary set used to replace `name` (`<name>_t4`/`_t6`, truncated to ipset's 31
 /// characters). Reserved like the set names themselves.
 fn temp_name(name: &str, family: Family) -> String {
-    let keep = name.len().min(31 - 3);
+    let keep = name.len().min(proto::MAXNAMELEN - 1 - 3);
     format!("{}_t{}", &name[..keep], family.suffix())
 }
 
-/// What `ipset` says about an existing set: its `create` line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Header {
-    set_type: String,
-    family: String,
-    maxelem: u32,
-    /// Options other than the ones every plain `hash:net` set has (`timeout`, `counters`,
-    /// `comment`, `forceadd`, …): allowsync does not create sets with them.
-    extra: Vec<String>,
-}
-
-impl Header {
-    /// Parses `create <name> <type> family inet hashsize 1024 maxelem 65536 bucketsize 12 …`.
-    fn parse(line: &str) -> Option<Header> {
-        let mut t = line.split_whitespace();
-        (t.next()? == "create").then_some(())?;
-        let _name = t.next()?;
-        let set_type = t.next()?.to_string();
-        let (mut family, mut maxelem, mut extra) = (String::new(), 0, Vec::new());
-        let with_value = ["family", "hashsize", "maxelem", "bucketsize", "initval", "timeout", "netmask"];
-        while let Some(key) = t.next() {
-            let value = if with_value.contains(&key) { t.next() } else { None };
-            match (key, value) {
-                ("family", Some(v)) => family = v.to_string(),
-                ("maxelem", Some(v)) => maxelem = v.parse().ok()?,
-                ("hashsize" | "bucketsize" | "initval", Some(_)) => {}
-                (k, Some(v)) => extra.push(format!("{k} {v}")),
-                (k, None) => extra.push(k.to_string()),
-            }
-        }
-        Some(Header { set_type, family, maxelem, extra })
-    }
-
-    /// Why set `name` with this header cannot hold `family`'s allowlist, if it cannot, with
-    /// the fix.
-    fn foreign(&self, name: &str, family: Family) -> Option<BackendError> {
-        let create = format!("ipset create {name} hash:net family {}", family.ipset_family());
-        let (why, fix) = if self.set_type != "hash:net" || self.family != family.ipset_family() {
-            (
-                format!(
-                    "is {} family {}, not hash:net family {}",
-                    self.set_type,
-                    self.family,
-                    family.ipset_family()
-                ),
-                format!("recreate it with `{create}`, or configure another set name"),
-            )
-        } else if !self.extra.is_empty() {
-            (
-                format!("was created with `{}`, which allowsync does not manage", self.extra.join(" ")),
-                format!("recreate it as a plain `{create}`, or configure another set name"),
-            )
-        } else {
-            return None;
-        };
-        Some(BackendError::Foreign { object: set_object(name), why, fix })
-    }
+/// Why set `name` as the kernel lists it cannot hold `family`'s allowlist, if it cannot, with
+/// the fix.
+fn foreign(l: &Listing, name: &str, family: Family) -> Option<BackendError> {
+    let create = format!("ipset create {name} hash:net family {}", family.ipset_family());
+    let (why, fix) = if l.type_name != "hash:net" || l.family != family.ipset_family() {
+        (
+            format!("is {} family {}, not hash:net family {}", l.type_name, l.family, family.ipset_family()),
+            format!("recreate it with `{create}`, or configure another set name"),
+        )
+    } else if !l.extra.is_empty() {
+        (
+            format!("was created with `{}`, which allowsync does not manage", l.extra.join(" ")),
+            format!("recreate it as a plain `{create}`, or configure another set name"),
+        )
+    } else {
+        return None;
+    };
+    Some(BackendError::Foreign { object: set_object(name), why, fix })
 }
 
 /// One family's set as last read: the exact prefixes it holds and its `maxelem`.
@@ -202,10 +173,128 @@ impl<A: Addr> Live<A> {
     }
 }
 
+/// One family's change, computed from the ranges the diff touches: the prefixes to add and to
+/// delete, and what the set holds afterwards.
+#[derive(Debug)]
+struct Change<A> {
+    add: Vec<Prefix<A>>,
+    del: Vec<Prefix<A>>,
+    next: Live<A>,
+}
+
+/// `x + 1`, or `x` at the top of the address space.
+fn succ<A: Addr>(x: A) -> A {
+    x.checked_succ().unwrap_or(x)
+}
+
+/// Whether two ranges overlap or are adjacent.
+fn touch<A: Addr>(a: &Range<A>, b: &Range<A>) -> bool {
+    a.start <= succ(b.end) && b.start <= succ(a.end)
+}
+
+/// The change that `delta` (against the aggregated ranges of `live`) makes to the prefixes
+/// `live` holds, looking only at the ranges it touches: `None` when it does not fit `live` (a
+/// removal that is not one of its ranges, an addition overlapping what stays).
+///
+/// The windows are the delta's ranges widened to every range of `live` they overlap or adjoin,
+/// merged where they touch. No range of `live` or of the result crosses a window's edge (the
+/// ranges of `live` are canonical, so none adjoins another; a result range is a chain of kept
+/// and added pieces that touch, each kept piece touching an addition), so inside a window the
+/// prefixes held can be replaced by the result's without looking elsewhere.
+fn touched<A: Addr>(live: &Live<A>, delta: &Delta<A>) -> Option<Change<A>> {
+    let old = live.ranges.as_slice();
+    if delta.remove.iter().any(|r| old.binary_search(r).is_err()) {
+        return None;
+    }
+    let mut seeds: Vec<Range<A>> = delta.remove.iter().chain(&delta.add).copied().collect();
+    seeds.sort_unstable();
+    let mut windows: Vec<Range<A>> = Vec::new();
+    for s in seeds {
+        let mut w = s;
+        let i = old.partition_point(|o| succ(o.end) < s.start);
+        for o in old[i..].iter().take_while(|o| o.start <= succ(s.end)) {
+            w.start = w.start.min(o.start);
+            w.end = w.end.max(o.end);
+        }
+        windows.push(w);
+    }
+    windows.sort_unstable();
+    let mut merged: Vec<Range<A>> = Vec::with_capacity(windows.len());
+    for w in windows {
+        match merged.last_mut() {
+            Some(l) if touch(l, &w) => l.end = l.end.max(w.end),
+            _ => merged.push(w),
+        }
+    }
+    let (mut add, mut del) = (Vec::new(), Vec::new());
+    let mut prefixes = Vec::with_capacity(live.prefixes.len() + delta.add.len());
+    let mut ranges = Vec::with_capacity(old.len() + delta.add.len());
+    let (mut pi, mut ri) = (0, 0);
+    for w in merged {
+        let in_w = |start: A| start >= w.start && start <= w.end;
+        // What the window holds now, prefixes and ranges.
+        let p_lo = pi + live.prefixes[pi..].partition_point(|p| p.0 < w.start);
+        let p_hi = p_lo + live.prefixes[p_lo..].partition_point(|p| in_w(p.0));
+        let r_lo = ri + old[ri..].partition_point(|r| r.start < w.start);
+        let r_hi = r_lo + old[r_lo..].partition_point(|r| in_w(r.start));
+        // What it holds afterwards: the ranges kept and the ones added, which must not overlap.
+        let mut next: Vec<Range<A>> =
+            old[r_lo..r_hi].iter().filter(|r| delta.remove.binary_search(r).is_err()).copied().collect();
+        next.extend(delta.add.iter().filter(|r| in_w(r.start)));
+        next.sort_unstable();
+        if next.windows(2).any(|p| p[1].start <= p[0].end) {
+            return None;
+        }
+        let next = Ranges::aggregate(next);
+        let want = storable(&next);
+        let have = &live.prefixes[p_lo..p_hi];
+        sorted_delta(have, &want, &mut add, &mut del);
+        prefixes.extend_from_slice(&live.prefixes[pi..p_lo]);
+        prefixes.extend_from_slice(&want);
+        ranges.extend_from_slice(&old[ri..r_lo]);
+        ranges.extend_from_slice(next.as_slice());
+        (pi, ri) = (p_hi, r_hi);
+    }
+    prefixes.extend_from_slice(&live.prefixes[pi..]);
+    ranges.extend_from_slice(&old[ri..]);
+    // `want` is sorted, but overlapping prefixes of an operator's set may interleave with it
+    // at a window's edge only by start; sorting an almost sorted list costs a pass.
+    prefixes.sort_unstable();
+    prefixes.dedup();
+    let next = Live { prefixes, ranges: Ranges::aggregate(ranges), maxelem: live.maxelem };
+    Some(Change { add, del, next })
+}
+
+/// Appends to `add` what sorted, unique `want` has and `have` lacks, to `del` the reverse.
+fn sorted_delta<A: Ord + Copy>(have: &[A], want: &[A], add: &mut Vec<A>, del: &mut Vec<A>) {
+    let (mut i, mut j) = (0, 0);
+    while i < have.len() || j < want.len() {
+        match (have.get(i), want.get(j)) {
+            (Some(h), Some(w)) if h == w => {
+                i += 1;
+                j += 1;
+            }
+            (Some(h), Some(w)) if h < w => {
+                del.push(*h);
+                i += 1;
+            }
+            (Some(h), None) => {
+                del.push(*h);
+                i += 1;
+            }
+            (_, Some(w)) => {
+                add.push(*w);
+                j += 1;
+            }
+            (None, None) => unreachable!("the loop condition"),
+        }
+    }
+}
+
 /// A change already made to one family's set during an apply, and how to take it back.
 enum Done {
-    /// Lines sent to the live set; `undo` is the inverse script.
-    Edited { set: String, undo: String },
+    /// Elements added to and deleted from the live set; `undo` is the inverse.
+    Edited { set: String, undo: Batch },
     /// `tmp` (now holding the old contents) was swapped with `set`.
     Swapped { set: String, tmp: String },
 }
@@ -230,9 +319,10 @@ pub struct IpsetBackend {
 }
 
 impl IpsetBackend {
-    /// A backend for the sets of `config`. Finds the `ipset` program (and with `enforce` the
-    /// iptables programs) now, so a missing one is reported at start with the package to
-    /// install. Nothing is sent to the kernel before [`Backend::ensure`].
+    /// A backend for the sets of `config`. With `enforce`, finds the iptables programs now, so
+    /// a missing one is reported at start with the package to install. The sets themselves need
+    /// no program: they are the kernel's, spoken to over netlink. Nothing is sent to the kernel
+    /// before [`Backend::ensure`].
     pub fn new(config: &IpsetConfig) -> Result<Self, BackendError> {
         let tools = Tools::find(config.enforce.is_some())?;
         Ok(IpsetBackend {
@@ -255,47 +345,16 @@ impl IpsetBackend {
         }
     }
 
-    fn ipset(
-        &self,
-        args: &[&str],
-        stdin: Option<&[u8]>,
-        op: &'static str,
-        object: &str,
-    ) -> Result<Output, BackendError> {
-        run(&self.tools.ipset, args, stdin, op, object)
+    /// The header of set `name` (no members), `None` when it does not exist.
+    fn header(&self, name: &str) -> Result<Option<Listing>, BackendError> {
+        proto::list(name, false, "list set", &set_object(name))
     }
 
-    /// The header of set `name`, `None` when it does not exist.
-    fn header(&self, name: &str) -> Result<Option<Header>, BackendError> {
-        match self.ipset(&["-t", "-o", "save", "list", name], None, "list set", &set_object(name)) {
-            Ok(out) => {
-                let line = out.stdout.lines().next().unwrap_or_default();
-                Header::parse(line).map(Some).ok_or_else(|| BackendError::Kernel {
-                    op: "list set",
-                    object: set_object(name),
-                    cause: io::Error::new(io::ErrorKind::InvalidData, format!("unexpected header {line:?}")),
-                })
-            }
-            Err(BackendError::Missing { .. }) => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// How many entries set `name` holds (`ipset -t list`, no members listed), `None` when it
-    /// does not exist.
-    fn entries(&self, name: &str) -> Result<Option<usize>, BackendError> {
-        let out = match self.ipset(&["-t", "list", name], None, "list set", &set_object(name)) {
-            Ok(out) => out,
-            Err(BackendError::Missing { .. }) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let count =
-            out.stdout.lines().find_map(|l| l.strip_prefix("Number of entries:")?.trim().parse().ok());
-        count.map(Some).ok_or_else(|| BackendError::Kernel {
-            op: "list set",
-            object: set_object(name),
-            cause: io::Error::new(io::ErrorKind::InvalidData, "no \"Number of entries\" in `ipset -t list`"),
-        })
+    /// Destroys set `name`.
+    fn destroy(&self, name: &str) -> Result<(), BackendError> {
+        let mut b = Batch::new();
+        b.named(Cmd::Destroy, name);
+        proto::exchange(b, "destroy set", &set_object(name))
     }
 
     /// Reads one family's set: its header (checked) and its exact prefixes.
@@ -303,42 +362,36 @@ impl IpsetBackend {
         self.read_named(self.set_name(A::FAMILY))
     }
 
-    /// Reads set `name` as one of `A`'s family.
+    /// Reads set `name` as one of `A`'s family, from the kernel's binary listing.
     fn read_named<A: IpsetAddr>(&self, name: &str) -> Result<Live<A>, BackendError> {
         let object = set_object(name);
-        let out = self.ipset(&["-o", "save", "list", name], None, "list set", &object)?;
-        let mut lines = out.stdout.lines();
-        let header = lines.next().and_then(Header::parse).ok_or_else(|| BackendError::Kernel {
-            op: "list set",
-            object: object.clone(),
-            cause: io::Error::new(io::ErrorKind::InvalidData, "no create line in `ipset list -o save`"),
-        })?;
-        if let Some(e) = header.foreign(name, A::FAMILY) {
+        let Some(l) = proto::list(name, true, "list set", &object)? else {
+            return Err(BackendError::Missing { object });
+        };
+        if let Some(e) = foreign(&l, name, A::FAMILY) {
             return Err(e);
         }
-        let mut prefixes = Vec::new();
-        for line in lines {
-            let mut t = line.split_whitespace();
-            let entry = match (t.next(), t.next(), t.next(), t.next()) {
-                (Some("add"), Some(_), Some(cidr), None) => A::parse(cidr),
-                _ => None,
-            };
-            match entry {
-                Some(p) => prefixes.push(p),
-                // `nomatch` or other per-entry options change what the set matches in ways
-                // allowsync does not model: refuse rather than guess.
-                None => {
-                    return Err(BackendError::Foreign {
-                        object,
-                        why: format!(
-                            "holds the entry `{line}`, which allowsync does not manage (plain prefixes only)"
-                        ),
-                        fix: "remove that entry, or configure another set name".into(),
-                    });
-                }
-            }
+        // `nomatch` or other per-entry options change what the set matches in ways allowsync
+        // does not model: refuse rather than guess.
+        if let Some(odd) = &l.odd {
+            return Err(BackendError::Foreign {
+                object,
+                why: format!(
+                    "holds the entry `{odd}`, which allowsync does not manage (plain prefixes only)"
+                ),
+                fix: "remove that entry, or configure another set name".into(),
+            });
         }
-        Ok(Live::new(prefixes, header.maxelem))
+        if l.addrs.len() != l.cidrs.len() * A::BYTES {
+            return Err(BackendError::Kernel {
+                op: "list set",
+                object,
+                cause: io::Error::new(io::ErrorKind::InvalidData, "members of another family in the listing"),
+            });
+        }
+        let prefixes =
+            l.addrs.chunks_exact(A::BYTES).zip(&l.cidrs).map(|(a, &c)| (A::from_be(a), c)).collect();
+        Ok(Live::new(prefixes, l.maxelem))
     }
 
     fn read_both(&self) -> Result<(Live<u32>, Live<u128>), BackendError> {
@@ -350,13 +403,39 @@ impl IpsetBackend {
     fn clear_temp(&self, family: Family) -> Result<String, BackendError> {
         let tmp = temp_name(self.set_name(family), family);
         if let Some(h) = self.header(&tmp)? {
-            if let Some(e) = h.foreign(&tmp, family) {
+            if let Some(e) = foreign(&h, &tmp, family) {
                 return Err(e);
             }
             warn!(set = %tmp, "destroying a temporary set left by an interrupted replace");
-            self.ipset(&["destroy", &tmp], None, "destroy set", &set_object(&tmp))?;
+            self.destroy(&tmp)?;
         }
         Ok(tmp)
+    }
+
+    /// Creates set `name` of `A`'s family holding `prefixes`, in one `sendmsg`. When the kernel
+    /// refuses an element, the new set is destroyed again and the refusal returned.
+    fn create_filled<A: IpsetAddr>(
+        &self,
+        name: &str,
+        prefixes: &[Prefix<A>],
+        maxelem: u32,
+    ) -> Result<(), BackendError> {
+        let (af, object) = (A::FAMILY.af(), set_object(name));
+        let revision = proto::revision(af, "create set", &object)?;
+        let mut b = Batch::new();
+        b.create(name, af, revision, hashsize_for(prefixes.len()), maxelem);
+        b.many(Cmd::Add, name, 0, elements(prefixes));
+        let outcome = b.send().map_err(|e| proto::io_error("fill set", &object, e))?;
+        if let Some(&(seq, errno)) = outcome.refused.first() {
+            // The first message is the create: a refused create leaves nothing to destroy.
+            if seq > 1 {
+                if let Err(d) = self.destroy(name) {
+                    debug!(set = %name, error = %d, "set not destroyed after a refused fill");
+                }
+            }
+            return Err(proto::error(if seq == 1 { "create set" } else { "fill set" }, &object, errno));
+        }
+        Ok(())
     }
 
     /// Builds `prefixes` into a temporary set of `maxelem` and swaps it with the live set. The
@@ -366,23 +445,11 @@ impl IpsetBackend {
         let family = A::FAMILY;
         let set = self.set_name(family).to_string();
         let tmp = self.clear_temp(family)?;
-        // A hash sized for the load up front saves the rehashes of growing from 1024.
-        let hashsize = (prefixes.len() / 2).next_power_of_two().clamp(1024, 1 << 20);
-        let mut script = String::with_capacity(64 + prefixes.len() * 24);
-        let _ = writeln!(
-            script,
-            "create {tmp} hash:net family {} hashsize {hashsize} maxelem {maxelem}",
-            family.ipset_family()
-        );
-        for &p in prefixes {
-            let _ = writeln!(script, "add {tmp} {}", A::format(p));
-        }
-        let filled =
-            self.ipset(&["restore"], Some(script.as_bytes()), "fill temporary set", &set_object(&tmp));
-        let swapped =
-            filled.and_then(|_| self.ipset(&["swap", &set, &tmp], None, "swap sets", &set_object(&set)));
-        if let Err(e) = swapped {
-            if let Err(d) = self.ipset(&["destroy", &tmp], None, "destroy set", &set_object(&tmp)) {
+        self.create_filled::<A>(&tmp, prefixes, maxelem)?;
+        let mut b = Batch::new();
+        b.swap(&set, &tmp);
+        if let Err(e) = proto::exchange(b, "swap sets", &set_object(&set)) {
+            if let Err(d) = self.destroy(&tmp) {
                 debug!(set = %tmp, error = %d, "temporary set not destroyed");
             }
             return Err(e);
@@ -390,64 +457,76 @@ impl IpsetBackend {
         Ok(Done::Swapped { set, tmp })
     }
 
-    /// Sends `add` then `del` lines to the live set in one `ipset restore -exist`; on failure
-    /// sends the inverse and returns the error.
+    /// Sends every addition then every removal to the live set, one message each, all in one
+    /// `sendmsg`, and checks every acknowledgement. When the kernel refuses any, exactly the
+    /// messages it carried out are taken back and the first refusal is returned.
     fn edit<A: IpsetAddr>(&self, add: &[Prefix<A>], del: &[Prefix<A>]) -> Result<Done, BackendError> {
         let set = self.set_name(A::FAMILY).to_string();
         let object = set_object(&set);
-        let lines = |verb: &str, ps: &[Prefix<A>], out: &mut String| {
-            for &p in ps {
-                let _ = writeln!(out, "{verb} {set} {}", A::format(p));
-            }
-        };
-        let (mut script, mut undo) = (String::new(), String::new());
-        lines("add", add, &mut script);
-        lines("del", del, &mut script);
-        // The inverse frees room first: delete what we added, then re-add what we removed.
-        lines("del", add, &mut undo);
-        lines("add", del, &mut undo);
-        if let Err(e) = self.ipset(&["-exist", "restore"], Some(script.as_bytes()), "update set", &object) {
-            return Err(
-                match self.ipset(&["-exist", "restore"], Some(undo.as_bytes()), "roll back set", &object) {
-                    Ok(_) => {
-                        warn!(set = %set, error = %e, "ipset restore failed part way; the lines it applied were rolled back");
-                        e
-                    }
-                    Err(r) => partly_changed(&object, &e, &r),
-                },
-            );
+        let mut b = Batch::new();
+        for (a, l) in elements(add) {
+            b.one(Cmd::Add, &set, a.as_ref(), l);
         }
-        Ok(Done::Edited { set, undo })
+        for (a, l) in elements(del) {
+            b.one(Cmd::Del, &set, a.as_ref(), l);
+        }
+        // The inverse frees room first: delete what was added, then re-add what was removed.
+        // `FLAG_EXIST` makes an element already in its old state no error: the inverse is
+        // about the state it restores.
+        let inverse = |done: &dyn Fn(usize) -> bool| {
+            let mut u = Batch::new();
+            let added: Vec<Prefix<A>> =
+                add.iter().enumerate().filter(|(i, _)| done(*i)).map(|(_, p)| *p).collect();
+            let removed: Vec<Prefix<A>> =
+                del.iter().enumerate().filter(|(i, _)| done(add.len() + *i)).map(|(_, p)| *p).collect();
+            u.many(Cmd::Del, &set, FLAG_EXIST, elements(&added));
+            u.many(Cmd::Add, &set, FLAG_EXIST, elements(&removed));
+            u
+        };
+        let (first, undo) = match b.send() {
+            Ok(outcome) if outcome.refused.is_empty() => {
+                return Ok(Done::Edited { set: set.clone(), undo: inverse(&|_| true) });
+            }
+            Ok(outcome) => {
+                let refused: BTreeSet<u32> = outcome.refused.iter().map(|&(seq, _)| seq).collect();
+                let (_, errno) = outcome.refused[0];
+                (proto::error("update set", &object, errno), inverse(&|i| !refused.contains(&(i as u32 + 1))))
+            }
+            // The outcome is unknown: take back everything (what never took effect is no error).
+            Err(e) => (proto::io_error("update set", &object, e), inverse(&|_| true)),
+        };
+        match proto::exchange(undo, "roll back set", &object) {
+            Ok(()) => {
+                warn!(set = %set, error = %first, "the kernel refused part of the change; what it applied was taken back");
+                Err(first)
+            }
+            Err(r) => Err(partly_changed(&object, &first, &r)),
+        }
     }
 
-    /// Changes one family's set from `live` to `target` prefixes. Returns `None` when nothing
-    /// changes. `ipset restore` is not atomic (a failure leaves the lines before it applied),
-    /// so the change takes one of two paths:
+    /// Changes one family's set as `change` says. Returns `None` when nothing changes. ipset
+    /// has no transactions (every element is its own operation), so the change takes one of
+    /// two paths:
     ///
     /// - **full replace** (the set's `maxelem` must grow or change, the change is big — more
     ///   than [`FULL_REPLACE_OPS`] prefix operations, e.g. a first sync — or adds would pass
     ///   `maxelem` before the removals free room): a temporary set [`temp_name`] is created and
-    ///   filled by one `ipset restore`, then `ipset swap`ped with the live set (atomic in the
-    ///   kernel: packets see either the old or the new set, never a half-filled one), and the
-    ///   old contents (now in the temporary set) are destroyed. A failure before the swap
-    ///   destroys the temporary set and leaves the live set untouched;
-    /// - **incremental** (everything else): one `ipset restore -exist` with the **additions
-    ///   first, then the removals**. A `hash:net` set may hold overlapping prefixes, so adding
+    ///   filled (one `sendmsg`), then swapped with the live set (atomic in the kernel: packets
+    ///   see either the old or the new set, never a half-filled one), and the old contents (now
+    ///   in the temporary set) are destroyed. A failure before the swap destroys the temporary
+    ///   set and leaves the live set untouched;
+    /// - **incremental** (everything else): one message per element, **additions first, then
+    ///   removals**, in one `sendmsg`. A `hash:net` set may hold overlapping prefixes, so adding
     ///   first means an address allowed before and after the change (say `10.0.0.0/24` widened
     ///   to `/23`) is never dropped in between, and the additions are checked against `maxelem`
-    ///   before sending. Every line is generated from typed addresses, so only the kernel can
-    ///   refuse one (set full because someone filled it behind our back, set destroyed, out of
-    ///   memory). If it does, the exact inverse script is sent (delete what we added, re-add
-    ///   what we removed; `-exist` makes lines that never took effect no-ops, and every added
-    ///   prefix was absent before, every removed one present), which restores the previous
-    ///   contents, and the original error is returned. Only if that rollback fails too is the
-    ///   set left partly changed; the error says so and the next read shows the truth.
-    fn change<A: IpsetAddr>(
-        &self,
-        live: &Live<A>,
-        target: &[Prefix<A>],
-    ) -> Result<Option<Done>, BackendError> {
-        let (add, del) = prefix_delta(&live.prefixes, target);
+    ///   before sending. Every element comes from typed addresses, so only the kernel can refuse
+    ///   one (set full because someone filled it behind our back, an element added or removed
+    ///   behind our back, set destroyed, out of memory). If it does, exactly the elements it
+    ///   did add or delete are taken back, which restores the previous contents, and the
+    ///   original error is returned. Only if that rollback fails too is the set left partly
+    ///   changed; the error says so and the next read shows the truth.
+    fn change<A: IpsetAddr>(&self, live: &Live<A>, change: &Change<A>) -> Result<Option<Done>, BackendError> {
+        let (add, del, target) = (&change.add, &change.del, &change.next.prefixes);
         if add.is_empty() && del.is_empty() {
             return Ok(None);
         }
@@ -500,7 +579,7 @@ impl IpsetBackend {
             );
             d
         } else {
-            let d = self.edit(&add, &del)?;
+            let d = self.edit(add, del)?;
             info!(
                 set,
                 added = add.len(),
@@ -514,13 +593,16 @@ impl IpsetBackend {
     }
 
     /// Takes back a change made earlier in the same apply.
-    fn undo(&self, done: &Done) -> Result<(), BackendError> {
+    fn undo(&self, done: Done) -> Result<Option<Done>, BackendError> {
         match done {
-            Done::Edited { set, undo } => self
-                .ipset(&["-exist", "restore"], Some(undo.as_bytes()), "roll back set", &set_object(set))
-                .map(drop),
+            Done::Edited { set, undo } => {
+                proto::exchange(undo, "roll back set", &set_object(&set)).map(|()| None)
+            }
             Done::Swapped { set, tmp } => {
-                self.ipset(&["swap", set, tmp], None, "swap sets back", &set_object(set)).map(drop)
+                let mut b = Batch::new();
+                b.swap(&set, &tmp);
+                proto::exchange(b, "swap sets back", &set_object(&set))?;
+                Ok(Some(Done::Swapped { set, tmp }))
             }
         }
     }
@@ -529,7 +611,7 @@ impl IpsetBackend {
     /// before the next replace).
     fn finish(&self, done: Done) {
         if let Done::Swapped { tmp, .. } = done {
-            if let Err(e) = self.ipset(&["destroy", &tmp], None, "destroy set", &set_object(&tmp)) {
+            if let Err(e) = self.destroy(&tmp) {
                 warn!(set = %tmp, error = %e, "old set contents not destroyed after the swap");
             }
         }
@@ -539,23 +621,14 @@ impl IpsetBackend {
     fn ensure_set<A: IpsetAddr>(&mut self) -> Result<Option<String>, BackendError> {
         let family = A::FAMILY;
         let name = self.set_name(family).to_string();
-        let object = set_object(&name);
         let Some(h) = self.header(&name)? else {
             // Created with the contents of the set it replaces, if the configuration moved.
             let seed = self.seed::<A>();
-            let mut script = format!(
-                "create {name} hash:net family {} maxelem {}\n",
-                family.ipset_family(),
-                self.maxelem.max(grown_maxelem(seed.len()))
-            );
-            for &p in &seed {
-                let _ = writeln!(script, "add {name} {}", A::format(p));
-            }
             self.owned_sets.insert(name.clone());
-            self.ipset(&["restore"], Some(script.as_bytes()), "create set", &object)?;
+            self.create_filled::<A>(&name, &seed, self.maxelem.max(grown_maxelem(seed.len())))?;
             return Ok(Some(name));
         };
-        if let Some(e) = h.foreign(&name, family) {
+        if let Some(e) = foreign(&h, &name, family) {
             return Err(e);
         }
         if !self.owned_sets.contains(&name) {
@@ -604,19 +677,6 @@ fn set_object(name: &str) -> String {
     format!("ipset {name}")
 }
 
-/// `(to add, to delete)` turning sorted, unique `current` into sorted, unique `target`.
-fn prefix_delta<A: Ord + Copy>(current: &[A], target: &[A]) -> (Vec<A>, Vec<A>) {
-    let cur: BTreeSet<A> = current.iter().copied().collect();
-    let tgt: BTreeSet<A> = target.iter().copied().collect();
-    (tgt.difference(&cur).copied().collect(), cur.difference(&tgt).copied().collect())
-}
-
-/// The ranges `live` holds with `delta` applied, if `delta` fits them (removals exact).
-fn target_of<A: IpsetAddr>(live: &Live<A>, delta: &Delta<A>) -> Option<Vec<Prefix<A>>> {
-    let next = live.ranges.apply(delta).ok()?;
-    Some(storable(&Ranges::aggregate(next.iter().copied())))
-}
-
 impl Backend for IpsetBackend {
     fn name(&self) -> &'static str {
         "ipset"
@@ -627,10 +687,12 @@ impl Backend for IpsetBackend {
     /// options is [`BackendError::Foreign`] and never changed; both sets are checked before the
     /// first change.
     fn ensure(&mut self) -> Result<(), BackendError> {
+        // The first contact: no ip_set in the kernel, or no CAP_NET_ADMIN, is said plainly.
+        proto::probe()?;
         for family in Family::BOTH {
             let name = self.set_name(family);
             if let Some(h) = self.header(name)? {
-                if let Some(e) = h.foreign(name, family) {
+                if let Some(e) = foreign(&h, name, family) {
                     return Err(e);
                 }
             }
@@ -645,7 +707,7 @@ impl Backend for IpsetBackend {
         Ok(())
     }
 
-    /// Cheap enough to run every few seconds: the sets' headers (`ipset -t list`, no members)
+    /// Cheap enough to run every few seconds: the sets' headers (no members listed)
     /// and, with `enforce`, `iptables -S` / `ip6tables -S`. A set whose entry count is not the
     /// number of prefixes allowsync last read or wrote there (flushed, or edited behind its
     /// back) is named too.
@@ -654,7 +716,7 @@ impl Backend for IpsetBackend {
         let known = self.known.as_ref().map(|(v4, v6)| [v4.prefixes.len(), v6.prefixes.len()]);
         for (i, family) in Family::BOTH.into_iter().enumerate() {
             let name = self.set_name(family);
-            match (self.entries(name)?, known) {
+            match (self.header(name)?.map(|h| h.elements as usize), known) {
                 (None, _) => out.push(set_object(name)),
                 (Some(n), Some(k)) if n != k[i] => out.push(format!(
                     "the entries of {} ({n} where allowsync wrote {})",
@@ -684,48 +746,49 @@ impl Backend for IpsetBackend {
         Ok(set)
     }
 
-    /// Does not send the range diff as such: applies it to the ranges last read, turns the
-    /// result into prefixes ([`Ranges::to_prefixes`], `/0` split) and sends the prefix-level
-    /// difference between what the set holds and that target. A diff that does not apply to what
-    /// was last read (an exact removal missing) means the engine diffed against another picture:
-    /// the sets are read again, and if it still does not apply the result is
-    /// [`BackendError::Conflict`]. A set that does not exist is [`BackendError::Missing`].
+    /// Does not send the range diff as such: works out, from the ranges the diff touches only
+    /// ([`touched`]), which prefixes of the set go and which come (`/0` split), and sends those.
+    /// A diff that does not apply to what was last read (an exact removal missing) means the
+    /// engine diffed against another picture: the sets are read again, and if it still does not
+    /// apply the result is [`BackendError::Conflict`]. A set that does not exist is
+    /// [`BackendError::Missing`].
     ///
     /// The two families are two sets, so an apply is up to two kernel operations; when the
-    /// second fails, the first is undone (inverse script, or swapping the old set back in: the
-    /// old set is only destroyed once both families are done), so an apply is all-or-nothing
-    /// across families too, except when an undo itself fails.
+    /// second fails, the first is undone (inverse elements, or swapping the old set back in:
+    /// the old set is only destroyed once both families are done), so an apply is
+    /// all-or-nothing across families too, except when an undo itself fails.
     fn apply(&mut self, diff: &Diff) -> Result<(), BackendError> {
         if diff.is_empty() {
             return Ok(());
         }
         // The diff was computed against a read; the prefixes of that read are the ones to
         // change. When it does not fit what we remember, look again.
-        let targets =
-            |k: &(Live<u32>, Live<u128>)| Some((target_of(&k.0, &diff.v4)?, target_of(&k.1, &diff.v6)?));
-        let known = match self.known.take() {
-            Some(k) if targets(&k).is_some() => k,
-            _ => self.read_both()?,
+        let changes =
+            |k: &(Live<u32>, Live<u128>)| Some((touched(&k.0, &diff.v4)?, touched(&k.1, &diff.v6)?));
+        let (known, (c4, c6)) = match self.known.take().and_then(|k| changes(&k).map(|c| (k, c))) {
+            Some(found) => found,
+            None => {
+                let k = self.read_both()?;
+                let Some(c) = changes(&k) else {
+                    return Err(BackendError::Conflict {
+                        op: "apply diff",
+                        object: format!("ipsets {} and {}", self.set_v4, self.set_v6),
+                        detail: "a range to remove is not in the set (it changed since it was read)".into(),
+                    });
+                };
+                (k, c)
+            }
         };
-        let Some((t4, t6)) = targets(&known) else {
-            return Err(BackendError::Conflict {
-                op: "apply diff",
-                object: format!("ipsets {} and {}", self.set_v4, self.set_v6),
-                detail: "a range to remove is not in the set (it changed since it was read)".into(),
-            });
-        };
-        let done4 = self.change(&known.0, &t4)?;
-        let done6 = match self.change(&known.1, &t6) {
+        let done4 = self.change(&known.0, &c4)?;
+        let done6 = match self.change(&known.1, &c6) {
             Ok(d) => d,
             Err(e) => {
                 // All or nothing across the two sets: take the IPv4 change back.
-                if let Some(d) = &done4 {
-                    if let Err(u) = self.undo(d) {
-                        return Err(partly_changed(&set_object(&self.set_v4), &e, &u));
-                    }
-                }
                 if let Some(d) = done4 {
-                    self.finish(d);
+                    match self.undo(d) {
+                        Ok(swapped_back) => swapped_back.into_iter().for_each(|d| self.finish(d)),
+                        Err(u) => return Err(partly_changed(&set_object(&self.set_v4), &e, &u)),
+                    }
                 }
                 return Err(e);
             }
@@ -737,7 +800,7 @@ impl Backend for IpsetBackend {
             self.finish(d);
         }
         if !swapped {
-            self.known = Some((Live::new(t4, known.0.maxelem), Live::new(t6, known.1.maxelem)));
+            self.known = Some((c4.next, c6.next));
         }
         Ok(())
     }
@@ -795,32 +858,81 @@ mod tests {
     }
 
     #[test]
-    fn prefixes_parse_and_print_like_ipset() {
-        assert_eq!(u32::parse("10.0.0.1"), Some((0x0a00_0001, 32)));
-        assert_eq!(u32::parse("10.0.0.0/8"), Some((0x0a00_0000, 8)));
-        assert_eq!(u32::parse("10.0.0.0/33"), None);
-        assert_eq!(u128::parse("2001:db8::/32"), Some((0x2001_0db8 << 96, 32)));
-        assert_eq!(u128::format((1, 128)), "::1/128");
-        assert_eq!(u32::format((0x0a00_0000, 8)), "10.0.0.0/8");
-    }
-
-    #[test]
-    fn headers_are_parsed_and_judged() {
-        let h = Header::parse(
-            "create s hash:net family inet hashsize 1024 maxelem 65536 bucketsize 12 initval 0x1",
-        )
-        .unwrap();
-        assert_eq!(h.maxelem, 65536);
-        assert!(h.foreign("s", Family::V4).is_none());
-        let e = h.foreign("s", Family::V6).unwrap().to_string();
+    fn listings_are_judged() {
+        let l = |t: &str, f: &str, extra: &[&str]| Listing {
+            type_name: t.into(),
+            family: f.into(),
+            maxelem: 65536,
+            extra: extra.iter().map(|e| e.to_string()).collect(),
+            ..Listing::default()
+        };
+        assert!(foreign(&l("hash:net", "inet", &[]), "s", Family::V4).is_none());
+        let e = foreign(&l("hash:net", "inet", &[]), "s", Family::V6).unwrap().to_string();
         assert_eq!(
             e,
             "ipset s is hash:net family inet, not hash:net family inet6: recreate it with `ipset create s hash:net family inet6`, or configure another set name"
         );
-        let t = Header::parse("create s hash:net family inet6 hashsize 1024 maxelem 65536 timeout 0 counters comment bucketsize 12 initval 0x1").unwrap();
-        assert!(t.foreign("s", Family::V6).unwrap().to_string().contains("`timeout 0 counters comment`"));
-        let ip = Header::parse("create s hash:ip family inet hashsize 1024 maxelem 65536").unwrap();
-        assert!(ip.foreign("s", Family::V4).unwrap().to_string().contains("is hash:ip family inet"));
+        let t = foreign(&l("hash:net", "inet6", &["timeout 0", "counters", "comment"]), "s", Family::V6);
+        assert!(t.unwrap().to_string().contains("`timeout 0 counters comment`"));
+        let ip = foreign(&l("hash:ip", "inet", &[]), "s", Family::V4).unwrap().to_string();
+        assert!(ip.contains("is hash:ip family inet"));
+    }
+
+    fn r(start: u32, end: u32) -> Range<u32> {
+        Range { start, end }
+    }
+
+    /// `touched` against the whole-set computation it replaces, on sets with neighbours,
+    /// merges, splits and overlapping operator prefixes.
+    #[test]
+    fn the_touched_windows_give_what_the_whole_set_would() {
+        let check = |held: Vec<Prefix<u32>>, delta: Delta<u32>| {
+            let live = Live::new(held, 1 << 20);
+            let c = touched(&live, &delta).expect("the delta fits");
+            let whole = storable(&Ranges::aggregate(live.ranges.apply(&delta).unwrap().iter().copied()));
+            assert_eq!(c.next.prefixes, whole, "{delta:?}");
+            assert_eq!(
+                c.next.ranges,
+                Ranges::aggregate(whole.iter().map(|&(a, l)| Range::from_prefix(a, l)))
+            );
+            let mut expect_add: Vec<_> =
+                whole.iter().filter(|p| !live.prefixes.contains(p)).copied().collect();
+            let mut expect_del: Vec<_> =
+                live.prefixes.iter().filter(|p| !whole.contains(p)).copied().collect();
+            let (mut add, mut del) = (c.add.clone(), c.del.clone());
+            for v in [&mut expect_add, &mut expect_del, &mut add, &mut del] {
+                v.sort_unstable();
+            }
+            assert_eq!((add, del), (expect_add, expect_del), "{delta:?}");
+        };
+        let hosts: Vec<Prefix<u32>> = (0..50).map(|i| (i * 4, 32)).collect();
+        // A host removed, one added in a gap, one added next to a held one (merging).
+        check(hosts.clone(), Delta { remove: vec![r(8, 8)], add: vec![r(10, 10), r(13, 13)] });
+        // A range grown on both sides (a removal and a wider addition), across two held hosts.
+        check(hosts.clone(), Delta { remove: vec![r(16, 16), r(20, 20)], add: vec![r(15, 21)] });
+        // Adds that join two held ranges into one.
+        check(vec![(0, 30), (8, 30)], Delta { remove: vec![r(0, 3), r(8, 11)], add: vec![r(0, 11)] });
+        // An operator's overlapping prefixes: 10.0.0.0/24 and 10.0.0.0/25, then narrowed.
+        let ten = 0x0a00_0000;
+        check(
+            vec![(ten, 24), (ten, 25)],
+            Delta { remove: vec![r(ten, ten + 255)], add: vec![r(ten, ten + 127)] },
+        );
+        // The whole space, to a part and back.
+        check(vec![(0, 1), (1 << 31, 1)], Delta { remove: vec![r(0, u32::MAX)], add: vec![r(5, 9)] });
+        check(vec![(5, 32)], Delta { remove: vec![r(5, 5)], add: vec![r(0, u32::MAX)] });
+        // Untouched ranges stay as they were, however they were stored (the whole-set
+        // computation would have dropped the redundant 0.0.0.1/32).
+        let live = Live::new(vec![(0, 31), (1, 32), (100, 32)], 1024);
+        let c = touched(&live, &Delta { remove: vec![r(100, 100)], add: vec![] }).unwrap();
+        assert_eq!((c.add, c.del, c.next.prefixes), (vec![], vec![(100, 32)], vec![(0, 31), (1, 32)]));
+    }
+
+    #[test]
+    fn a_delta_that_does_not_fit_is_refused() {
+        let live = Live::new(vec![(0, 32), (8, 32)], 1024);
+        assert!(touched(&live, &Delta { remove: vec![r(1, 1)], add: vec![] }).is_none(), "not held");
+        assert!(touched(&live, &Delta { remove: vec![], add: vec![r(7, 9)] }).is_none(), "overlaps 8");
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 use tracing::{info, warn};
 
+use super::proto::{self, Batch, Cmd};
 use super::{Family, IpsetAddr, IpsetBackend, Prefix, set_object, temp_name};
 use crate::backend::BackendError;
 use crate::ownership::{Footprint, Object, Teardown};
@@ -66,8 +67,8 @@ impl IpsetBackend {
         let stale: Vec<String> =
             self.owned_sets.iter().filter(|n| !configured.contains(n)).cloned().collect();
         for name in stale {
-            match self.ipset(&["destroy", &name], None, "destroy set", &set_object(&name)) {
-                Ok(_) | Err(BackendError::Missing { .. }) => {
+            match self.destroy(&name) {
+                Ok(()) | Err(BackendError::Missing { .. }) => {
                     info!(set = %name, "destroyed an ipset the configuration no longer uses");
                     self.owned_sets.remove(&name);
                 }
@@ -87,8 +88,8 @@ impl IpsetBackend {
         let mut ours: Vec<String> = self.owned_sets.iter().cloned().collect();
         ours.extend(configured.iter().map(|(n, f)| temp_name(n, *f)));
         for set in ours {
-            match self.ipset(&["destroy", &set], None, "destroy set", &set_object(&set)) {
-                Ok(_) => report.removed.push(set_object(&set)),
+            match self.destroy(&set) {
+                Ok(()) => report.removed.push(set_object(&set)),
                 Err(BackendError::Missing { .. }) => {}
                 Err(e) => return Err(e),
             }
@@ -98,8 +99,10 @@ impl IpsetBackend {
             if report.removed.contains(&set_object(name)) {
                 continue;
             }
-            match self.ipset(&["flush", name], None, "flush set", &set_object(name)) {
-                Ok(_) => {
+            let mut flush = Batch::new();
+            flush.named(Cmd::Flush, name);
+            match proto::exchange(flush, "flush set", &set_object(name)) {
+                Ok(()) => {
                     report.emptied.push(set_object(name));
                     left.push(format!(
                         "{}: allowsync did not create it (the state file does not record it as allowsync's)",
