@@ -71,7 +71,10 @@ const ATTR_IPADDR_IPV6: u16 = 2;
 
 /// `IPSET_FLAG_LIST_HEADER`: list a set's header, not its members.
 const FLAG_LIST_HEADER: u32 = 1 << 2;
-/// `IPSET_FLAG_EXIST`: adding what is there or deleting what is not is no error.
+/// `IPSET_FLAG_EXIST`, the `-exist` of `ipset`: adding what is there, deleting what is not,
+/// creating a set that exists alike or destroying one that does not is no error. The kernel
+/// takes it from the *absence* of `NLM_F_EXCL` on the message (`flag_exist()` in
+/// `ip_set_core.c`), so every message here carries `NLM_F_EXCL` unless asked for this.
 pub(super) const FLAG_EXIST: u32 = 1;
 /// `IPSET_FLAG_NOMATCH` (per element).
 const CADT_NOMATCH: u32 = 1 << 2;
@@ -134,12 +137,18 @@ impl Batch {
     }
 
     /// Starts a message of `cmd` (with the protocol attribute every command needs) that asks
-    /// for an acknowledgement. Its sequence number is the new [`Batch::len`].
+    /// for an acknowledgement, strict (`NLM_F_EXCL`) unless `flags` has [`FLAG_EXIST`]. Its
+    /// sequence number is the new [`Batch::len`].
     pub(super) fn begin(&mut self, cmd: Cmd, extra_flags: u16) -> &mut Self {
+        self.begin_with(cmd, extra_flags, 0)
+    }
+
+    fn begin_with(&mut self, cmd: Cmd, extra_flags: u16, flags: u32) -> &mut Self {
         self.count += 1;
         self.msg = self.buf.len();
         let ty = (NFNL_SUBSYS_IPSET << 8) | cmd as u16;
-        let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16 | extra_flags;
+        let excl = if flags & FLAG_EXIST != 0 { 0 } else { libc::NLM_F_EXCL };
+        let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK | excl) as u16 | extra_flags;
         self.buf.extend_from_slice(&0u32.to_ne_bytes()); // length, set by `end`
         self.buf.extend_from_slice(&ty.to_ne_bytes());
         self.buf.extend_from_slice(&flags.to_ne_bytes());
@@ -252,10 +261,7 @@ impl Batch {
                 open = false;
             }
             if !open {
-                self.begin(cmd, 0).setname(name);
-                if flags != 0 {
-                    self.be32(ATTR_FLAGS, flags);
-                }
+                self.begin_with(cmd, 0, flags).setname(name);
                 // The kernel wants a line number with ADT (it reports a refused one by it).
                 self.be32(ATTR_LINENO, 0).nest(ATTR_ADT);
                 open = true;
