@@ -373,3 +373,100 @@ fn the_state_file_records_the_ipsets_allowsync_created_and_teardown_destroys_onl
     assert_eq!(run("ipset", &["list", "-n"]).lines().count(), 2);
     assert!(entries(SET_V4).is_empty());
 }
+
+/// The daemon's client `10.200.0.2` / `fd00:200::2` is allowlisted, `.3` is a stranger.
+const PORT: u16 = 8443;
+const LIST5: &[&str] = &["10.200.0.2", "203.0.113.0/24"];
+const LIST6: &[&str] = &["fd00:200::2", "2001:db8:6::/56"];
+
+/// The ipset backend with `enforce` on [`PORT`], checked every 200 ms, one poll every 5 minutes
+/// (a cycle comes when SIGUSR1 asks for it).
+fn daemon_env(key: &str) -> Option<allowsync_testkit::daemon::Env> {
+    let lists = [(5, strings(LIST5)), (6, strings(LIST6))].into();
+    setup_with(Setup::new(key, lists), |yaml| {
+        let ipset = format!(
+            "ipset: {{ set_v4: {SET_V4}, set_v6: {SET_V6}, enforce: {{ tcp_ports: [{PORT}] }}, check_interval: 200ms }}"
+        );
+        *yaml = yaml
+            .replace("interval: 10s", "interval: 5m")
+            .replace("nftables: { table: allowsync, set_v4: allow_v4, set_v6: allow_v6 }", &ipset);
+    })
+}
+
+/// Hides every `ipset` program (a bind mount of `/dev/null` over each, in a private mount
+/// namespace), checks that none runs, then execs `allowsync -c CFG ARGS…`.
+const WITHOUT_IPSET: &str = r#"
+cfg="$1"; bin="$2"; shift 2
+for d in /usr/sbin /sbin /usr/bin /bin /usr/local/sbin /usr/local/bin $(echo "$PATH" | tr : ' '); do
+  if [ -e "$d/ipset" ]; then mount --bind /dev/null "$d/ipset" || exit 97; fi
+done
+if ipset --version >/dev/null 2>&1; then echo "an ipset program still runs" >&2; exit 98; fi
+echo "no ipset program here" >&2
+exec "$bin" -c "$cfg" "$@"
+"#;
+
+/// Done when of issue 21: with no `ipset` program on the system the backend creates and fills
+/// the sets (with the enforcement rules), applies a change of the list and repairs a flushed
+/// set, proven by real TCP connections.
+#[test]
+fn the_backend_needs_no_ipset_program() {
+    use allowsync_testkit::daemon::{allowsync_bin, signal, stop, wait_until};
+    use allowsync_testkit::netns::{veth_pair, who_connects};
+    let Some(env) = daemon_env("ipset-no-program-test-key") else { return };
+    let client = veth_pair();
+    let _l4 = std::net::TcpListener::bind(("10.200.0.1", PORT)).unwrap();
+    let _l6 = std::net::TcpListener::bind(("fd00:200::1", PORT)).unwrap();
+    assert_eq!(who_connects(&client, PORT), [true; 4], "nothing enforced before the daemon");
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", WITHOUT_IPSET, "sh"])
+        .arg(&env.cfg)
+        .arg(allowsync_bin())
+        .arg("run");
+    let d = env.spawn_command(cmd);
+    assert!(env.log().starts_with("no ipset program here"), "{}", env.log());
+    let wait = Duration::from_secs(20);
+
+    // Created and filled, and enforced.
+    assert!(wait_until(wait, || env.syncs() > 0), "{}", env.log());
+    assert_eq!(entries(SET_V4), ["10.200.0.2", "203.0.113.0/24"], "{}", env.log());
+    assert_eq!(entries(SET_V6), ["2001:db8:6::/56", "fd00:200::2"]);
+    assert_eq!(who_connects(&client, PORT), [true, false, true, false], "{}", env.log());
+
+    // Changed: the stranger `.3` comes in (the two hosts stored as their /31), `203.0.113.0/24`
+    // goes.
+    env.mock.set_list(5, strings(&["10.200.0.2", "10.200.0.3"]));
+    signal(&d, libc::SIGUSR1);
+    assert!(wait_until(wait, || entries(SET_V4) == ["10.200.0.2/31"]), "{}", env.log());
+    assert_eq!(who_connects(&client, PORT), [true, true, true, false], "{}", env.log());
+
+    // Repaired: a flushed set is filled again by the periodic check.
+    run("ipset", &["flush", SET_V6]);
+    assert!(wait_until(wait, || entries(SET_V6).len() == 2), "not repaired:\n{}", env.log());
+    assert_eq!(who_connects(&client, PORT), [true, true, true, false], "{}", env.log());
+    assert!(!env.log().contains("ERROR"), "{}", env.log());
+    stop(d);
+}
+
+/// Without CAP_NET_ADMIN (dropped from the bounding set before the exec, so root loses it)
+/// the error names the capability.
+#[test]
+fn without_cap_net_admin_the_error_names_it() {
+    let Some(env) = enforcing_env("ipset-no-cap-test-key") else { return };
+    let dir = env.dir.path();
+    let err = dir.join("nocap.stderr");
+    let status = std::process::Command::new("setpriv")
+        .args(["--bounding-set", "-net_admin", "--inh-caps", "-net_admin", "--"])
+        .arg(allowsync_testkit::daemon::allowsync_bin())
+        .arg("-c")
+        .arg(&env.cfg)
+        .arg("once")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .status()
+        .unwrap();
+    let stderr = std::fs::read_to_string(&err).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("the ipset backend needs CAP_NET_ADMIN"), "{stderr}");
+    assert!(run("ipset", &["list", "-n"]).is_empty(), "nothing was created");
+}
