@@ -34,6 +34,11 @@ impl Api {
     }
 
     pub fn config(&self, dir: &Path) -> PathBuf {
+        self.config_with(dir, "nftables: { table: allowsync, set_v4: allow_v4, set_v6: allow_v6 }")
+    }
+
+    /// [`Api::config`] with another `backend:` (one line of YAML).
+    pub fn config_with(&self, dir: &Path, backend: &str) -> PathBuf {
         std::fs::write(dir.join("key"), KEY).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.join("key"), std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -50,7 +55,7 @@ sources:
       nettypes: [0, 1, 2, 3, 4, 5, 6]
       timeout: 30s
 backend:
-  nftables: {{ table: allowsync, set_v4: allow_v4, set_v6: allow_v6 }}
+  {backend}
 safety:
   max_removal_percent: 100
   # A cold run loads up to 100k addresses at once: past the widening guard's default.

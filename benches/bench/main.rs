@@ -15,10 +15,10 @@
 //! runs per figure; `BENCH_ONCE_RUNS=N` (default 20) runs of `allowsync once` (and rounds of
 //! each repair, at least 20); `BENCH_IDLE_SECONDS=N` (default 30) per idle-cost row;
 //! `BENCH_ONLY=` a comma-separated subset of aggregation, binary, cycle, once, load, incremental,
-//! repair, idle.
+//! ipset, repair, idle.
 //!
 //! One module per section (`load`, `incremental`, `once`, `cycle`, `aggregation`, `binary`,
-//! `repair` with the idle cost), with what they share: the entry lists, the contenders,
+//! `ipset` (the ipset backend's figures of issue 21), `repair` with the idle cost), with what they share: the entry lists, the contenders,
 //! measuring and the report.
 
 mod aggregation;
@@ -28,6 +28,7 @@ mod contenders;
 mod cycle;
 mod entries;
 mod incremental;
+mod ipset;
 mod load;
 mod measure;
 mod once;
@@ -111,7 +112,7 @@ fn main() {
     ));
     rep.json.insert("machine".into(), m);
 
-    // BENCH_ONLY=aggregation,binary,cycle,once,load,incremental,repair,idle: a subset.
+    // BENCH_ONLY=aggregation,binary,cycle,once,load,incremental,ipset,repair,idle: a subset.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let want = |s: &str| only.is_empty() || only.split(',').any(|o| o == s);
     if want("aggregation") {
@@ -132,6 +133,9 @@ fn main() {
     }
     if want("incremental") {
         incremental::incremental(&mut rep, runs);
+    }
+    if want("ipset") {
+        ipset::ipset_section(&mut rep, &api, runs, once_runs);
     }
     if want("repair") {
         repair::repair_latency(&mut rep, once_runs);

@@ -202,6 +202,15 @@ fn touch<A: Addr>(a: &Range<A>, b: &Range<A>) -> bool {
 /// and added pieces that touch, each kept piece touching an addition), so inside a window the
 /// prefixes held can be replaced by the result's without looking elsewhere.
 fn touched<A: Addr>(live: &Live<A>, delta: &Delta<A>) -> Option<Change<A>> {
+    // The engine's deltas are sorted; the lookups below need them to be.
+    let sorted = |v: &[Range<A>]| -> Vec<Range<A>> {
+        let mut v = v.to_vec();
+        if !v.is_sorted() {
+            v.sort_unstable();
+        }
+        v
+    };
+    let delta = &Delta { remove: sorted(&delta.remove), add: sorted(&delta.add) };
     let old = live.ranges.as_slice();
     if delta.remove.iter().any(|r| old.binary_search(r).is_err()) {
         return None;
@@ -240,7 +249,9 @@ fn touched<A: Addr>(live: &Live<A>, delta: &Delta<A>) -> Option<Change<A>> {
         // What it holds afterwards: the ranges kept and the ones added, which must not overlap.
         let mut next: Vec<Range<A>> =
             old[r_lo..r_hi].iter().filter(|r| delta.remove.binary_search(r).is_err()).copied().collect();
-        next.extend(delta.add.iter().filter(|r| in_w(r.start)));
+        let a_lo = delta.add.partition_point(|r| r.start < w.start);
+        let a_hi = a_lo + delta.add[a_lo..].partition_point(|r| in_w(r.start));
+        next.extend_from_slice(&delta.add[a_lo..a_hi]);
         next.sort_unstable();
         if next.windows(2).any(|p| p[1].start <= p[0].end) {
             return None;
