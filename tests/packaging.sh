@@ -5,7 +5,7 @@
 #   1. systemd-analyze security --offline=true systemd/allowsync.service: exposure <= 1.6
 #   2. systemd-analyze verify: nothing to say (on a copy whose ExecStart= points at the built
 #      binary, since /usr/bin/allowsync is not installed on a build host)
-#   3. the .deb: files, modes, conffile, Depends/Recommends, maintainer scripts that neither
+#   3. the .deb: files, modes, conffile, Depends/Recommends/Suggests, maintainer scripts that neither
 #      enable nor start the service
 #   4. lintian: no errors (warnings are listed)
 #   5. the .rpm: present, and its file list when `rpm` is installed
@@ -168,6 +168,7 @@ done
 
 depends=$(sed -n 's/^Depends: //p' "$ctl/control")
 recommends=$(sed -n 's/^Recommends: //p' "$ctl/control")
+suggests=$(sed -n 's/^Suggests: //p' "$ctl/control")
 # Every shared library the binary links must come from a package in Depends, or one that a
 # package in Depends itself depends on (libgcc-s1 comes with libc6).
 needed=$(readelf -d "$BIN" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p')
@@ -204,7 +205,9 @@ else
 fi
 # ExecReload= runs /bin/kill, which comes with procps (tests/systemd.sh: a minimal Debian has none).
 grep -qw procps <<<"$depends" && ok "Depends includes procps (/bin/kill)" || fail "Depends lacks procps (/bin/kill)"
-[ "$recommends" = "nftables | ipset" ] && ok "Recommends: $recommends" || fail "Recommends is '$recommends', want 'nftables | ipset'"
+# The ipset backend needs no `ipset` program (netlink), only iptables for its enforcement rules.
+[ "$recommends" = "nftables | iptables" ] && ok "Recommends: $recommends" || fail "Recommends is '$recommends', want 'nftables | iptables'"
+[ "$suggests" = "ipset" ] && ok "Suggests: $suggests" || fail "Suggests is '$suggests', want 'ipset'"
 
 # Installing must not enable or start the service: the only enable is the one that restores a
 # previous enablement, the only restart a try-restart on upgrade.
@@ -264,10 +267,12 @@ else
       fail "rpm: /etc/allowsync/config.yaml is not %config(noreplace)"
     rpm_requires=$(rpm -qpR "$rpmfile")
     rpm_recommends=$(rpm -qp --recommends "$rpmfile")
+    rpm_suggests=$(rpm -qp --suggests "$rpmfile")
     grep -q '^libc.so.6' <<<"$rpm_requires" && ok "rpm: auto-req found the shared libraries" ||
       fail "rpm: no shared-library Requires"
-    grep -qx '(nftables or ipset)' <<<"$rpm_recommends" && ok "rpm: Recommends (nftables or ipset)" ||
-      fail "rpm: Recommends lacks (nftables or ipset)"
+    grep -qx '(nftables or iptables)' <<<"$rpm_recommends" && ok "rpm: Recommends (nftables or iptables)" ||
+      fail "rpm: Recommends lacks (nftables or iptables)"
+    grep -qx 'ipset' <<<"$rpm_suggests" && ok "rpm: Suggests ipset" || fail "rpm: Suggests lacks ipset"
     if rpm -qp --scripts "$rpmfile" | grep -nE 'systemctl[^|]* (start|enable|preset)'; then
       fail "an rpm scriptlet starts or enables the service"
     else

@@ -3,14 +3,15 @@
 //! The engine only ever talks to a [`Backend`]: it reads what the kernel holds, computes a
 //! [`Diff`] against the desired set, and hands that diff to [`Backend::apply`], which must
 //! commit it as **one** atomic transaction or not at all. Everything else (netlink batches,
-//! `ipset restore` scripts) stays inside the backend.
+//! ipset messages) stays inside the backend.
 //!
 //! - [`dry_run`]: logs the transaction it would send and keeps nothing;
 //! - [`nftables`]: two interval sets (and optionally an enforcement chain) in an nftables table,
 //!   over netlink (`netlink.rs`, the transport);
-//! - [`ipset`]: two `hash:net` ipsets (and optionally an iptables enforcement chain), through
-//!   the `ipset` and `iptables-restore` programs. `ipset restore` is not atomic: that module's
-//!   docs say how a failed apply still leaves the sets as they were (swap, or roll back).
+//! - [`ipset`]: two `hash:net` ipsets over the ipset netlink protocol (no `ipset` program), and
+//!   optionally an iptables enforcement chain through `iptables-restore`. ipset has no
+//!   transactions: that module's docs say how a failed apply still leaves the sets as they were
+//!   (swap, or the exact inverse).
 //! - [`Cached`]: wraps any backend and skips the costly read while the kernel's ruleset
 //!   generation says nothing changed since we last looked; [`from_config`] wraps every backend
 //!   in it.

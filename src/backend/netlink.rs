@@ -1,10 +1,11 @@
-//! The netlink transport of the nftables backend: one `NETLINK_NETFILTER` socket per operation,
+//! The netlink transport of the nftables backend (and of the ipset backend's `proto.rs`, whose
+//! messages ride the same `NETLINK_NETFILTER` socket): one `NETLINK_NETFILTER` socket per operation,
 //! a batch sent in a single `sendmsg`, request/reply exchanges (single objects and dumps), and
 //! a socket subscribed to a multicast group for change notifications.
 //!
 //! This module knows netlink framing (headers, attributes, `NLMSG_ERROR`, `NLMSG_DONE`) but
-//! nothing about nf_tables objects: building and parsing those messages is the business of
-//! `nftables/`.
+//! nothing about nf_tables objects or ipsets: building and parsing those messages is the
+//! business of `nftables/` and `ipset/proto.rs`.
 //!
 //! Own commits: every notification of a commit carries, as its header's `nlmsg_pid`, the
 //! netlink port id of the socket that sent the batch (measured here: `nft`'s messages carry

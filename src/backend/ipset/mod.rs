@@ -1,14 +1,16 @@
 //! The ipset backend: the allowlist lives in two `hash:net` ipsets, `<set_v4>` (`family inet`)
 //! and `<set_v6>` (`family inet6`), for hosts whose firewall is iptables rules rather than
-//! nftables. `cmd.rs` runs the programs and maps their errors; `iptables.rs` keeps the optional
-//! enforcement chain.
+//! nftables. The sets are spoken to over netlink in ipset's own protocol (`proto.rs`: no `ipset`
+//! program); `cmd.rs` runs the iptables programs and maps their errors; `iptables.rs` keeps the
+//! optional enforcement chain.
 //!
 //! A `hash:net` set holds CIDR prefixes, possibly overlapping, and no `/0`; the engine thinks in
 //! ranges. So a read aggregates what the set holds and remembers the exact prefixes, and an
-//! apply sends the prefix-level difference to its target (`/0` as two `/1`). `ipset restore` is
-//! not atomic: each family's change is a temporary set swapped in, or one incremental restore
-//! with its exact inverse at hand, and a failure in the second family takes the first one's
-//! change back (see `change`). A set that does not exist is [`BackendError::Missing`].
+//! apply sends the prefix-level difference of the ranges it touches (`/0` as two `/1`, see
+//! [`touched`]). ipset has no transactions: each family's change is a temporary set swapped in,
+//! or one batch of element messages with its exact inverse at hand, and a failure in the second
+//! family takes the first one's change back (see `change`). A set that does not exist is
+//! [`BackendError::Missing`].
 
 use std::collections::BTreeSet;
 use std::io;
