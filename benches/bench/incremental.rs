@@ -129,10 +129,16 @@ pub fn incremental(rep: &mut Report, runs: usize) {
         }
         _ => rep.target(false, format!("incremental nftables: {}", a_nft.error.clone().unwrap_or_default())),
     }
-    if let Some(a) = a_ips.wall() {
+    // Issue 21's figure: `apply` measured inside the process (a fresh one, so `apply` reads the
+    // set itself); the wall time, process start and `ensure` included, is in the table.
+    if let (Some(a), Some(w)) = (a_ips.inner(), a_ips.wall()) {
         rep.target(
             a <= 50.0,
-            format!("incremental +-{CHANGE} on {N}, ipset: {} (target <= 50 ms)", fmt_ms(Some(a))),
+            format!(
+                "incremental +-{CHANGE} on {N}, ipset: apply() {} in process (target <= 50 ms; wall {} with process start)",
+                fmt_ms(Some(a)),
+                fmt_ms(Some(w))
+            ),
         );
     } else if let Some(e) = &a_ips.error {
         rep.line(format!("ipset backend: {e}"));

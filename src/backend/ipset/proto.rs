@@ -339,6 +339,8 @@ pub(super) struct Listing {
     /// their prefix lengths, with a listing of members.
     pub(super) addrs: Vec<u8>,
     pub(super) cidrs: Vec<u8>,
+    /// Whether the members were asked for.
+    with_members: bool,
     /// Members carrying something allowsync does not model (`nomatch`, a timeout, counters),
     /// described.
     pub(super) odd: Option<String>,
@@ -358,7 +360,7 @@ pub(super) fn list(
     }
     b.end();
     let sock = NfSocket::open().map_err(|e| io_error(op, object, e))?;
-    let mut out = Listing::default();
+    let mut out = Listing { with_members: members, ..Listing::default() };
     let mut header = false;
     let got = sock.request(&b.buf, b.count, |m| {
         let attrs = m.payload(NFGENMSG_LEN);
@@ -417,7 +419,13 @@ fn decode_header(data: &[u8], out: &mut Listing) {
     for (ty, v) in attributes(data) {
         match ty {
             ATTR_MAXELEM => out.maxelem = be32(v),
-            ATTR_ELEMENTS => out.elements = be32(v),
+            ATTR_ELEMENTS => {
+                out.elements = be32(v);
+                // The members follow: room for all of them at once (the family came first).
+                let n = if out.with_members { out.elements as usize } else { 0 };
+                out.cidrs.reserve(n);
+                out.addrs.reserve(n * if out.family == "inet6" { 16 } else { 4 });
+            }
             ATTR_TIMEOUT => out.extra.push(format!("timeout {}", be32(v))),
             ATTR_NETMASK => out.extra.push(format!("netmask {}", v.first().copied().unwrap_or(0))),
             ATTR_MARKMASK => out.extra.push(format!("markmask {:#x}", be32(v))),
