@@ -340,7 +340,7 @@ pub(super) struct Listing {
     pub(super) addrs: Vec<u8>,
     pub(super) cidrs: Vec<u8>,
     /// Whether the members were asked for.
-    with_members: bool,
+    pub(super) with_members: bool,
     /// Members carrying something allowsync does not model (`nomatch`, a timeout, counters),
     /// described.
     pub(super) odd: Option<String>,
