@@ -22,8 +22,8 @@ use ipnet::IpNet;
 use serde_saphyr::Spanned;
 
 pub use raw::{
-    Enforce, EnforceScope, IpsetConfig, LogConfig, LogFormat, MAX_TIMEOUT, NftablesConfig, Region, Safety,
-    fmt_duration,
+    Enforce, EnforceScope, IpsetConfig, LogConfig, LogFormat, MAX_TIMEOUT, MetricsConfig, NftablesConfig,
+    Region, Safety, fmt_duration,
 };
 use raw::{RawChat, RawConfig, secs};
 #[cfg(test)]
@@ -60,6 +60,7 @@ pub struct Config<K = SecretKey> {
     pub backend: BackendConfig,
     pub safety: Safety,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
     /// Things worth a warning that do not stop the daemon (inline secret, loose key file
     /// permissions). Logged by the caller once logging is set up.
     pub warnings: Vec<String>,
@@ -135,7 +136,8 @@ impl Parsed {
     /// Reads every secret key (files, the systemd credential in their place, environment
     /// variables); their errors point at the key's own line.
     pub fn resolve(self) -> Result<Config, ConfigError> {
-        let Config { path, interval, jitter, state_file, sources, backend, safety, log, mut warnings } = self;
+        let Config { path, interval, jitter, state_file, sources, backend, safety, log, metrics, mut warnings } =
+            self;
         let mut resolved = Vec::with_capacity(sources.len());
         for SourceConfig { name, kind } in sources {
             let kind = match kind {
@@ -158,7 +160,7 @@ impl Parsed {
             };
             resolved.push(SourceConfig { name, kind });
         }
-        Ok(Config { path, interval, jitter, state_file, sources: resolved, backend, safety, log, warnings })
+        Ok(Config { path, interval, jitter, state_file, sources: resolved, backend, safety, log, metrics, warnings })
     }
 }
 
@@ -274,6 +276,8 @@ fn build(raw: RawConfig, path: &Path, base: &Path) -> Result<Parsed, ConfigError
         },
     };
 
+    let metrics = build_metrics(raw.metrics, path, base)?;
+
     Ok(Config {
         path: path.to_path_buf(),
         interval,
@@ -283,8 +287,45 @@ fn build(raw: RawConfig, path: &Path, base: &Path) -> Result<Parsed, ConfigError
         backend,
         safety: raw.safety,
         log: raw.log,
+        metrics,
         warnings,
     })
+}
+
+/// `metrics:`: a listener off loopback only with `allow_remote: true` (the metrics name the
+/// sources and the firewall's state: nothing for the whole network by accident), a textfile
+/// that node_exporter reads (`*.prom`).
+fn build_metrics(raw: Option<raw::RawMetrics>, path: &Path, base: &Path) -> Result<MetricsConfig, ConfigError> {
+    let Some(m) = raw else { return Ok(MetricsConfig::default()) };
+    if let Some(l) = &m.listen {
+        if !l.value.ip().is_loopback() && !m.allow_remote {
+            return Err(at(
+                path,
+                l,
+                "metrics.listen",
+                format!(
+                    "{} is not a loopback address: anyone who can reach it reads the metrics; set metrics.allow_remote: true if that is meant",
+                    l.value
+                ),
+            ));
+        }
+    }
+    let textfile = match &m.textfile {
+        Some(t) if t.value.extension().is_none_or(|e| e != "prom") => {
+            return Err(at(
+                path,
+                t,
+                "metrics.textfile",
+                format!(
+                    "{} does not end in .prom: node_exporter's textfile collector reads only *.prom files",
+                    t.value.display()
+                ),
+            ));
+        }
+        Some(t) => Some(absolute(base, &t.value)),
+        None => None,
+    };
+    Ok(MetricsConfig { listen: m.listen.map(|l| l.value), textfile, allow_remote: m.allow_remote })
 }
 
 fn build_chat(
@@ -786,5 +827,32 @@ sources:
             message.contains("enforce needs set_v4 and set_v6 in allowsync's own table inet allowsync"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn metrics_are_off_by_default_and_listen_on_loopback_unless_allowed() {
+        assert_eq!(parse(BASE).unwrap().metrics, MetricsConfig::default());
+        let m = |yaml: &str| parse(&format!("{BASE}metrics:\n{yaml}"));
+        let c = m("  listen: 127.0.0.1:9733\n  textfile: allowsync.prom\n").unwrap();
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9733".parse().unwrap()));
+        assert_eq!(c.metrics.textfile.as_deref(), Some(Path::new("/etc/allowsync/allowsync.prom")));
+        assert!(m("  listen: \"[::1]:9733\"\n").is_ok());
+
+        let (line, key, message) = invalid(&format!("{BASE}metrics:\n  listen: 0.0.0.0:9733\n"));
+        assert_eq!((line, key.as_str()), (6, "metrics.listen"));
+        assert!(message.contains("set metrics.allow_remote: true"), "{message}");
+        let c = m("  listen: 0.0.0.0:9733\n  allow_remote: true\n").unwrap();
+        assert!(c.metrics.allow_remote);
+
+        let (_, key, message) = invalid(&format!("{BASE}metrics:\n  listen: localhost\n"));
+        assert_eq!(key, "metrics.listen");
+        assert!(message.contains("write IP:port"), "{message}");
+        let (_, key, _) = invalid(&format!("{BASE}metrics:\n  listen: 127.0.0.1:0\n"));
+        assert_eq!(key, "metrics.listen");
+        let (line, key, message) = invalid(&format!("{BASE}metrics:\n  textfile: /tmp/allowsync.txt\n"));
+        assert_eq!((line, key.as_str()), (6, "metrics.textfile"));
+        assert!(message.contains("*.prom"), "{message}");
+        let (_, key, _) = invalid(&format!("{BASE}metrics:\n  listn: 127.0.0.1:9733\n"));
+        assert!(key.starts_with("metrics"), "{key}");
     }
 }

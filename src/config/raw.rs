@@ -6,7 +6,7 @@
 //! The sections used as written ([`NftablesConfig`], [`Safety`], [`LogConfig`], …) are part of
 //! [`super::Config`] as they are.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -224,6 +224,31 @@ pub(super) struct RawConfig {
     pub(super) safety: Safety,
     #[serde(default)]
     pub(super) log: LogConfig,
+    #[serde(default)]
+    pub(super) metrics: Option<RawMetrics>,
+}
+
+/// `metrics:` as written; [`super::build`] checks `listen` against `allow_remote`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMetrics {
+    #[serde(default, deserialize_with = "listen")]
+    pub(super) listen: Option<Spanned<SocketAddr>>,
+    #[serde(default)]
+    pub(super) textfile: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    pub(super) allow_remote: bool,
+}
+
+/// `metrics:`: off unless `listen` or `textfile` is given (see [`crate::metrics`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MetricsConfig {
+    /// Where `GET /metrics` and `GET /healthz` are served.
+    pub listen: Option<SocketAddr>,
+    /// node_exporter's textfile collector: written after every cycle.
+    pub textfile: Option<PathBuf>,
+    /// Lets `listen` be a non-loopback address.
+    pub allow_remote: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -493,6 +518,21 @@ fn static_entries<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Spanned<
         out.push(Spanned::new(e.net, spanned.referenced, spanned.defined));
     }
     Ok(Some(out))
+}
+
+/// `IP:port` (`127.0.0.1:9733`, `[::1]:9733`); whether it may be remote is [`super::build`]'s.
+fn listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Spanned<SocketAddr>>, D::Error> {
+    let s = Spanned::<String>::deserialize(d)?;
+    let addr: SocketAddr = s.value.trim().parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "`{}` is not an address and port: write IP:port, like 127.0.0.1:9733 or [::1]:9733",
+            s.value
+        ))
+    })?;
+    if addr.port() == 0 {
+        return Err(serde::de::Error::custom("port 0 is not a port: use 1..=65535"));
+    }
+    Ok(Some(Spanned::new(addr, s.referenced, s.defined)))
 }
 
 fn ports<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u16>, D::Error> {
