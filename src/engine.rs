@@ -269,6 +269,17 @@ impl fmt::Display for Refusal {
     }
 }
 
+impl Refusal {
+    /// The guard, as `allowsync_guard_refusals_total{guard}` names it.
+    pub fn guard(&self) -> &'static str {
+        match self {
+            Refusal::Empty { .. } => "empty",
+            Refusal::MassRemoval { .. } => "removal",
+            Refusal::MassWidening { .. } => "widening",
+        }
+    }
+}
+
 /// How many removed or added entries a refusal names.
 const SAMPLE: usize = 5;
 

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
 use crate::clock;
+use crate::health::Health;
 use crate::ownership::Footprint;
 use crate::prefixes::AllowSet;
 
@@ -54,6 +55,10 @@ pub struct State {
     /// Absent in a state file from before the ownership marks: nothing is then recorded as allowsync's.
     #[serde(default, skip_serializing_if = "Footprint::is_empty")]
     pub objects: Footprint,
+    /// The last attempt and the last success, per source too, for `status` (see
+    /// [`crate::health`]). Absent in a state file of an earlier version: nothing known yet.
+    #[serde(default)]
+    pub health: Health,
 }
 
 impl Default for State {
@@ -65,6 +70,7 @@ impl Default for State {
             last_sync: None,
             last_error: None,
             objects: Footprint::default(),
+            health: Health::default(),
         }
     }
 }

@@ -136,8 +136,18 @@ impl Parsed {
     /// Reads every secret key (files, the systemd credential in their place, environment
     /// variables); their errors point at the key's own line.
     pub fn resolve(self) -> Result<Config, ConfigError> {
-        let Config { path, interval, jitter, state_file, sources, backend, safety, log, metrics, mut warnings } =
-            self;
+        let Config {
+            path,
+            interval,
+            jitter,
+            state_file,
+            sources,
+            backend,
+            safety,
+            log,
+            metrics,
+            mut warnings,
+        } = self;
         let mut resolved = Vec::with_capacity(sources.len());
         for SourceConfig { name, kind } in sources {
             let kind = match kind {
@@ -160,7 +170,18 @@ impl Parsed {
             };
             resolved.push(SourceConfig { name, kind });
         }
-        Ok(Config { path, interval, jitter, state_file, sources: resolved, backend, safety, log, metrics, warnings })
+        Ok(Config {
+            path,
+            interval,
+            jitter,
+            state_file,
+            sources: resolved,
+            backend,
+            safety,
+            log,
+            metrics,
+            warnings,
+        })
     }
 }
 
@@ -295,7 +316,11 @@ fn build(raw: RawConfig, path: &Path, base: &Path) -> Result<Parsed, ConfigError
 /// `metrics:`: a listener off loopback only with `allow_remote: true` (the metrics name the
 /// sources and the firewall's state: nothing for the whole network by accident), a textfile
 /// that node_exporter reads (`*.prom`).
-fn build_metrics(raw: Option<raw::RawMetrics>, path: &Path, base: &Path) -> Result<MetricsConfig, ConfigError> {
+fn build_metrics(
+    raw: Option<raw::RawMetrics>,
+    path: &Path,
+    base: &Path,
+) -> Result<MetricsConfig, ConfigError> {
     let Some(m) = raw else { return Ok(MetricsConfig::default()) };
     if let Some(l) = &m.listen {
         if !l.value.ip().is_loopback() && !m.allow_remote {

@@ -110,6 +110,11 @@ impl ChatSource {
         &self.nettypes
     }
 
+    /// When the usersig this source sends expires (`None` before its first request).
+    pub fn usersig_expires_at(&self) -> Option<u64> {
+        self.sigs.expires_at()
+    }
+
     /// The span every log line of one nettype's fetch is in: `fetch{source=… nettype=…}`. At
     /// error level, so that it is there whatever level the log is filtered at.
     pub(crate) fn span(&self, nettype: u8) -> tracing::Span {

@@ -60,6 +60,21 @@ impl fmt::Display for ErrorClass {
     }
 }
 
+impl ErrorClass {
+    /// The class as a metric label or a `status --json` value: `rate_limited`, `network`, …
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorClass::RateLimited => "rate_limited",
+            ErrorClass::Transient => "transient",
+            ErrorClass::UsersigExpired => "usersig_expired",
+            ErrorClass::Locked => "locked",
+            ErrorClass::Configuration => "configuration",
+            ErrorClass::Network => "network",
+            ErrorClass::InvalidResponse => "invalid_response",
+        }
+    }
+}
+
 /// Why a source could not be fetched. No variant holds the secret key or a usersig: URLs are
 /// redacted, reqwest errors are stripped of theirs, and the server's `ErrorInfo` is scrubbed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -236,6 +251,17 @@ impl Sources {
             })
             .collect();
         Ok(Sources { sources })
+    }
+
+    /// Per Chat source that has minted one, when its usersig expires (unix seconds).
+    pub fn usersig_expiries(&self) -> Vec<(String, u64)> {
+        self.sources
+            .iter()
+            .filter_map(|s| match s {
+                Source::Chat(c) => c.usersig_expires_at().map(|t| (c.name().to_owned(), t)),
+                Source::Static { .. } => None,
+            })
+            .collect()
     }
 
     /// Fetches every source concurrently; one result per source, in configuration order.
