@@ -231,7 +231,7 @@ pub struct StateLock {
 
 impl StateFile {
     /// The lock file: the state file's path with `.lock` appended.
-    pub(crate) fn lock_path(&self) -> PathBuf {
+    pub fn lock_path(&self) -> PathBuf {
         let mut p = self.path.as_os_str().to_owned();
         p.push(".lock");
         PathBuf::from(p)
