@@ -52,6 +52,30 @@ fn scrape(env: &Env) -> Scrape {
     parse(&body)
 }
 
+/// `promtool check metrics` on `text`, where promtool is installed.
+fn promtool(text: &str) {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("promtool").is_file()));
+    if !found {
+        return;
+    }
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The value of the sample `name` with exactly these labels among its own.
 fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     s.samples
@@ -114,8 +138,11 @@ fn metrics_follow_applied_unchanged_failing_refused_and_repaired_syncs() {
     let textfile = env.dir.path().join("allowsync.prom");
     let mode = std::fs::metadata(&textfile).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o644);
-    let t = parse(&std::fs::read_to_string(&textfile).unwrap());
+    let body = std::fs::read_to_string(&textfile).unwrap();
+    let t = parse(&body);
     assert_eq!(syncs(&t, "applied"), 1.0);
+    promtool(&body);
+    promtool(&get(&env, "GET", "/metrics").unwrap().1);
     let inode = |p: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
     let first = inode(&textfile);
 

@@ -81,7 +81,11 @@ fn summary(cfg: &Config) -> String {
         sf.max_added_addresses_v4,
         sf.max_added_addresses_v6
     );
-    let _ = write!(s, "  log: {:?} at {}", cfg.log.format, cfg.log.level);
+    let _ = writeln!(s, "  log: {:?} at {}", cfg.log.format, cfg.log.level);
+    let m = &cfg.metrics;
+    let listen = m.listen.map_or("no listener".into(), |a| format!("GET /metrics and /healthz on {a}"));
+    let textfile = m.textfile.as_ref().map_or("no textfile".into(), |t| format!("textfile {}", t.display()));
+    let _ = write!(s, "  metrics: {listen}, {textfile}");
     s
 }
 
