@@ -164,6 +164,18 @@ fn metrics_follow_applied_unchanged_failing_refused_and_repaired_syncs() {
     assert_eq!(value(&s, "allowsync_last_success_timestamp_seconds", &[]), Some(last_success));
     let failed = [("source", "chat"), ("nettype", "5"), ("result", "network")];
     assert!(value(&s, "allowsync_api_requests_total", &failed) >= Some(1.0));
+    // An answer with an entry wider than min_prefix_v4, then a suspicious empty one.
+    let guard =
+        |s: &Scrape, g: &str| value(s, "allowsync_guard_refusals_total", &[("guard", g)]).unwrap_or(0.0);
+    for (fault, g) in
+        [(Fault::ExtraEntries(strings(&["16.0.0.0/4"])), "min_prefix"), (Fault::EmptyList, "empty")]
+    {
+        env.mock.clear_faults();
+        env.mock.inject(fault);
+        signal(&d, libc::SIGUSR1);
+        wait_scrape(&env, Duration::from_secs(10), |s| guard(s, g) >= 1.0);
+    }
+    assert_eq!(env.kernel(), full_list());
     env.mock.clear_faults();
     signal(&d, libc::SIGUSR1);
     let s = wait_scrape(&env, Duration::from_secs(10), |s| {
