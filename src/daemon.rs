@@ -24,6 +24,10 @@
 //! fetch still running then is abandoned (it changed nothing), a transaction not begun by then
 //! is not begun.
 //!
+//! With `metrics:` configured, every cycle and repair feeds [`crate::metrics`] (served on its own
+//! task, written as a textfile from the blocking pool), and `STATUS=` carries the health summary
+//! of [`crate::health`].
+//!
 //! Signals, coalesced ([`crate::coalesce`]): SIGUSR1 asks for a sync (one more if one is under
 //! way, not N), SIGHUP for a reload (a broken configuration is logged and the old one kept);
 //! at most one cycle per [`CYCLE_SPACING`] and one reload per [`RELOAD_SPACING`].
@@ -247,13 +251,13 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Writes the textfile on the blocking pool (a slow filesystem must not hold up the loop);
-/// a failure is logged.
-fn write_textfile(cfg: &Config, m: &Arc<Metrics>) {
+/// Writes the textfile on the blocking pool (a slow filesystem must not hold up the loop),
+/// encoded here, so that it is this moment's metrics; a failure is logged.
+fn write_textfile(cfg: &Config, m: &Metrics) {
     let Some(path) = cfg.metrics.textfile.clone() else { return };
-    let m = Arc::clone(m);
+    let text = m.encode();
     tokio::task::spawn_blocking(move || {
-        if let Err(e) = m.write_textfile(&path) {
+        if let Err(e) = metrics::write_textfile(&path, &text) {
             error!(path = %path.display(), error = %e, "cannot write the metrics textfile");
         }
     });

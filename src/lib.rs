@@ -23,6 +23,9 @@
 //! objects in place: [`repair`] puts back from memory what someone else deleted, [`coalesce`]
 //! turns bursts of signals and notifications into single, rate-limited runs.
 //!
+//! Observability: [`health`] tells a healthy allowlist from a degraded one (for `status`,
+//! `/healthz` and `STATUS=`), [`metrics`] exports Prometheus metrics fed from each cycle.
+//!
 //! Errors: every error type's message includes its cause (`lock file …: Read-only file system
 //! (os error 30)`), and none returns it again as [`std::error::Error::source`]. Logs print an
 //! error with `%e` (its message only) and the binary with `{e:#}` (the message and its source

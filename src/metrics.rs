@@ -2,7 +2,7 @@
 //! [`CycleReport`], each repair, the state's [`Health`] at start), so that the syncer knows
 //! nothing of Prometheus. Encoded by the `prometheus` crate in the text format; served by
 //! [`http`] (`metrics.listen`) and written as node_exporter's textfile (`metrics.textfile`,
-//! [`Metrics::write_textfile`]).
+//! [`write_textfile`]).
 //!
 //! Names and labels are a contract (README, "Metrics"). No label or value carries a secret:
 //! labels are source names, nettypes, classes and fixed words; the usersig appears only as its
@@ -259,25 +259,26 @@ impl Metrics {
             None => Ok(format!("ok: last successful sync {}s ago", now.saturating_sub(at))),
         }
     }
+}
 
-    /// Writes every metric to `path` for node_exporter's textfile collector: a temporary file
-    /// in the same directory, mode 0644, renamed over the old one, so that a scrape reads the
-    /// old file or the new one, never half of one. No timestamps (node_exporter refuses them).
-    pub fn write_textfile(&self, path: &Path) -> std::io::Result<()> {
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        // node_exporter reads only *.prom: the temporary name must not end so.
-        let mut tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".tmp")
-            .permissions(std::fs::Permissions::from_mode(0o644))
-            .tempfile_in(dir)?;
-        tmp.write_all(self.encode().as_bytes())?;
-        // The mode regardless of the umask.
-        tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644))?;
-        tmp.persist(path).map_err(|e| e.error)?;
-        Ok(())
-    }
+/// Writes `text` ([`Metrics::encode`]) to `path` for node_exporter's textfile collector: a
+/// temporary file in the same directory, mode 0644, renamed over the old one, so that a scrape
+/// reads the old file or the new one, never half of one. No timestamps (node_exporter refuses
+/// them).
+pub fn write_textfile(path: &Path, text: &str) -> std::io::Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    // node_exporter reads only *.prom: the temporary name must not end so.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .permissions(std::fs::Permissions::from_mode(0o644))
+        .tempfile_in(dir)?;
+    tmp.write_all(text.as_bytes())?;
+    // The mode regardless of the umask.
+    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -324,7 +325,7 @@ mod tests {
         let path = dir.path().join("allowsync.prom");
         std::fs::write(&path, "stale").unwrap();
         let m = Metrics::new(Duration::from_secs(60));
-        m.write_textfile(&path).unwrap();
+        write_textfile(&path, &m.encode()).unwrap();
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o644);
         let s = parse(&std::fs::read_to_string(&path).unwrap());

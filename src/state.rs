@@ -2,8 +2,9 @@
 //!
 //! It holds, per source, the last list that was fetched *and* applied (the fallback when that
 //! source fails), the allowlist last applied to the kernel (restored at start before any fetch,
-//! so a reboot with the API unreachable still gets its allowlist back), and the outcome of the
-//! last sync.
+//! so a reboot with the API unreachable still gets its allowlist back), the outcome of the last
+//! sync, and the health `status` reports ([`crate::health`]: last attempt, last success, per
+//! source).
 //!
 //! Writes are atomic: a temporary file in the same directory is written and fsynced, renamed
 //! over the old file, and the directory fsynced, so a crash at any moment leaves either the old
