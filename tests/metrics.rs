@@ -258,6 +258,9 @@ fn healthz_and_status_exit_codes_follow_the_last_success() {
             || v["last_attempt"]["at"] == v["last_success"]["at"]
     );
     assert!(v["reasons"][0].as_str().unwrap().contains("on its last good list"), "{v}");
+    assert!(v["sources"][0]["list_age_s"].as_u64().is_some(), "{v}");
+    assert!(v["last_error"]["message"].as_str().unwrap().contains("HTTP 502"), "{v}");
+    assert!(v["last_error"]["age_s"].as_u64().is_some(), "{v}");
     let text = env.command(&["status"], t).stdout;
     assert!(text.contains("ON ITS LAST GOOD LIST") && text.contains("last success:"), "{text}");
     assert!(
