@@ -64,7 +64,7 @@ pub struct CycleReport {
     pub success: bool,
     /// What this cycle wanted.
     pub desired: Counts,
-    /// One per Chat source and nettype asked: how the request ended.
+    /// Every GetIPList request sent (retries included): how it ended.
     pub requests: Vec<ApiRequest>,
     /// Per Chat source, when the usersig it sends expires (unix seconds).
     pub usersig_expiries: Vec<(String, u64)>,
@@ -74,7 +74,7 @@ pub struct CycleReport {
     pub guards: Vec<&'static str>,
 }
 
-/// How one GetIPList request (one source, one nettype) ended, for the metrics.
+/// How one GetIPList request (one source, one nettype, one attempt) ended, for the metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiRequest {
     pub source: String,
@@ -115,6 +115,7 @@ pub struct Fetches {
     started: Instant,
     fetched: Vec<Fetched>,
     usersig_expiries: Vec<(String, u64)>,
+    requests: Vec<ApiRequest>,
 }
 
 /// What [`Syncer::finish_job`] did, for [`Syncer::complete`].
@@ -349,7 +350,12 @@ impl Syncer {
         async move {
             let started = Instant::now();
             let fetched = sources.fetch_all().await;
-            Fetches { started, fetched, usersig_expiries: sources.usersig_expiries() }
+            let requests = sources
+                .take_requests()
+                .into_iter()
+                .map(|(source, nettype, result)| ApiRequest { source, nettype, result })
+                .collect();
+            Fetches { started, fetched, usersig_expiries: sources.usersig_expiries(), requests }
         }
     }
 
@@ -372,8 +378,7 @@ impl Syncer {
         force: bool,
         deadline: Option<Instant>,
     ) -> impl Future<Output = Finished> + Send + 'static {
-        let Fetches { started, fetched, usersig_expiries } = fetches;
-        let requests = requests_of(&fetched);
+        let Fetches { started, fetched, usersig_expiries, requests } = fetches;
         let mut guards: Vec<&'static str> = fetched
             .iter()
             .flat_map(|f| &f.nettypes)
@@ -544,20 +549,6 @@ impl Syncer {
         let p = engine::plan(current, &desired, &self.cfg.safety, false);
         Ok((desired, p))
     }
-}
-
-/// One [`ApiRequest`] per Chat source and nettype of a fetch.
-fn requests_of(fetched: &[Fetched]) -> Vec<ApiRequest> {
-    fetched
-        .iter()
-        .flat_map(|f| {
-            f.nettypes.iter().map(|n| ApiRequest {
-                source: f.name.clone(),
-                nettype: n.nettype,
-                result: n.result.as_ref().map_or_else(|e| e.class().label(), |_| "ok"),
-            })
-        })
-        .collect()
 }
 
 /// [`Syncer::restore`]'s work, on a blocking-pool thread.

@@ -183,6 +183,27 @@ fn metrics_follow_applied_unchanged_failing_refused_and_repaired_syncs() {
     });
     assert!(value(&s, "allowsync_last_success_timestamp_seconds", &[]) >= Some(last_success));
 
+    // A usersig refused as expired: minted anew and sent again, two requests, one cycle.
+    let requests = |s: &Scrape, result: &str| -> f64 {
+        ["5", "6"]
+            .iter()
+            .filter_map(|n| {
+                value(
+                    s,
+                    "allowsync_api_requests_total",
+                    &[("source", "chat"), ("nettype", n), ("result", result)],
+                )
+            })
+            .sum()
+    };
+    let (ok_before, cycles) = (requests(&s, "ok"), syncs(&s, "unchanged"));
+    env.mock.inject_times(Fault::ErrorCode(70001), 1);
+    signal(&d, libc::SIGUSR1);
+    let s = wait_scrape(&env, Duration::from_secs(10), |s| syncs(s, "unchanged") > cycles);
+    assert_eq!(requests(&s, "usersig_expired"), 1.0);
+    assert_eq!(requests(&s, "ok"), ok_before + 2.0, "both nettypes answered in the end");
+    assert_eq!(value(&s, "allowsync_source_using_last_good", &[("source", "chat")]), Some(0.0));
+
     // Entries added behind allowsync's back: taking them out is a mass removal, refused.
     // Ten ranges apart (not adjacent, so not one range), outside the list.
     let extra = set((0..10).map(|i| format!("203.0.113.{}", 200 + 2 * i)).collect::<Vec<_>>());

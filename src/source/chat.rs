@@ -73,6 +73,8 @@ pub(crate) struct ChatSource {
     min_prefix: MinPrefix,
     client: reqwest::Client,
     sigs: Arc<UsersigCache>,
+    /// Every request sent and how it ended, until [`ChatSource::take_requests`] (the metrics).
+    sent: std::sync::Mutex<Vec<(u8, &'static str)>>,
 }
 
 impl ChatSource {
@@ -99,6 +101,7 @@ impl ChatSource {
                 cfg.secret_key.clone(),
                 cfg.usersig_ttl,
             )),
+            sent: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -108,6 +111,13 @@ impl ChatSource {
 
     pub fn nettypes(&self) -> &[u8] {
         &self.nettypes
+    }
+
+    /// The requests sent since the last call: per request its nettype and `ok` or the error's
+    /// class ([`ErrorClass::label`]); a retry on the backup endpoint or with a new usersig is a
+    /// request of its own.
+    pub fn take_requests(&self) -> Vec<(u8, &'static str)> {
+        std::mem::take(&mut *self.sent.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// When the usersig this source sends expires (`None` before its first request).
@@ -169,7 +179,10 @@ impl ChatSource {
             if i > 0 {
                 warn!(endpoint = %endpoint, "trying the backup endpoint");
             }
-            match self.attempt(endpoint, nettype, sig).await {
+            let result = self.attempt(endpoint, nettype, sig).await;
+            let label = result.as_ref().map_or_else(|e| e.class().label(), |_| "ok");
+            self.sent.lock().unwrap_or_else(|p| p.into_inner()).push((nettype, label));
+            match result {
                 Err(e @ FetchError::Connect { .. }) => {
                     warn!(endpoint = %endpoint, error = %e, "cannot reach the endpoint");
                     last = Some(e);

@@ -264,6 +264,21 @@ impl Sources {
             .collect()
     }
 
+    /// The GetIPList requests every Chat source sent since the last call, as (source, nettype,
+    /// `ok` or the error's class); a fetch abandoned midway gives its requests to the next call.
+    pub fn take_requests(&self) -> Vec<(String, u8, &'static str)> {
+        self.sources
+            .iter()
+            .filter_map(|s| match s {
+                Source::Chat(c) => {
+                    Some(c.take_requests().into_iter().map(|(n, r)| (c.name().to_owned(), n, r)))
+                }
+                Source::Static { .. } => None,
+            })
+            .flatten()
+            .collect()
+    }
+
     /// Fetches every source concurrently; one result per source, in configuration order.
     /// Never panics: a panicking fetch becomes [`FetchError::Internal`].
     pub async fn fetch_all(&self) -> Vec<Fetched> {
