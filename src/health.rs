@@ -222,6 +222,9 @@ pub struct LockHolder {
     pub recorded_pid: Option<u32>,
     /// The pid holding the lock now, as the kernel tells (`/proc/locks`).
     pub holder: Option<u32>,
+    /// Why the lock file cannot be looked at (not as root: the state directory is 0700), when
+    /// it cannot: then nobody can tell whether the daemon runs.
+    pub unknown: Option<String>,
 }
 
 impl LockHolder {
@@ -248,12 +251,19 @@ pub fn lock_holder(lock_path: &Path) -> LockHolder {
     let recorded_pid = std::fs::read_to_string(lock_path)
         .ok()
         .and_then(|s| s.lines().next().and_then(|l| l.trim().parse().ok()));
-    let holder = std::fs::metadata(lock_path).ok().and_then(|m| {
+    let meta = std::fs::metadata(lock_path);
+    let unknown = match &meta {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Some(format!("cannot look at the lock file {}: {e}", lock_path.display()))
+        }
+        _ => None,
+    };
+    let holder = meta.ok().and_then(|m| {
         use std::os::unix::fs::MetadataExt;
         let locks = std::fs::read_to_string("/proc/locks").ok()?;
         flock_holder(&locks, m.dev(), m.ino(), recorded_pid)
     });
-    LockHolder { recorded_pid, holder }
+    LockHolder { recorded_pid, holder, unknown }
 }
 
 /// The pid of the `FLOCK` on inode `ino` in a `/proc/locks` text (`1: FLOCK ADVISORY WRITE
@@ -367,6 +377,13 @@ mod tests {
         assert!(h.running());
         drop(held);
         let h = lock_holder(&lock_path);
-        assert_eq!((h.holder, h.running()), (None, false));
+        assert_eq!((h.holder, h.running(), h.unknown), (None, false, None));
+
+        // A lock file that cannot be looked at (as a non-root user in the 0700 state
+        // directory; here under a file) says nothing either way.
+        let under_a_file = dir.path().join("state.json.lock/x.lock");
+        let h = lock_holder(&under_a_file);
+        assert!(!h.running() && h.unknown.is_some(), "{h:?}");
+        assert_eq!(lock_holder(&dir.path().join("none.lock")).unknown, None, "a missing one is no lock");
     }
 }

@@ -53,7 +53,11 @@ pub fn run(cli: &Cli, json: bool) -> CmdResult {
     if let Err(e) = &st {
         reasons.push(format!("cannot read the state file: {e}"));
     }
-    let (verdict, code) = match (running, reasons.is_empty()) {
+    // Not knowing whether it runs is no proof that it does not.
+    if let Some(e) = &holder.unknown {
+        reasons.push(e.clone());
+    }
+    let (verdict, code) = match (running || holder.unknown.is_some(), reasons.is_empty()) {
         (false, _) => ("not running", exit::NOT_RUNNING),
         (true, true) => ("healthy", 0),
         (true, false) => ("degraded", exit::FAILURE),
@@ -164,6 +168,7 @@ fn text(t: &Text<'_>) -> Result<String, std::fmt::Error> {
             "NOT RUNNING (last pid {pid}, {})",
             if health::alive(pid) { "alive but not holding the lock" } else { "gone" }
         ),
+        (_, None) if t.holder.unknown.is_some() => "UNKNOWN (see below)".into(),
         (_, None) => "NOT RUNNING".into(),
     };
     writeln!(out, "daemon:       {daemon}")?;
