@@ -134,6 +134,7 @@ fn status_line(s: &Syncer, report: &CycleReport) -> String {
         crate::config::BackendConfig::Nftables(n) => (n.set_v4.clone(), n.set_v6.clone()),
         crate::config::BackendConfig::Ipset(i) => (i.set_v4.clone(), i.set_v6.clone()),
         crate::config::BackendConfig::DryRun => ("v4".into(), "v6".into()),
+        crate::config::BackendConfig::File(_) => ("file v4".into(), "v6".into()),
     };
     let held = match report.kernel {
         Some((v4, v6)) => format!("{} {v4}, {} {v6}", names.0, names.1),
@@ -198,7 +199,16 @@ pub fn fetch_bound(cfg: &Config) -> Duration {
 /// still running at the deadline is abandoned (it changes nothing); a transaction not begun by
 /// then is not begun.
 pub fn cycle_deadline(cfg: &Config) -> Duration {
-    fetch_bound(cfg) + KERNEL_BUDGET
+    fetch_bound(cfg) + kernel_budget(cfg)
+}
+
+/// [`KERNEL_BUDGET`], and the file backend's `on_change_timeout` on top: its jobs may wait
+/// that long for the program.
+pub fn kernel_budget(cfg: &Config) -> Duration {
+    match &cfg.backend {
+        BackendConfig::File(f) if f.on_change.is_some() => KERNEL_BUDGET + f.on_change_timeout,
+        _ => KERNEL_BUDGET,
+    }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. `config_path` is re-read on SIGHUP.
@@ -376,7 +386,7 @@ impl<'a> Daemon<'a> {
             BackendConfig::Ipset(i) => {
                 Watcher::Polled { every: i.check_interval, next: now + i.check_interval, repair: false }
             }
-            BackendConfig::DryRun => Watcher::None,
+            BackendConfig::DryRun | BackendConfig::File(_) => Watcher::None,
         };
     }
 
@@ -515,7 +525,7 @@ impl<'a> Daemon<'a> {
     }
 
     fn start_job(&mut self, kind: JobKind, now: Instant) {
-        let deadline = now + KERNEL_BUDGET;
+        let deadline = now + kernel_budget(self.syncer.config());
         match kind {
             JobKind::Restore => {
                 let job = self.syncer.restore_job();

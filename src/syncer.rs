@@ -410,15 +410,20 @@ impl Syncer {
             return report;
         };
         self.state = state;
-        if let Some(e) = &enforce_error {
-            error!(error = %e, "cannot install the enforcement rules; the sets are in place");
+        match &enforce_error {
+            Some(e @ BackendError::FollowUp { .. }) => error!(error = %e, "the sync is written, but what follows it failed"),
+            Some(e) => error!(error = %e, "cannot install the enforcement rules; the sets are in place"),
+            None => {}
         }
         if let Some(d) = &drift {
             error!(drift = %d, "drift: the kernel set differs from what allowsync last applied; repairing");
         }
         let mut outcome = result.map(|(o, _)| o).map_err(|e| e.to_string());
         if let (Some(e), Ok(Outcome::InSync | Outcome::Applied { .. })) = (&enforce_error, &outcome) {
-            outcome = Err(format!("enforcement: {e}"));
+            outcome = Err(match e {
+                BackendError::FollowUp { .. } => e.to_string(),
+                _ => format!("enforcement: {e}"),
+            });
         }
         let state_error = saved.err().map(|e| e.to_string());
         if let Some(e) = &state_error {

@@ -67,6 +67,13 @@ fn summary(cfg: &Config) -> String {
             )
         }
         BackendConfig::DryRun => "dry_run: nothing is written to the firewall".into(),
+        BackendConfig::File(f) => format!(
+            "file: {} as {}, refreshed every {}, on_change {}",
+            f.path.display(),
+            f.format.as_str(),
+            allowsync::config::fmt_duration(f.refresh),
+            f.on_change.as_ref().map_or("none".into(), |a| format!("{a:?} (timeout {})", allowsync::config::fmt_duration(f.on_change_timeout)))
+        ),
     };
     let _ = writeln!(s, "  backend {backend}");
     let sf = &cfg.safety;

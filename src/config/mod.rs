@@ -22,7 +22,7 @@ use ipnet::IpNet;
 use serde_saphyr::Spanned;
 
 pub use raw::{
-    Enforce, EnforceScope, IpsetConfig, LogConfig, LogFormat, MAX_TIMEOUT, NftablesConfig, Region, Safety,
+    Enforce, EnforceScope, FileConfig, FileFormat, IpsetConfig, LogConfig, LogFormat, MAX_TIMEOUT, NftablesConfig, Region, Safety,
     fmt_duration,
 };
 use raw::{RawChat, RawConfig, secs};
@@ -101,6 +101,7 @@ pub enum BackendConfig {
     Nftables(NftablesConfig),
     Ipset(IpsetConfig),
     DryRun,
+    File(FileConfig),
 }
 
 impl BackendConfig {
@@ -109,6 +110,7 @@ impl BackendConfig {
             BackendConfig::Nftables(_) => "nftables",
             BackendConfig::Ipset(_) => "ipset",
             BackendConfig::DryRun => "dry_run",
+            BackendConfig::File(_) => "file",
         }
     }
 }
@@ -259,6 +261,10 @@ fn build(raw: RawConfig, path: &Path, base: &Path) -> Result<Parsed, ConfigError
             set_v6: raw::default_set_v6(),
             enforce: None,
         }),
+        Some(b) if b.value.file.is_some() => match (&b.value.nftables, &b.value.ipset, &b.value.dry_run, &b.value.file) {
+            (None, None, None, Some(f)) => BackendConfig::File(FileConfig { path: absolute(base, &f.path), ..f.clone() }),
+            _ => return Err(at(path, &b, "backend", "configure exactly one of nftables, ipset, dry_run or file")),
+        },
         Some(b) => match (&b.value.nftables, &b.value.ipset, &b.value.dry_run) {
             (Some(n), None, None) if n.check().is_err() => {
                 let (key, message) = n.check().unwrap_err();
@@ -270,7 +276,7 @@ fn build(raw: RawConfig, path: &Path, base: &Path) -> Result<Parsed, ConfigError
             (Some(n), None, None) => BackendConfig::Nftables(n.clone()),
             (None, Some(i), None) => BackendConfig::Ipset(i.clone()),
             (None, None, Some(_)) => BackendConfig::DryRun,
-            _ => return Err(at(path, &b, "backend", "configure exactly one of nftables, ipset or dry_run")),
+            _ => return Err(at(path, &b, "backend", "configure exactly one of nftables, ipset, dry_run or file")),
         },
     };
 

@@ -184,6 +184,52 @@ impl Safety {
     }
 }
 
+/// `backend.file`: the allowlist written to a file for a proxy or a web server (see
+/// [`crate::backend::file`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Absolute once the configuration is built (relative to the configuration's directory).
+    #[serde(deserialize_with = "file_path")]
+    pub path: PathBuf,
+    #[serde(default)]
+    pub format: FileFormat,
+    /// The program and its arguments, run without a shell when the prefixes changed.
+    #[serde(default, deserialize_with = "argv")]
+    pub on_change: Option<Vec<String>>,
+    #[serde(default = "default_on_change_timeout", deserialize_with = "on_change_timeout")]
+    pub on_change_timeout: Duration,
+    /// How often an unchanged list is rewritten with a fresh `generated_at`.
+    #[serde(default = "default_refresh", deserialize_with = "refresh")]
+    pub refresh: Duration,
+}
+
+/// How `backend.file` writes the list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FileFormat {
+    /// The published list (see [`crate::published`]).
+    #[default]
+    Json,
+    /// One prefix per line.
+    Plain,
+    /// `allow PREFIX;` lines, for an nginx `include`.
+    Nginx,
+    /// One prefix per line, for HAProxy's `acl … src -f FILE`.
+    Haproxy,
+}
+
+impl FileFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileFormat::Json => "json",
+            FileFormat::Plain => "plain",
+            FileFormat::Nginx => "nginx",
+            FileFormat::Haproxy => "haproxy",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -271,6 +317,8 @@ pub(super) struct RawBackend {
     pub(super) ipset: Option<IpsetConfig>,
     #[serde(default)]
     pub(super) dry_run: Option<DryRunConfig>,
+    #[serde(default)]
+    pub(super) file: Option<FileConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -323,6 +371,13 @@ fn default_timeout() -> Duration {
 }
 fn default_usersig_ttl() -> Duration {
     Duration::from_secs(24 * 3600)
+}
+
+fn default_on_change_timeout() -> Duration {
+    secs(30)
+}
+fn default_refresh() -> Duration {
+    secs(15 * 60)
 }
 
 // Value checks, run while deserializing so that errors carry the value's line.
@@ -416,6 +471,37 @@ fn check_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error>
 fn usersig_ttl<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     // The official libraries default to 180 days; below an hour we would re-mint constantly.
     duration_in(d, secs(3600), secs(180 * 86_400), "usersig_ttl")
+}
+
+fn on_change_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration_in(d, secs(1), MAX_TIMEOUT, "on_change_timeout")
+}
+fn refresh<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration_in(d, secs(10), secs(86_400), "refresh")
+}
+
+/// A file to write: a path with a file name (a directory is not one).
+fn file_path<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.is_empty() || s.ends_with('/') || Path::new(&s).file_name().is_none() {
+        return Err(serde::de::Error::custom(format!("`{s}` is not a file path: give the file to write")));
+    }
+    Ok(PathBuf::from(s))
+}
+
+/// A command as argv: an absolute program path (a service's PATH is not a shell's), then its
+/// arguments. No shell ever sees it.
+fn argv<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    let v = Vec::<String>::deserialize(d)?;
+    match v.first() {
+        None => Err(serde::de::Error::custom(
+            "on_change is empty: give the program and its arguments, like [\"/usr/sbin/nginx\", \"-s\", \"reload\"]",
+        )),
+        Some(p) if !Path::new(p).is_absolute() => Err(serde::de::Error::custom(format!(
+            "on_change program `{p}` is not an absolute path: write it in full, like /usr/sbin/nginx (no shell runs it)"
+        ))),
+        Some(_) => Ok(Some(v)),
+    }
 }
 
 fn nettypes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
