@@ -100,7 +100,13 @@ pub fn render_json(list: &PublishedList) -> Vec<u8> {
     let ipv4: Vec<String> = list.ipv4.iter().map(ToString::to_string).collect();
     let ipv6: Vec<String> = list.ipv6.iter().map(ToString::to_string).collect();
     let sha256 = digest_lines(ipv4.iter().chain(&ipv6));
-    let doc = Document { version: list.version, generated_at: crate::clock::rfc3339(list.generated_at), ipv4, ipv6, sha256: &sha256 };
+    let doc = Document {
+        version: list.version,
+        generated_at: crate::clock::rfc3339(list.generated_at),
+        ipv4,
+        ipv6,
+        sha256: &sha256,
+    };
     let mut out = serde_json::to_vec_pretty(&doc).expect("a document of strings serializes");
     out.push(b'\n');
     out
@@ -203,7 +209,10 @@ mod tests {
         let bytes = render_json(&list);
         assert_eq!(parse_json(&bytes).unwrap(), list);
         let text = String::from_utf8(bytes).unwrap();
-        assert!(text.starts_with("{\n  \"version\": 1,\n  \"generated_at\": \"2026-12-01T08:00:00Z\",\n"), "{text}");
+        assert!(
+            text.starts_with("{\n  \"version\": 1,\n  \"generated_at\": \"2026-12-01T08:00:00Z\",\n"),
+            "{text}"
+        );
         assert!(text.ends_with("}\n"), "{text}");
     }
 
@@ -221,6 +230,9 @@ mod tests {
             "{{\"version\":1,\"generated_at\":\"2026-12-01T08:00:00Z\",\"ipv4\":[\"2001:db8::/48\"],\"ipv6\":[],\"sha256\":\"{}\"}}",
             digest_lines(["2001:db8::/48"])
         );
-        assert!(matches!(parse_json(v6_in_v4.as_bytes()), Err(PublishedError::Prefix { family: "IPv4", .. })));
+        assert!(matches!(
+            parse_json(v6_in_v4.as_bytes()),
+            Err(PublishedError::Prefix { family: "IPv4", .. })
+        ));
     }
 }

@@ -411,7 +411,9 @@ impl Syncer {
         };
         self.state = state;
         match &enforce_error {
-            Some(e @ BackendError::FollowUp { .. }) => error!(error = %e, "the sync is written, but what follows it failed"),
+            Some(e @ BackendError::FollowUp { .. }) => {
+                error!(error = %e, "the sync is written, but what follows it failed")
+            }
             Some(e) => error!(error = %e, "cannot install the enforcement rules; the sets are in place"),
             None => {}
         }

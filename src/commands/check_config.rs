@@ -72,7 +72,10 @@ fn summary(cfg: &Config) -> String {
             f.path.display(),
             f.format.as_str(),
             allowsync::config::fmt_duration(f.refresh),
-            f.on_change.as_ref().map_or("none".into(), |a| format!("{a:?} (timeout {})", allowsync::config::fmt_duration(f.on_change_timeout)))
+            f.on_change.as_ref().map_or("none".into(), |a| format!(
+                "{a:?} (timeout {})",
+                allowsync::config::fmt_duration(f.on_change_timeout)
+            ))
         ),
     };
     let _ = writeln!(s, "  backend {backend}");

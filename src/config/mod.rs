@@ -22,8 +22,8 @@ use ipnet::IpNet;
 use serde_saphyr::Spanned;
 
 pub use raw::{
-    Enforce, EnforceScope, FileConfig, FileFormat, IpsetConfig, LogConfig, LogFormat, MAX_TIMEOUT, NftablesConfig, Region, Safety,
-    fmt_duration,
+    Enforce, EnforceScope, FileConfig, FileFormat, IpsetConfig, LogConfig, LogFormat, MAX_TIMEOUT,
+    NftablesConfig, Region, Safety, fmt_duration,
 };
 use raw::{RawChat, RawConfig, secs};
 #[cfg(test)]
@@ -261,10 +261,21 @@ fn build(raw: RawConfig, path: &Path, base: &Path) -> Result<Parsed, ConfigError
             set_v6: raw::default_set_v6(),
             enforce: None,
         }),
-        Some(b) if b.value.file.is_some() => match (&b.value.nftables, &b.value.ipset, &b.value.dry_run, &b.value.file) {
-            (None, None, None, Some(f)) => BackendConfig::File(FileConfig { path: absolute(base, &f.path), ..f.clone() }),
-            _ => return Err(at(path, &b, "backend", "configure exactly one of nftables, ipset, dry_run or file")),
-        },
+        Some(b) if b.value.file.is_some() => {
+            match (&b.value.nftables, &b.value.ipset, &b.value.dry_run, &b.value.file) {
+                (None, None, None, Some(f)) => {
+                    BackendConfig::File(FileConfig { path: absolute(base, &f.path), ..f.clone() })
+                }
+                _ => {
+                    return Err(at(
+                        path,
+                        &b,
+                        "backend",
+                        "configure exactly one of nftables, ipset, dry_run or file",
+                    ));
+                }
+            }
+        }
         Some(b) => match (&b.value.nftables, &b.value.ipset, &b.value.dry_run) {
             (Some(n), None, None) if n.check().is_err() => {
                 let (key, message) = n.check().unwrap_err();
@@ -276,7 +287,14 @@ fn build(raw: RawConfig, path: &Path, base: &Path) -> Result<Parsed, ConfigError
             (Some(n), None, None) => BackendConfig::Nftables(n.clone()),
             (None, Some(i), None) => BackendConfig::Ipset(i.clone()),
             (None, None, Some(_)) => BackendConfig::DryRun,
-            _ => return Err(at(path, &b, "backend", "configure exactly one of nftables, ipset, dry_run or file")),
+            _ => {
+                return Err(at(
+                    path,
+                    &b,
+                    "backend",
+                    "configure exactly one of nftables, ipset, dry_run or file",
+                ));
+            }
         },
     };
 
@@ -725,6 +743,42 @@ sources:
         );
         let (_, key, _) = invalid(&format!("{BASE}backend:\n  nftables: {{ table: \"bad name\" }}\n"));
         assert_eq!(key, "backend.nftables.table");
+    }
+
+    #[test]
+    fn the_file_backend_keys() {
+        let file = |body: &str| parse(&format!("{BASE}backend:\n  file: {{ {body} }}\n"));
+        let c = file("path: out/chat.json").unwrap();
+        assert_eq!(
+            c.backend,
+            BackendConfig::File(FileConfig {
+                path: "/etc/allowsync/out/chat.json".into(),
+                format: FileFormat::Json,
+                on_change: None,
+                on_change_timeout: secs(30),
+                refresh: secs(900),
+            })
+        );
+        let c = file(r#"path: /srv/a.conf, format: nginx, on_change: ["/usr/sbin/nginx", "-s", "reload"], on_change_timeout: 5s, refresh: 1h"#).unwrap();
+        let BackendConfig::File(f) = c.backend else { panic!() };
+        assert_eq!((f.format, f.on_change_timeout, f.refresh), (FileFormat::Nginx, secs(5), secs(3600)));
+        assert_eq!(f.on_change.unwrap(), ["/usr/sbin/nginx", "-s", "reload"]);
+        for (body, key, says) in [
+            ("format: yaml, path: /a", "backend.file.format", "yaml"),
+            ("path: /a, on_change: [nginx, -s, reload]", "backend.file.on_change", "not an absolute path"),
+            ("path: /a, on_change: []", "backend.file.on_change", "on_change is empty"),
+            ("path: /srv/", "backend.file.path", "not a file path"),
+            ("path: /a, refresh: 1s", "backend.file.refresh", "out of range"),
+            ("path: /a, on_change_timeout: 10m", "backend.file.on_change_timeout", "out of range"),
+            ("format: json", "backend.file", "path"),
+        ] {
+            let (line, k, msg) = invalid(&format!("{BASE}backend:\n  file: {{ {body} }}\n"));
+            assert_eq!((line, k.as_str()), (6, key), "{body}: {msg}");
+            assert!(msg.contains(says), "{body}: {msg}");
+        }
+        let (_, key, msg) = invalid(&format!("{BASE}backend:\n  file: {{ path: /a }}\n  dry_run: {{}}\n"));
+        assert_eq!(key, "backend");
+        assert!(msg.contains("exactly one of nftables, ipset, dry_run or file"), "{msg}");
     }
 
     #[test]

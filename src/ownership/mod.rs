@@ -90,14 +90,33 @@ impl Xtables {
 /// state file write it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Object {
-    NftTable { family: NftFamily, table: String },
-    NftSet { family: NftFamily, table: String, name: String },
-    NftChain { family: NftFamily, table: String, name: String },
-    Ipset { name: String },
-    XtChain { program: Xtables, table: String, chain: String },
+    NftTable {
+        family: NftFamily,
+        table: String,
+    },
+    NftSet {
+        family: NftFamily,
+        table: String,
+        name: String,
+    },
+    NftChain {
+        family: NftFamily,
+        table: String,
+        name: String,
+    },
+    Ipset {
+        name: String,
+    },
+    XtChain {
+        program: Xtables,
+        table: String,
+        chain: String,
+    },
     /// The `file` backend's file (`file /var/www/allowlist/chat.json`): not a kernel object,
     /// recorded the same way.
-    File { path: std::path::PathBuf },
+    File {
+        path: std::path::PathBuf,
+    },
 }
 
 impl Object {

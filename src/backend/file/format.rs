@@ -106,7 +106,12 @@ mod tests {
 
     #[test]
     fn what_allowsync_did_not_write_does_not_parse() {
-        let nginx = |body: &str| parse(FileFormat::Nginx, format!("{HEADER}\n{GENERATED_AT}2026-12-01T08:00:00Z\n{body}").as_bytes());
+        let nginx = |body: &str| {
+            parse(
+                FileFormat::Nginx,
+                format!("{HEADER}\n{GENERATED_AT}2026-12-01T08:00:00Z\n{body}").as_bytes(),
+            )
+        };
         assert!(nginx("allow 10.0.0.0/8;\n# a comment\n").is_ok());
         assert!(nginx("deny all;\n").unwrap_err().contains("line 3, `deny all;`"));
         assert!(nginx("allow 10.0.0.0/8\n").is_err());

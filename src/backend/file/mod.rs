@@ -137,7 +137,9 @@ impl FileBackend {
     fn stage(&self, bytes: &[u8]) -> Result<(), BackendError> {
         let tmp = self.temp_path();
         match fs::remove_file(&tmp) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(self.io("remove the old temporary file")(e)),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(self.io("remove the old temporary file")(e));
+            }
             _ => {}
         }
         let existing = fs::symlink_metadata(&self.path).ok().filter(|m| m.is_file());
@@ -248,7 +250,8 @@ impl Backend for FileBackend {
     /// empty (logged: it is drift, rewritten with the next diff).
     fn read(&mut self) -> Result<AllowSet, BackendError> {
         let Some(bytes) = self.load()? else {
-            self.seen = Some(Seen { set: AllowSet::default(), generated_at: None, exact: false, exists: false });
+            self.seen =
+                Some(Seen { set: AllowSet::default(), generated_at: None, exact: false, exists: false });
             return Ok(AllowSet::default());
         };
         let seen = match format::parse(self.format, &bytes) {

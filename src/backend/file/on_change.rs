@@ -70,7 +70,9 @@ fn wait_for(pid: Pid, timeout: Duration) -> bool {
 fn tail(out: &mut std::fs::File) -> String {
     let len = out.seek(SeekFrom::End(0)).unwrap_or(0);
     let mut buf = Vec::new();
-    if out.seek(SeekFrom::Start(len.saturating_sub(OUTPUT_TAIL))).is_err() || out.read_to_end(&mut buf).is_err() {
+    if out.seek(SeekFrom::Start(len.saturating_sub(OUTPUT_TAIL))).is_err()
+        || out.read_to_end(&mut buf).is_err()
+    {
         return String::new();
     }
     let text = String::from_utf8_lossy(&buf);
@@ -90,7 +92,8 @@ mod tests {
     #[test]
     fn success_failure_and_output() {
         assert_eq!(run(&sh("exit 0"), Duration::from_secs(10)), Ok(()));
-        let e = run(&sh("echo 'nginx: [emerg] bad\x1b[0m' >&2; exit 3"), Duration::from_secs(10)).unwrap_err();
+        let e =
+            run(&sh("echo 'nginx: [emerg] bad\x1b[0m' >&2; exit 3"), Duration::from_secs(10)).unwrap_err();
         assert_eq!(e, "exit status: 3: nginx: [emerg] bad\\u{1b}[0m");
         let e = run(&["/nonexistent/prog".to_string()], Duration::from_secs(10)).unwrap_err();
         assert!(e.starts_with("cannot run /nonexistent/prog:"), "{e}");

@@ -101,7 +101,11 @@ fn each_format_byte_for_byte() {
         let env = Env::new();
         let mut b = env.backend(format, None);
         assert!(matches!(cycle(&mut b, &sample()), Ok(Outcome::Applied { added: 3, removed: 0 })));
-        assert_eq!(String::from_utf8(env.bytes()).unwrap(), String::from_utf8(fixture(name)).unwrap(), "{name}");
+        assert_eq!(
+            String::from_utf8(env.bytes()).unwrap(),
+            String::from_utf8(fixture(name)).unwrap(),
+            "{name}"
+        );
         assert_eq!(b.read().unwrap(), sample(), "{name} reads back");
     }
 }

@@ -198,12 +198,11 @@ impl NftablesBackend {
             _ => 2,
         });
         let kept = self.recorded.owned.iter().filter(|o| !o.is_nftables()).cloned();
-        let mut footprint =
-            Footprint {
-                owned,
-                sets: vec![self.sets[0].object.clone(), self.sets[1].object.clone()],
-                ..Footprint::default()
-            };
+        let mut footprint = Footprint {
+            owned,
+            sets: vec![self.sets[0].object.clone(), self.sets[1].object.clone()],
+            ..Footprint::default()
+        };
         footprint.owned.extend(kept);
         steps.extend(cleanup.iter().map(|(s, _)| s.clone()));
         Ok(EnsurePlan { steps, footprint, cleanup, chain_exists: chain.is_some() })
