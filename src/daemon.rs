@@ -851,6 +851,9 @@ mod tests {
         assert_eq!(cycle_deadline(&cfg), Duration::from_secs(480) + KERNEL_BUDGET);
         let only_static = parse("sources:\n  - name: a\n    static: [192.0.2.1]\n");
         assert_eq!(cycle_deadline(&only_static), KERNEL_BUDGET);
+        // The file backend's jobs may wait for on_change on top.
+        let file = "sources:\n  - name: a\n    static: [192.0.2.1]\nbackend:\n  file: { path: /tmp/x.json, on_change: [/bin/true], on_change_timeout: 45s }\n";
+        assert_eq!(cycle_deadline(&parse(file)), KERNEL_BUDGET + Duration::from_secs(45));
     }
 
     #[test]

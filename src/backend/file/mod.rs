@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::{Backend, BackendError};
 use crate::clock::{Clock, SystemClock};
@@ -298,7 +298,11 @@ impl Backend for FileBackend {
         if let Some(seen) = self.seen.clone().filter(|s| s.exists && s.generated_at.is_some()) {
             if !seen.exact || self.refresh_due(seen.generated_at) {
                 self.write(&seen.set)?;
-                info!(file = %self.path.display(), refreshed = seen.exact, "rewrote the file with a fresh generated_at");
+                if seen.exact {
+                    info!(file = %self.path.display(), "refreshed the file's generated_at (the list is unchanged)");
+                } else {
+                    warn!(file = %self.path.display(), "the file was edited but holds the same prefixes: rewritten as allowsync writes it");
+                }
             }
         }
         if !self.pending {
