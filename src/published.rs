@@ -58,7 +58,7 @@ pub enum PublishedError {
     #[error("not a published allowlist: {0}")]
     Syntax(String),
     #[error("schema version {found} is not supported (this build reads version {VERSION})")]
-    Version { found: u64 },
+    Version { found: String },
     #[error("generated_at `{0}` is not an RFC 3339 UTC time like 2026-12-01T08:00:00Z")]
     GeneratedAt(String),
     #[error("{family} entry `{entry}` is not an {family} prefix")]
@@ -134,7 +134,7 @@ pub fn parse_json(bytes: &[u8]) -> Result<PublishedList, PublishedError> {
     match v.version {
         Some(serde_json::Value::Number(n)) if n.as_u64() == Some(u64::from(VERSION)) => {}
         Some(serde_json::Value::Number(n)) => {
-            return Err(PublishedError::Version { found: n.as_u64().unwrap_or(u64::MAX) });
+            return Err(PublishedError::Version { found: n.to_string() });
         }
         Some(_) => return Err(PublishedError::Syntax("`version` is not a number".into())),
         None => return Err(PublishedError::Syntax("no `version` field".into())),
@@ -220,7 +220,7 @@ mod tests {
     fn version_digest_time_and_families_are_checked() {
         let good = String::from_utf8(render_json(&sample())).unwrap();
         let bad = |from: &str, to: &str| parse_json(good.replacen(from, to, 1).as_bytes()).unwrap_err();
-        assert_eq!(bad("\"version\": 1", "\"version\": 2"), PublishedError::Version { found: 2 });
+        assert_eq!(bad("\"version\": 1", "\"version\": 2"), PublishedError::Version { found: "2".into() });
         assert!(matches!(bad("203.0.113.0/24", "203.0.113.0/25"), PublishedError::Digest { .. }));
         assert!(matches!(bad("08:00:00Z", "08:00:00+01:00"), PublishedError::GeneratedAt(_)));
         assert!(matches!(bad("\"version\": 1,", ""), PublishedError::Syntax(_)));
