@@ -298,6 +298,16 @@ fn build(raw: RawConfig, path: &Path, base: &Path) -> Result<Parsed, ConfigError
         },
     };
 
+    if let BackendConfig::File(f) = &backend {
+        if f.refresh < interval {
+            warnings.push(format!(
+                "backend.file.refresh {} is shorter than interval {}: it is checked at each sync, so the file is refreshed once per cycle",
+                fmt_duration(f.refresh),
+                fmt_duration(interval)
+            ));
+        }
+    }
+
     Ok(Config {
         path: path.to_path_buf(),
         interval,
@@ -759,6 +769,9 @@ sources:
                 refresh: secs(900),
             })
         );
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let c = file("path: a, refresh: 1m").unwrap();
+        assert!(c.warnings[0].contains("refresh 1m is shorter than interval 5m"), "{:?}", c.warnings);
         let c = file(r#"path: /srv/a.conf, format: nginx, on_change: ["/usr/sbin/nginx", "-s", "reload"], on_change_timeout: 5s, refresh: 1h"#).unwrap();
         let BackendConfig::File(f) = c.backend else { panic!() };
         assert_eq!((f.format, f.on_change_timeout, f.refresh), (FileFormat::Nginx, secs(5), secs(3600)));

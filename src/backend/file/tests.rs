@@ -238,8 +238,16 @@ fn a_new_file_is_0644_and_an_existing_mode_is_kept() {
     cycle(&mut b, &sample()).unwrap();
     assert_eq!(mode(), 0o644);
     fs::set_permissions(env.path(), fs::Permissions::from_mode(0o640)).unwrap();
-    cycle(&mut b, &set(["203.0.113.0/24"])).unwrap();
+    cycle(&mut b, &set(["203.0.113.0/24", "2001:db8::/48"])).unwrap();
     assert_eq!(mode(), 0o640);
+    // As root (CI), the owner and group are kept too.
+    if fs::metadata(env.path()).unwrap().uid() == 0 {
+        std::os::unix::fs::chown(env.path(), Some(65534), Some(65534)).unwrap();
+        cycle(&mut b, &set(["203.0.113.0/24"])).unwrap();
+        let m = fs::metadata(env.path()).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.permissions().mode() & 0o7777), (65534, 65534, 0o640));
+        assert_eq!(b.read().unwrap(), set(["203.0.113.0/24"]));
+    }
 }
 
 #[test]
