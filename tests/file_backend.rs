@@ -39,8 +39,12 @@ impl Env {
     }
 
     fn command(&self, args: &[&str]) -> Command {
+        self.command_with("config.yaml", args)
+    }
+
+    fn command_with(&self, config: &str, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_allowsync"));
-        c.arg("-c").arg(self.p("config.yaml")).args(args).env("RUNTIME_DIRECTORY", self.dir.path());
+        c.arg("-c").arg(self.p(config)).args(args).env("RUNTIME_DIRECTORY", self.dir.path());
         c
     }
 
@@ -116,6 +120,13 @@ fn the_daemon_retries_a_failed_on_change_at_its_next_cycle() {
         fs::read_to_string(env.p("daemon.log")).unwrap()
     );
     assert_eq!(env.published(), ["203.0.113.0/24"]);
+    // A second allowsync on the same file, with another state file, is refused.
+    let other = fs::read_to_string(env.p("config.yaml")).unwrap().replace("state.json", "other.json");
+    fs::write(env.p("other.yaml"), other).unwrap();
+    let o = env.command_with("other.yaml", &["once"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let want = format!("already manages file {}", env.p("chat.json").display());
+    assert!(stderr(&o).contains(&want), "{}", stderr(&o));
     env.fail_hook(false);
     let ran = |env: &Env| fs::read_to_string(env.p("daemon.log")).unwrap().contains("on_change ran");
     assert!(wait_until(within, || ran(&env)), "log:\n{}", fs::read_to_string(env.p("daemon.log")).unwrap());

@@ -224,6 +224,11 @@ impl Backend for FileBackend {
         }
     }
 
+    /// The file: a second allowsync writing it is refused, like one on the same sets.
+    fn managed(&self) -> Vec<Object> {
+        vec![self.object()]
+    }
+
     fn set_recorded(&mut self, recorded: &Footprint) {
         let me = self.object();
         self.owned = recorded.owned.contains(&me);
