@@ -189,6 +189,8 @@ pub fn fetch_bound(cfg: &Config) -> Duration {
         .filter_map(|s| match &s.kind {
             SourceKind::TencentChat(c) => Some(c.timeout * 4),
             SourceKind::Static(_) => None,
+            // One request, bounded whole by its timeout.
+            SourceKind::Url(u) => Some(u.timeout),
         })
         .max()
         .unwrap_or(Duration::ZERO)

@@ -41,6 +41,7 @@ pub mod engine;
 pub mod logging;
 pub mod ownership;
 pub mod prefixes;
+pub mod published;
 pub mod repair;
 pub mod source;
 pub mod state;

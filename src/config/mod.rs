@@ -78,6 +78,22 @@ pub struct SourceConfig<K = SecretKey> {
 pub enum SourceKind<K = SecretKey> {
     TencentChat(Box<TencentChatConfig<K>>),
     Static(Vec<IpNet>),
+    Url(Box<UrlConfig>),
+}
+
+/// A list published by another allowsync (`backend.file`, format `json`), read over HTTPS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UrlConfig {
+    /// `https://…`, or `http://` to a loopback address.
+    pub url: String,
+    /// Extra CA certificates (PEM) trusted for this source only, on top of the system store.
+    pub ca_file: Option<PathBuf>,
+    /// The whole request, body included.
+    pub timeout: Duration,
+    /// The largest body read; a longer one is a failed fetch.
+    pub max_bytes: usize,
+    /// A list generated longer ago than this is a failed source (a dead publisher).
+    pub max_age: Duration,
 }
 
 /// One Chat application to ask for its webhook egress addresses.
@@ -140,6 +156,7 @@ impl Parsed {
         for SourceConfig { name, kind } in sources {
             let kind = match kind {
                 SourceKind::Static(nets) => SourceKind::Static(nets),
+                SourceKind::Url(u) => SourceKind::Url(u),
                 SourceKind::TencentChat(c) => {
                     let c = *c;
                     let secret_key = c.secret_key.read(&path, &mut warnings)?;
@@ -205,7 +222,7 @@ fn build(raw: RawConfig, path: &Path, base: &Path) -> Result<Parsed, ConfigError
             path,
             &raw.sources,
             "sources",
-            "no sources: configure at least one (tencent_chat or static)",
+            "no sources: configure at least one (tencent_chat, static or url)",
         ));
     }
     let mut names = HashSet::new();
@@ -223,6 +240,22 @@ fn build(raw: RawConfig, path: &Path, base: &Path) -> Result<Parsed, ConfigError
                 key("name"),
                 format!("source name `{name}` is used twice: names must be unique"),
             ));
+        }
+        if let Some(u) = src.url {
+            if src.tencent_chat.is_some() || src.static_entries.is_some() {
+                return Err(at(
+                    path,
+                    &u,
+                    key("url"),
+                    format!("source `{name}` has url and another kind: give each its own source"),
+                ));
+            }
+            let r = u.value;
+            let ca_file = r.ca_file.as_ref().map(|p| absolute(base, p));
+            let (url, timeout, max_bytes, max_age) = (r.url, r.timeout, r.max_bytes, r.max_age);
+            let kind = SourceKind::Url(Box::new(UrlConfig { url, ca_file, timeout, max_bytes, max_age }));
+            sources.push(SourceConfig { name, kind });
+            continue;
         }
         let kind = match (src.tencent_chat, src.static_entries) {
             (Some(chat), None) => {
@@ -245,7 +278,7 @@ fn build(raw: RawConfig, path: &Path, base: &Path) -> Result<Parsed, ConfigError
                     path,
                     &src.name,
                     key("name"),
-                    format!("source `{name}` needs tencent_chat: or static:"),
+                    format!("source `{name}` needs tencent_chat:, static: or url:"),
                 ));
             }
         };
