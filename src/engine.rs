@@ -611,6 +611,35 @@ mod tests {
         assert!(st.last_error.unwrap().message.contains("refusing"));
     }
 
+    #[test]
+    fn a_url_sources_etag_is_kept_with_its_list_only_once_applied() {
+        let published = |etag: &str| Published {
+            url: "https://relay.example/chat.json".into(),
+            etag: Some(etag.into()),
+            generated_at: 800,
+        };
+        let with = |v: &[&str], etag: &str| Fetched { published: Some(published(etag)), ..ok("relay", v) };
+        let mut be = MemoryBackend::new();
+        let mut st = State::default();
+        let d = Desired::build(vec![with(&["10.1.0.0/24"], "\"a\"")], &st);
+        let r = sync(&mut be, &d, &safety(), false);
+        record(&mut st, &d, &r, 900);
+        assert_eq!(st.sources["relay"].published, Some(published("\"a\"")));
+        // A list the guards refuse keeps the old ETag: the new list is asked for again in full.
+        let d = Desired::build(vec![with(&[], "\"b\"")], &st);
+        let r = sync(&mut be, &d, &safety(), false);
+        record(&mut st, &d, &r, 1000);
+        assert_eq!(st.sources["relay"].published, Some(published("\"a\"")));
+        // A failure too.
+        let d = Desired::build(vec![failed("relay")], &st);
+        let r = sync(&mut be, &d, &safety(), false);
+        record(&mut st, &d, &r, 1100);
+        assert_eq!(
+            (st.sources["relay"].published.clone(), st.sources["relay"].fetched_at),
+            (Some(published("\"a\"")), 900)
+        );
+    }
+
     fn widening_verdict(current: &[&str], desired: &[&str], safety: &Safety, force: bool) -> Plan {
         plan(set(current), &Desired::build(vec![ok("chat", desired)], &State::default()), safety, force)
     }

@@ -110,7 +110,12 @@ pub fn parse_document(bytes: &[u8]) -> Result<Document, PublishedError> {
     let wire: Wire = serde_json::from_slice(bytes)
         .map_err(|e| PublishedError::Json(Untrusted(&e.to_string()).to_string()))?;
     if wire.version.as_u64() != Some(u64::from(VERSION)) {
-        return Err(PublishedError::Version(Untrusted(&wire.version.to_string()).to_string()));
+        // A number is shown as it is (serde_json keeps it to 64 bits), anything else escaped.
+        let shown = match &wire.version {
+            serde_json::Value::Number(n) => n.to_string(),
+            other => Untrusted(&other.to_string()).to_string(),
+        };
+        return Err(PublishedError::Version(shown));
     }
     let generated_at = humantime::parse_rfc3339(&wire.generated_at)
         .map_err(|_| PublishedError::GeneratedAt(Untrusted(&wire.generated_at).to_string()))?;

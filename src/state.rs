@@ -495,6 +495,22 @@ mod tests {
     }
 
     #[test]
+    fn a_url_sources_etag_round_trips_and_other_sources_write_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = StateFile::new(dir.path().join("state.json"));
+        f.save(&sample()).unwrap();
+        assert!(!fs::read_to_string(f.path()).unwrap().contains("published"));
+        let mut st = sample();
+        st.sources.get_mut("chat").unwrap().published = Some(Published {
+            url: "https://relay.example/chat.json".into(),
+            etag: Some("W/\"x\u{1b}\"".into()),
+            generated_at: 1_700_000_000,
+        });
+        f.save(&st).unwrap();
+        assert_eq!(f.load().unwrap(), st);
+    }
+
+    #[test]
     fn forgetting_removed_sources() {
         let mut s = sample();
         forget_unknown_sources(&mut s, ["other"]);

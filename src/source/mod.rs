@@ -283,14 +283,14 @@ impl Sources {
             .sources
             .iter()
             .map(|s| match s {
-                Source::Static { name, nets } => Err(Fetched {
+                Source::Static { name, nets } => Err(Box::new(Fetched {
                     name: name.clone(),
                     result: Ok(AllowSet::from_nets(nets.iter().copied())),
                     entries: nets.len(),
                     skipped: 0,
                     nettypes: Vec::new(),
                     published: None,
-                }),
+                })),
                 Source::Chat(c) => {
                     let c = Arc::clone(c);
                     Ok((c.name().to_owned(), tokio::spawn(async move { fetch_chat(&c).await })))
@@ -304,7 +304,7 @@ impl Sources {
         let mut out = Vec::with_capacity(handles.len());
         for h in handles {
             out.push(match h {
-                Err(done) => done,
+                Err(done) => *done,
                 Ok((name, handle)) => handle.await.unwrap_or_else(|e| Fetched {
                     result: Err(FetchError::Internal { message: format!("the fetch task failed: {e}") }),
                     name,

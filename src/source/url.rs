@@ -155,9 +155,11 @@ impl UrlSource {
         }
         let age = Duration::from_secs(now.saturating_sub(generated_at));
         if age > self.cfg.max_age {
+            // In whole minutes past the first, to read as `2h`, not `7201s`.
+            let shown = if age.as_secs() >= 60 { Duration::from_secs(age.as_secs() / 60 * 60) } else { age };
             return Err(FetchError::Stale {
                 generated_at: clock::rfc3339(generated_at),
-                age,
+                age: shown,
                 max_age: self.cfg.max_age,
             });
         }
