@@ -391,3 +391,37 @@ fn http_to_a_non_loopback_address_is_refused_with_its_location() {
     );
     assert!(err.contains(&want), "{err}");
 }
+
+#[test]
+fn the_reference_configurations_url_source_is_valid_as_documented() {
+    let reference =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/allowsync.yaml")).unwrap();
+    // Uncomment the documented relay source, block by block as an operator would.
+    let mut lines = Vec::new();
+    let mut inside = false;
+    for l in reference.lines() {
+        inside = l.starts_with("  # - name: relay") || (inside && l.starts_with("  #"));
+        lines.push(if inside {
+            format!("  {}", &l[4..])
+        } else {
+            l.replace("/etc/allowsync/chat-sgp.key", "k")
+        });
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.yaml"), lines.join("\n")).unwrap();
+    std::fs::write(dir.path().join("k"), "key").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_allowsync"))
+        .arg("-c")
+        .arg(dir.path().join("config.yaml"))
+        .arg("check-config")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains(
+            "relay: url https://allowlist.internal.example/chat.json, max_age 1h, max_bytes 4194304"
+        ),
+        "{text}"
+    );
+}
