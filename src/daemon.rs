@@ -786,6 +786,13 @@ mod tests {
         assert_eq!(s.next(&refused, 0.0).as_secs(), 20, "a refusal is retried next cycle");
     }
 
+    /// A stale published list will not be fixed in seconds: asking the relay sooner gains nothing.
+    #[test]
+    fn a_stale_list_waits_the_normal_interval() {
+        let mut s = Schedule::new(Duration::from_secs(20), Duration::ZERO);
+        assert_eq!(s.next(&report(Ok(Outcome::InSync), Some(ErrorClass::Stale)), 0.0).as_secs(), 20);
+    }
+
     /// The sync reached the kernel; only the state file failed: the next attempt is the next
     /// cycle (which writes the state again), not a backoff that would call the API sooner.
     #[test]

@@ -102,6 +102,12 @@ async fn an_unchanged_list_costs_one_304_and_is_answered_from_the_state() {
     let before = relay.requests().len();
     assert!(fetch(&s, &other).await.result.is_ok());
     assert_eq!(relay.requests()[before].if_none_match, None);
+    // Nor one that cannot be sent (a state file edited by hand): the list is fetched in full.
+    let mut edited = kept(&first);
+    edited.get_mut("relay").unwrap().published.as_mut().unwrap().etag = Some("\"v\n2\"".into());
+    let before = relay.requests().len();
+    assert_eq!(fetch(&s, &edited).await.result, Ok(set::<AllowSet>(LIST)));
+    assert_eq!(relay.requests()[before].if_none_match, None);
 }
 
 #[tokio::test]

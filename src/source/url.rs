@@ -18,7 +18,7 @@
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use reqwest::header::{ACCEPT, ETAG, IF_NONE_MATCH};
+use reqwest::header::{ACCEPT, ETAG, HeaderValue, IF_NONE_MATCH};
 use tracing::{Instrument, debug, info, warn};
 
 use super::admit::{Admit, Family, Item};
@@ -79,19 +79,21 @@ impl UrlSource {
     async fn get(&self, last: Option<&SourceState>) -> Result<(super::NettypeList, Published), FetchError> {
         let url = &self.cfg.url;
         // Only an ETag from this URL, kept with a list to answer a 304 with.
+        // (A state file edited by hand may hold one that cannot be sent: then ask in full.)
         let known = last.and_then(|s| {
             let p = s.published.as_ref().filter(|p| p.url == *url)?;
-            Some((p.etag.as_deref()?, p.generated_at, s))
+            let etag = p.etag.as_deref()?;
+            Some((HeaderValue::from_str(etag).ok()?, etag, p.generated_at, s))
         });
         let mut req = self.client.get(url).header(ACCEPT, "application/json").timeout(self.cfg.timeout);
-        if let Some((etag, ..)) = known {
-            req = req.header(IF_NONE_MATCH, etag);
+        if let Some((value, ..)) = &known {
+            req = req.header(IF_NONE_MATCH, value.clone());
         }
         let net_err = |e: reqwest::Error| FetchError::from_reqwest(e, url, self.cfg.timeout);
         let resp = req.send().await.map_err(net_err)?;
         match resp.status() {
             StatusCode::NOT_MODIFIED => {
-                let Some((etag, generated_at, last)) = known else {
+                let Some((_, etag, generated_at, last)) = known else {
                     return Err(FetchError::Published {
                         reason: "HTTP 304 to a request that was not conditional".into(),
                     });
