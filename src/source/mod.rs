@@ -97,7 +97,7 @@ pub enum FetchError {
     BodyTooLarge { limit: usize },
     #[error("invalid GetIPList response: {reason}")]
     InvalidResponse { reason: String },
-    #[error("every one of the {count} entries of IPList is invalid or never allowed")]
+    #[error("every one of the {count} entries of the list is invalid or never allowed")]
     AllInvalid { count: usize },
     /// An entry wider than `safety.min_prefix_v4` / `_v6`: the whole answer is not used.
     /// `entry` is the entry as sent, escaped (`logging::Untrusted`).
