@@ -190,6 +190,8 @@ pub fn fetch_bound(cfg: &Config) -> Duration {
         .filter_map(|s| match &s.kind {
             SourceKind::TencentChat(c) => Some(c.timeout * 4),
             SourceKind::Static(_) => None,
+            // One request, bounded whole by its timeout.
+            SourceKind::Url(u) => Some(u.timeout),
         })
         .max()
         .unwrap_or(Duration::ZERO)
@@ -792,6 +794,13 @@ mod tests {
         assert_eq!(s.next(&report(Ok(Outcome::InSync), Some(ErrorClass::Locked)), 0.0).as_secs(), 60);
         let refused = report(Ok(Outcome::Refused(Refusal::Empty { current: 3 })), None);
         assert_eq!(s.next(&refused, 0.0).as_secs(), 20, "a refusal is retried next cycle");
+    }
+
+    /// A stale published list will not be fixed in seconds: asking the relay sooner gains nothing.
+    #[test]
+    fn a_stale_list_waits_the_normal_interval() {
+        let mut s = Schedule::new(Duration::from_secs(20), Duration::ZERO);
+        assert_eq!(s.next(&report(Ok(Outcome::InSync), Some(ErrorClass::Stale)), 0.0).as_secs(), 20);
     }
 
     /// The sync reached the kernel; only the state file failed: the next attempt is the next

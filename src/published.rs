@@ -1,81 +1,87 @@
-//! The published allowlist: the `json` document a publisher's `file` backend writes and a
-//! fleet host's `url` source reads. The format is a contract:
+//! The published list: the `json` format one allowsync writes for others to read (issue 22),
+//! a contract between a publisher and its consumers:
 //!
 //! ```json
-//! {
-//!   "version": 1,
-//!   "generated_at": "2026-12-01T08:00:00Z",
-//!   "ipv4": ["203.0.113.0/24"],
-//!   "ipv6": ["2001:db8::/48"],
-//!   "sha256": "<hex SHA-256 of the prefixes, one per line, ipv4 then ipv6, each ending in \n>"
-//! }
+//! {"version": 1, "generated_at": "2026-12-01T08:00:00Z",
+//!  "ipv4": ["203.0.113.0/24"], "ipv6": ["2001:db8::/48"],
+//!  "sha256": "<hex SHA-256 of the prefixes, one per line, ipv4 then ipv6, each line ending in \n>"}
 //! ```
 //!
-//! [`render_json`] writes it (pretty, one prefix per line, a final newline: the same list
-//! always gives the same bytes); [`parse_json`] reads one and checks the version and the
-//! digest, over the prefixes as the document spells them. Fields a later version 1 writer adds
-//! are ignored: the version is what says a reader must stop. No I/O here.
+//! [`parse_document`] checks what makes the document whole (JSON, version 1, `generated_at`,
+//! the SHA-256 over the entries exactly as written) and leaves the entries as text, for a
+//! consumer to judge one by one ([`crate::source::url`]); [`parse_json`] reads them strictly
+//! as well (a publisher reading back the file it wrote). Nothing from the document reaches an
+//! error message unescaped.
 
 use std::fmt::Write as _;
-use std::net::IpAddr;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// The only schema version this build writes and reads.
+use crate::logging::Untrusted;
+
+/// The only version of the format this build reads and writes.
 pub const VERSION: u32 = 1;
 
-/// A published list, as written or as read and verified.
+/// A published list, its entries read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublishedList {
     pub version: u32,
-    /// When the publisher wrote it (unix seconds; RFC 3339 UTC in the document).
-    pub generated_at: u64,
+    pub generated_at: SystemTime,
     pub ipv4: Vec<Ipv4Net>,
     pub ipv6: Vec<Ipv6Net>,
-    /// Lower-case hex, as in the document ([`digest`] of the prefixes).
+    /// Lower-case hex, as [`digest`] writes it.
     pub sha256: String,
 }
 
 impl PublishedList {
-    /// The list of these prefixes, generated at `generated_at`, with its digest.
-    pub fn new(generated_at: u64, ipv4: Vec<Ipv4Net>, ipv6: Vec<Ipv6Net>) -> PublishedList {
-        let sha256 = digest(&ipv4, &ipv6);
-        PublishedList { version: VERSION, generated_at, ipv4, ipv6, sha256 }
-    }
-
     /// Every prefix, IPv4 first.
     pub fn nets(&self) -> Vec<IpNet> {
         self.ipv4.iter().map(|n| IpNet::V4(*n)).chain(self.ipv6.iter().map(|n| IpNet::V6(*n))).collect()
     }
 }
 
-/// Why a document is not a published list this build can trust.
+/// A published list whose integrity was checked, its entries still text as sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Document {
+    pub generated_at: SystemTime,
+    pub ipv4: Vec<String>,
+    pub ipv6: Vec<String>,
+}
+
+/// Why a published list cannot be used. Every text from the document is escaped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PublishedError {
-    #[error("not a published allowlist: {0}")]
-    Syntax(String),
-    #[error("schema version {found} is not supported (this build reads version {VERSION})")]
-    Version { found: String },
-    #[error("generated_at `{0}` is not an RFC 3339 UTC time like 2026-12-01T08:00:00Z")]
+    #[error("not a published list: {0}")]
+    Json(String),
+    #[error("unknown version {0} (this build reads version 1)")]
+    Version(String),
+    #[error("generated_at {0} is not an RFC 3339 UTC time (like 2026-12-01T08:00:00Z)")]
     GeneratedAt(String),
-    #[error("{family} entry `{entry}` is not an {family} prefix")]
-    Prefix { family: &'static str, entry: String },
-    #[error("sha256 mismatch: the document says {stated}, its prefixes hash to {computed}")]
-    Digest { stated: String, computed: String },
+    #[error(
+        "the SHA-256 does not match the prefixes: the list says {stated}, its prefixes hash to {computed}"
+    )]
+    Sha256 { stated: String, computed: String },
+    #[error("entry {entry} in {family}: not an {family} prefix")]
+    Entry { entry: String, family: &'static str },
 }
 
-/// Hex SHA-256 of the prefixes, one per line, IPv4 then IPv6, each line ending in `\n`.
-pub fn digest(v4: &[Ipv4Net], v6: &[Ipv6Net]) -> String {
-    digest_lines(v4.iter().map(ToString::to_string).chain(v6.iter().map(ToString::to_string)))
+#[derive(Deserialize)]
+struct Wire {
+    version: serde_json::Value,
+    generated_at: String,
+    ipv4: Vec<String>,
+    ipv6: Vec<String>,
+    sha256: String,
 }
 
-fn digest_lines<S: AsRef<str>>(lines: impl IntoIterator<Item = S>) -> String {
+/// The hex SHA-256 of `lines`, each followed by `\n`.
+fn digest_lines<'a>(lines: impl IntoIterator<Item = &'a str>) -> String {
     let mut h = Sha256::new();
     for l in lines {
-        h.update(l.as_ref().as_bytes());
+        h.update(l.as_bytes());
         h.update(b"\n");
     }
     h.finalize().iter().fold(String::with_capacity(64), |mut s, b| {
@@ -84,9 +90,17 @@ fn digest_lines<S: AsRef<str>>(lines: impl IntoIterator<Item = S>) -> String {
     })
 }
 
-/// The document as it is written: field order fixed, two-space indent.
+/// The `sha256` of a list: the prefixes one per line, IPv4 then IPv6, each line ending in `\n`.
+pub fn digest(v4: &[Ipv4Net], v6: &[Ipv6Net]) -> String {
+    let lines: Vec<String> =
+        v4.iter().map(ToString::to_string).chain(v6.iter().map(ToString::to_string)).collect();
+    digest_lines(lines.iter().map(String::as_str))
+}
+
+/// The document as it is written: fields in the contract's order (a `json!` map would sort
+/// them), two-space indent.
 #[derive(Serialize)]
-struct Document<'a> {
+struct Written<'a> {
     version: u32,
     generated_at: String,
     ipv4: Vec<String>,
@@ -94,145 +108,151 @@ struct Document<'a> {
     sha256: &'a str,
 }
 
-/// The document's bytes, ending in a newline. Its digest is recomputed from the prefixes, so a
-/// rendered document always verifies.
-pub fn render_json(list: &PublishedList) -> Vec<u8> {
-    let ipv4: Vec<String> = list.ipv4.iter().map(ToString::to_string).collect();
-    let ipv6: Vec<String> = list.ipv6.iter().map(ToString::to_string).collect();
-    let sha256 = digest_lines(ipv4.iter().chain(&ipv6));
-    let doc = Document {
-        version: list.version,
-        generated_at: crate::clock::rfc3339(list.generated_at),
-        ipv4,
-        ipv6,
+/// The document for `v4` and `v6`, generated at `generated_at` (whole seconds, UTC), ending in
+/// a newline: the same list always gives the same bytes.
+pub fn render_json(generated_at: SystemTime, v4: &[Ipv4Net], v6: &[Ipv6Net]) -> String {
+    let sha256 = digest(v4, v6);
+    let doc = Written {
+        version: VERSION,
+        generated_at: humantime::format_rfc3339_seconds(generated_at).to_string(),
+        ipv4: v4.iter().map(ToString::to_string).collect(),
+        ipv6: v6.iter().map(ToString::to_string).collect(),
         sha256: &sha256,
     };
-    let mut out = serde_json::to_vec_pretty(&doc).expect("a document of strings serializes");
-    out.push(b'\n');
-    out
+    let mut s = serde_json::to_string_pretty(&doc).expect("a document of strings serializes");
+    s.push('\n');
+    s
 }
 
-/// What a document holds before it is checked.
-#[derive(Deserialize)]
-struct Raw {
-    generated_at: String,
-    ipv4: Vec<String>,
-    ipv6: Vec<String>,
-    sha256: String,
+/// Reads a document: its version must be 1, its `generated_at` an RFC 3339 UTC time and its
+/// `sha256` that of its entries as written. The entries are not judged.
+pub fn parse_document(bytes: &[u8]) -> Result<Document, PublishedError> {
+    let wire: Wire = serde_json::from_slice(bytes)
+        .map_err(|e| PublishedError::Json(Untrusted(&e.to_string()).to_string()))?;
+    if wire.version.as_u64() != Some(u64::from(VERSION)) {
+        // A number is shown as it is (serde_json keeps it to 64 bits), anything else escaped.
+        let shown = match &wire.version {
+            serde_json::Value::Number(n) => n.to_string(),
+            other => Untrusted(&other.to_string()).to_string(),
+        };
+        return Err(PublishedError::Version(shown));
+    }
+    let generated_at = humantime::parse_rfc3339(&wire.generated_at)
+        .map_err(|_| PublishedError::GeneratedAt(Untrusted(&wire.generated_at).to_string()))?;
+    let computed = digest_lines(wire.ipv4.iter().chain(&wire.ipv6).map(String::as_str));
+    if !wire.sha256.eq_ignore_ascii_case(&computed) {
+        return Err(PublishedError::Sha256 { stated: Untrusted(&wire.sha256).to_string(), computed });
+    }
+    Ok(Document { generated_at, ipv4: wire.ipv4, ipv6: wire.ipv6 })
 }
 
-/// Parses and verifies a document: version 1, a UTC `generated_at`, prefixes of the right
-/// family, and a `sha256` that matches them (compared case-insensitively).
+/// Reads a document as [`parse_document`] does, and every entry strictly: each must be a
+/// prefix of its family as [`render_json`] writes it.
 pub fn parse_json(bytes: &[u8]) -> Result<PublishedList, PublishedError> {
-    let syntax = |e: serde_json::Error| PublishedError::Syntax(e.to_string());
-    // The version first, so that a later schema is reported as such, not as a mismatch.
-    #[derive(Deserialize)]
-    struct Version {
-        version: Option<serde_json::Value>,
+    let doc = parse_document(bytes)?;
+    fn read<N: std::str::FromStr + ToString>(
+        e: &[String],
+        family: &'static str,
+    ) -> Result<Vec<N>, PublishedError> {
+        e.iter()
+            .map(|s| match s.parse::<N>() {
+                Ok(n) if n.to_string() == *s => Ok(n),
+                _ => Err(PublishedError::Entry { entry: Untrusted(s).to_string(), family }),
+            })
+            .collect()
     }
-    let v: Version = serde_json::from_slice(bytes).map_err(syntax)?;
-    match v.version {
-        Some(serde_json::Value::Number(n)) if n.as_u64() == Some(u64::from(VERSION)) => {}
-        Some(serde_json::Value::Number(n)) => {
-            return Err(PublishedError::Version { found: n.to_string() });
-        }
-        Some(_) => return Err(PublishedError::Syntax("`version` is not a number".into())),
-        None => return Err(PublishedError::Syntax("no `version` field".into())),
-    }
-    let raw: Raw = serde_json::from_slice(bytes).map_err(syntax)?;
-    let computed = digest_lines(raw.ipv4.iter().chain(&raw.ipv6));
-    if !raw.sha256.eq_ignore_ascii_case(&computed) {
-        return Err(PublishedError::Digest { stated: raw.sha256, computed });
-    }
-    let generated_at = parse_time(&raw.generated_at)?;
-    let ipv4 = prefixes(&raw.ipv4, "IPv4", |n| match n {
-        IpNet::V4(n) => Some(n),
-        IpNet::V6(_) => None,
-    })?;
-    let ipv6 = prefixes(&raw.ipv6, "IPv6", |n| match n {
-        IpNet::V6(n) => Some(n),
-        IpNet::V4(_) => None,
-    })?;
-    Ok(PublishedList { version: VERSION, generated_at, ipv4, ipv6, sha256: computed })
+    let ipv4 = read::<Ipv4Net>(&doc.ipv4, "IPv4")?;
+    let ipv6 = read::<Ipv6Net>(&doc.ipv6, "IPv6")?;
+    let sha256 = digest(&ipv4, &ipv6);
+    Ok(PublishedList { version: VERSION, generated_at: doc.generated_at, ipv4, ipv6, sha256 })
 }
 
-/// `2026-12-01T08:00:00Z` (fractions of a second are dropped); UTC only.
-fn parse_time(s: &str) -> Result<u64, PublishedError> {
-    let bad = || PublishedError::GeneratedAt(s.escape_debug().to_string());
-    if !s.ends_with(['Z', 'z']) {
-        return Err(bad());
-    }
-    let t = humantime::parse_rfc3339(s).map_err(|_| bad())?;
-    t.duration_since(UNIX_EPOCH).as_ref().map(Duration::as_secs).map_err(|_| bad())
-}
-
-/// Each entry a `address/len` prefix of the family `pick` keeps.
-fn prefixes<N>(
-    entries: &[String],
-    family: &'static str,
-    pick: impl Fn(IpNet) -> Option<N>,
-) -> Result<Vec<N>, PublishedError> {
-    entries
-        .iter()
-        .map(|e| {
-            e.parse::<IpNet>()
-                .ok()
-                .filter(|n| !matches!(n.addr(), IpAddr::V6(a) if a.to_ipv4_mapped().is_some()))
-                .and_then(&pick)
-                .ok_or_else(|| PublishedError::Prefix { family, entry: e.escape_debug().to_string() })
-        })
-        .collect()
+/// `generated_at` as unix seconds (0 before 1970).
+pub fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn sample() -> PublishedList {
-        PublishedList::new(
-            1_796_112_000,
-            vec!["203.0.113.0/24".parse().unwrap(), "198.51.100.7/32".parse().unwrap()],
-            vec!["2001:db8::/48".parse().unwrap()],
-        )
+    fn at(s: &str) -> SystemTime {
+        humantime::parse_rfc3339(s).unwrap()
     }
 
     #[test]
-    fn the_digest_is_of_the_prefix_lines() {
-        // printf '203.0.113.0/24\n198.51.100.7/32\n2001:db8::/48\n' | sha256sum
-        assert_eq!(sample().sha256, "9287881cb40441074375aeb5fbae5effbae56568cbd0d1996d8b4050fee27cc3");
+    fn the_digest_is_of_the_lines_ipv4_then_ipv6() {
+        let v4: Vec<Ipv4Net> = vec!["203.0.113.0/24".parse().unwrap(), "192.0.2.7/32".parse().unwrap()];
+        let v6: Vec<Ipv6Net> = vec!["2001:db8::/48".parse().unwrap()];
+        // printf '203.0.113.0/24\n192.0.2.7/32\n2001:db8::/48\n' | sha256sum
+        let text = "203.0.113.0/24\n192.0.2.7/32\n2001:db8::/48\n";
+        let want = Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect::<String>();
+        assert_eq!(digest(&v4, &v6), want);
         assert_eq!(digest(&[], &[]), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
     }
 
     #[test]
-    fn a_rendered_document_parses_back() {
-        let list = sample();
-        let bytes = render_json(&list);
-        assert_eq!(parse_json(&bytes).unwrap(), list);
-        let text = String::from_utf8(bytes).unwrap();
+    fn render_and_parse_round_trip() {
+        let v4: Vec<Ipv4Net> = vec!["203.0.113.0/24".parse().unwrap()];
+        let v6: Vec<Ipv6Net> = vec!["2001:db8::/48".parse().unwrap()];
+        let text = render_json(at("2026-12-01T08:00:00Z"), &v4, &v6);
         assert!(
             text.starts_with("{\n  \"version\": 1,\n  \"generated_at\": \"2026-12-01T08:00:00Z\",\n"),
             "{text}"
         );
         assert!(text.ends_with("}\n"), "{text}");
+        let l = parse_json(text.as_bytes()).unwrap();
+        assert_eq!((l.ipv4, l.ipv6, l.version), (v4, v6, 1));
+        assert_eq!(l.generated_at, at("2026-12-01T08:00:00Z"));
     }
 
     #[test]
-    fn version_digest_time_and_families_are_checked() {
-        let good = String::from_utf8(render_json(&sample())).unwrap();
-        let bad = |from: &str, to: &str| parse_json(good.replacen(from, to, 1).as_bytes()).unwrap_err();
-        assert_eq!(bad("\"version\": 1", "\"version\": 2"), PublishedError::Version { found: "2".into() });
-        assert!(matches!(bad("203.0.113.0/24", "203.0.113.0/25"), PublishedError::Digest { .. }));
-        assert!(matches!(bad("08:00:00Z", "08:00:00+01:00"), PublishedError::GeneratedAt(_)));
-        assert!(matches!(bad("\"version\": 1,", ""), PublishedError::Syntax(_)));
-        assert!(matches!(parse_json(b"not json"), Err(PublishedError::Syntax(_))));
-        // An IPv6 prefix among the IPv4 ones, with a digest that matches: still refused.
-        let v6_in_v4 = format!(
-            "{{\"version\":1,\"generated_at\":\"2026-12-01T08:00:00Z\",\"ipv4\":[\"2001:db8::/48\"],\"ipv6\":[],\"sha256\":\"{}\"}}",
-            digest_lines(["2001:db8::/48"])
+    fn version_sha_and_time_are_checked_and_quoted_escaped() {
+        let doc = |version: &str, generated: &str, sha: &str| {
+            format!(
+                r#"{{"version": {version}, "generated_at": "{generated}", "ipv4": ["192.0.2.0/24"], "ipv6": [], "sha256": "{sha}"}}"#
+            )
+        };
+        let good = digest(&["192.0.2.0/24".parse().unwrap()], &[]);
+        assert!(parse_document(doc("1", "2026-12-01T08:00:00Z", &good).as_bytes()).is_ok());
+        assert!(parse_document(doc("1", "2026-12-01T08:00:00Z", &good.to_uppercase()).as_bytes()).is_ok());
+        for (v, want) in
+            [("2", "unknown version 2"), ("\"1\"", r#"unknown version "\"1\"""#), ("1.0", "unknown version")]
+        {
+            let e = parse_document(doc(v, "2026-12-01T08:00:00Z", &good).as_bytes()).unwrap_err();
+            assert!(e.to_string().starts_with(want), "{v}: {e}");
+        }
+        let e = parse_document(doc("1", "2026-12-01T08:00:00Z", "ab\\u001b[2J").as_bytes()).unwrap_err();
+        assert!(matches!(e, PublishedError::Sha256 { .. }), "{e}");
+        assert!(
+            e.to_string().contains(r#"says "ab\u{1b}[2J""#) && !e.to_string().chars().any(char::is_control),
+            "{e}"
         );
-        assert!(matches!(
-            parse_json(v6_in_v4.as_bytes()),
-            Err(PublishedError::Prefix { family: "IPv4", .. })
-        ));
+        let e = parse_document(doc("1", "yesterday\\n", &good).as_bytes()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"generated_at "yesterday\n" is not an RFC 3339 UTC time (like 2026-12-01T08:00:00Z)"#
+        );
+        assert!(matches!(parse_document(b"{\"version\":1}"), Err(PublishedError::Json(_))));
+        assert!(matches!(parse_document(b"<html>"), Err(PublishedError::Json(_))));
+        // Entries are hashed as written: a list whose text differs from its hash is refused even
+        // when the prefixes would be the same.
+        let e = parse_document(
+            doc("1", "2026-12-01T08:00:00Z", &good).replace("192.0.2.0/24", "192.0.2.0/24 ").as_bytes(),
+        );
+        assert!(matches!(e, Err(PublishedError::Sha256 { .. })));
+    }
+
+    #[test]
+    fn the_strict_reader_wants_each_family_in_its_place() {
+        let v6: Vec<Ipv6Net> = vec!["2001:db8::/48".parse().unwrap()];
+        let text = format!(
+            r#"{{"version":1,"generated_at":"2026-12-01T08:00:00Z","ipv4":["2001:db8::/48"],"ipv6":[],"sha256":"{}"}}"#,
+            digest(&[], &v6)
+        );
+        let e = parse_json(text.as_bytes()).unwrap_err();
+        assert_eq!(e.to_string(), r#"entry "2001:db8::/48" in IPv4: not an IPv4 prefix"#);
+        // The lenient reader leaves that to the consumer.
+        assert_eq!(parse_document(text.as_bytes()).unwrap().ipv4, ["2001:db8::/48"]);
     }
 }

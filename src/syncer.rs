@@ -82,6 +82,7 @@ impl CycleReport {
             ErrorClass::Transient => 4,
             ErrorClass::Network => 5,
             ErrorClass::InvalidResponse => 6,
+            ErrorClass::Stale => 7,
         };
         self.sources.iter().filter_map(|s| s.error_class).min_by_key(rank)
     }
@@ -317,9 +318,11 @@ impl Syncer {
     /// it changes nothing. Borrows nothing, so the daemon can run it as a task of its own.
     pub fn fetch(&self) -> impl Future<Output = Fetches> + Send + 'static {
         let sources = Arc::clone(&self.sources);
+        // The last good lists: a `url` source asks with the ETag it keeps with its list.
+        let known = self.state.sources.clone();
         async move {
             let started = Instant::now();
-            Fetches { started, fetched: sources.fetch_all().await }
+            Fetches { started, fetched: sources.fetch_all_with(&known).await }
         }
     }
 
@@ -457,7 +460,7 @@ impl Syncer {
 
     /// Fetches and plans against the live set without changing anything, not even the state.
     pub async fn plan(&mut self) -> Result<(Desired, Plan), SyncerError> {
-        let fetched = self.sources.fetch_all().await;
+        let fetched = self.sources.fetch_all_with(&self.state.sources).await;
         let desired = Desired::build(fetched, &self.state);
         let current = match self.on_backend(|b| b.read()).await {
             // On a host where allowsync never ran the set does not exist yet: plan against

@@ -47,6 +47,17 @@ fn summary(cfg: &Config) -> String {
             SourceKind::Static(list) => {
                 let _ = writeln!(s, "    {}: static, {} entries", src.name, list.len());
             }
+            SourceKind::Url(u) => {
+                let ca = u.ca_file.as_ref().map(|p| format!(", CA {}", p.display())).unwrap_or_default();
+                let _ = writeln!(
+                    s,
+                    "    {}: url {}{ca}, max_age {}, max_bytes {}",
+                    src.name,
+                    u.url,
+                    fmt_duration(u.max_age),
+                    u.max_bytes
+                );
+            }
         }
     }
     let backend = match &cfg.backend {

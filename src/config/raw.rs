@@ -280,6 +280,8 @@ pub(super) struct RawSource {
     pub(super) tencent_chat: Option<Spanned<RawChat>>,
     #[serde(default, rename = "static", deserialize_with = "static_entries")]
     pub(super) static_entries: Option<Vec<Spanned<IpNet>>>,
+    #[serde(default)]
+    pub(super) url: Option<Spanned<RawUrl>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -305,6 +307,22 @@ pub(super) struct RawChat {
     pub(super) usersig_ttl: Duration,
     #[serde(default)]
     pub(super) ca_file: Option<PathBuf>,
+}
+
+/// A `url` source: a list published in the `json` format ([`crate::published`]).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUrl {
+    #[serde(deserialize_with = "list_url")]
+    pub(super) url: String,
+    #[serde(default)]
+    pub(super) ca_file: Option<PathBuf>,
+    #[serde(default = "default_timeout", deserialize_with = "timeout")]
+    pub(super) timeout: Duration,
+    #[serde(default = "default_max_bytes", deserialize_with = "max_bytes")]
+    pub(super) max_bytes: usize,
+    #[serde(default = "default_max_age", deserialize_with = "max_age")]
+    pub(super) max_age: Duration,
 }
 
 /// `backend:` holds exactly one of its keys.
@@ -368,6 +386,14 @@ fn default_nettypes() -> Vec<u8> {
 }
 fn default_timeout() -> Duration {
     Duration::from_secs(10)
+}
+/// 4 MiB: some 100 000 prefixes, far more than a Chat list.
+fn default_max_bytes() -> usize {
+    4 * 1024 * 1024
+}
+/// Four times the publisher's default `refresh` (15m).
+fn default_max_age() -> Duration {
+    secs(3600)
 }
 fn default_usersig_ttl() -> Duration {
     Duration::from_secs(24 * 3600)
@@ -504,6 +530,22 @@ fn argv<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error
     }
 }
 
+/// Above 0; whether it exceeds the publisher's `refresh` cannot be known here (README).
+fn max_age<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration_in(d, secs(1), secs(30 * 86_400), "max_age")
+}
+/// The largest `max_bytes`: what one fetch may hold in memory.
+const MAX_MAX_BYTES: usize = 256 * 1024 * 1024;
+fn max_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let v = u64::deserialize(d)?;
+    if !(1024..=MAX_MAX_BYTES as u64).contains(&v) {
+        return Err(serde::de::Error::custom(format!(
+            "max_bytes {v} is out of range: it must be between 1024 and {MAX_MAX_BYTES} (bytes)"
+        )));
+    }
+    Ok(v as usize)
+}
+
 fn nettypes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
     let v = Vec::<u8>::deserialize(d)?;
     if v.is_empty() {
@@ -558,6 +600,43 @@ pub(crate) fn check_endpoint(s: &str) -> Result<(), String> {
             }
         }
         _ => Err(format!("`{s}`: only https:// endpoints are allowed (http:// only to a loopback address)")),
+    }
+}
+
+fn list_url<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    check_list_url(&s).map_err(serde::de::Error::custom)?;
+    Ok(s)
+}
+
+/// A `url` source's URL: `https://`, or `http://` to a loopback address, as for the Chat
+/// endpoint (a list read in clear text could be rewritten on the way). A path and a query are
+/// fine; credentials are not (the URL is logged).
+pub(crate) fn check_list_url(s: &str) -> Result<(), String> {
+    let u = reqwest::Url::parse(s).map_err(|e| format!("`{s}` is not a URL: {e}"))?;
+    let host = u.host_str().filter(|h| !h.is_empty()).ok_or_else(|| format!("`{s}` has no host"))?;
+    let loopback = host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok_and(|a| a.is_loopback());
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err(format!(
+            "`{}`: no credentials in the URL (it is written to logs and the state file)",
+            u.host_str().unwrap_or_default()
+        ));
+    }
+    if u.fragment().is_some() {
+        return Err(format!("`{s}`: a URL with a #fragment is not fetched as written"));
+    }
+    match u.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        "http" => Err(format!(
+            "`{s}` uses http:// to a non-loopback host: the list could be rewritten on the way; use https://"
+        )),
+        _ => Err(format!("`{s}`: only https:// URLs are allowed (http:// only to a loopback address)")),
     }
 }
 

@@ -8,7 +8,7 @@ use ipnet::IpNet;
 
 use crate::config::FileFormat;
 use crate::prefixes::AllowSet;
-use crate::published::{self, PublishedList};
+use crate::published;
 
 /// The first line of every text format file allowsync writes.
 pub(super) const HEADER: &str = "# managed by allowsync: rewritten at every change, hand edits are undone";
@@ -34,7 +34,8 @@ pub(super) fn render(format: FileFormat, set: &AllowSet, now: u64) -> Vec<u8> {
                     IpNet::V6(n) => v6.push(n),
                 }
             }
-            return published::render_json(&PublishedList::new(now, v4, v6));
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(now);
+            return published::render_json(at, &v4, &v6).into_bytes();
         }
         FileFormat::Plain | FileFormat::Haproxy => ("", ""),
         FileFormat::Nginx => ("allow ", ";"),
@@ -50,7 +51,7 @@ pub(super) fn render(format: FileFormat, set: &AllowSet, now: u64) -> Vec<u8> {
 pub(super) fn parse(format: FileFormat, bytes: &[u8]) -> Result<Parsed, String> {
     if format == FileFormat::Json {
         let list = published::parse_json(bytes).map_err(|e| e.to_string())?;
-        return Ok(Parsed { set: AllowSet::from_nets(list.nets()), generated_at: list.generated_at });
+        return Ok(Parsed { set: AllowSet::from_nets(list.nets()), generated_at: published::unix_seconds(list.generated_at) });
     }
     let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())?;
     let mut lines = text.lines();
