@@ -60,6 +60,8 @@ struct State {
     version: u64,
     faults: VecDeque<(RelayFault, Option<usize>)>,
     requests: Vec<RelayRequest>,
+    /// Set by [`RelayHandle::serve_file`]: the body is this file as it is at each request.
+    file: Option<PathBuf>,
 }
 
 /// The relay server.
@@ -81,6 +83,7 @@ impl Relay {
             version: 0,
             faults: VecDeque::new(),
             requests: Vec::new(),
+            file: None,
         }));
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let s = Arc::clone(&state);
@@ -180,6 +183,13 @@ impl RelayHandle {
         st.body = body.into();
     }
 
+    /// Serves the file at `path` from now on, read at each request the way a web server
+    /// serves a static file: its `ETag` comes from the modification time and the size, so a
+    /// rewrite (a publisher's refresh too) is a new one. A missing file is a 404.
+    pub fn serve_file(&self, path: &Path) {
+        self.state().file = Some(path.to_owned());
+    }
+
     /// The `ETag` served now.
     pub fn etag(&self) -> String {
         self.state().etag.clone()
@@ -250,9 +260,18 @@ fn answer(state: &Mutex<State>, target: &str, method: &str, headers: &[(String, 
             Some(f)
         }
     };
+    if let Some(path) = st.file.clone() {
+        match read_static(&path) {
+            Some((body, etag)) => (st.body, st.etag) = (body, etag),
+            None => (st.body, st.etag) = (Vec::new(), String::new()),
+        }
+    }
+    let missing = st.file.is_some() && st.etag.is_empty();
     let if_none_match = headers.iter().find(|(k, _)| k == "if-none-match").map(|(_, v)| v.clone());
     let (status, answer) = match fault {
-        _ if target != PATH || method != "GET" => (404, Answer::Bytes(response(404, &[], b"not found"))),
+        _ if target != PATH || method != "GET" || missing => {
+            (404, Answer::Bytes(response(404, &[], b"not found")))
+        }
         Some(RelayFault::Status(s)) => (s, Answer::Bytes(response(s, &[], b"<html>error</html>"))),
         Some(RelayFault::Body(b)) => (200, Answer::Bytes(response(200, &[], &b))),
         Some(RelayFault::ChunkedBody(b)) => (200, Answer::Bytes(chunked(&b))),
@@ -265,6 +284,17 @@ fn answer(state: &Mutex<State>, target: &str, method: &str, headers: &[(String, 
     };
     st.requests.push(RelayRequest { path: target.to_owned(), if_none_match, status });
     answer
+}
+
+/// A file's bytes and its `ETag`, nginx's shape (modification time and size in hex) but with
+/// the time in nanoseconds, so that two writes within one second differ; `None` when it cannot
+/// be read.
+fn read_static(path: &Path) -> Option<(Vec<u8>, String)> {
+    let body = std::fs::read(path).ok()?;
+    let mtime = std::fs::metadata(path).ok()?.modified().ok()?;
+    let nanos = mtime.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos();
+    let etag = format!("\"{nanos:x}-{:x}\"", body.len());
+    Some((body, etag))
 }
 
 fn response(status: u16, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {

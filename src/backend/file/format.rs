@@ -51,7 +51,10 @@ pub(super) fn render(format: FileFormat, set: &AllowSet, now: u64) -> Vec<u8> {
 pub(super) fn parse(format: FileFormat, bytes: &[u8]) -> Result<Parsed, String> {
     if format == FileFormat::Json {
         let list = published::parse_json(bytes).map_err(|e| e.to_string())?;
-        return Ok(Parsed { set: AllowSet::from_nets(list.nets()), generated_at: published::unix_seconds(list.generated_at) });
+        return Ok(Parsed {
+            set: AllowSet::from_nets(list.nets()),
+            generated_at: published::unix_seconds(list.generated_at),
+        });
     }
     let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())?;
     let mut lines = text.lines();
