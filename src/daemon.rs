@@ -142,6 +142,7 @@ fn status_line(s: &Syncer, report: &CycleReport) -> String {
         crate::config::BackendConfig::Nftables(n) => (n.set_v4.clone(), n.set_v6.clone()),
         crate::config::BackendConfig::Ipset(i) => (i.set_v4.clone(), i.set_v6.clone()),
         crate::config::BackendConfig::DryRun => ("v4".into(), "v6".into()),
+        crate::config::BackendConfig::File(_) => ("file v4".into(), "v6".into()),
     };
     let held = match report.kernel {
         Some(k) => format!("{} {}, {} {}", names.0, k.v4, names.1, k.v6),
@@ -199,6 +200,8 @@ pub fn fetch_bound(cfg: &Config) -> Duration {
         .filter_map(|s| match &s.kind {
             SourceKind::TencentChat(c) => Some(c.timeout * 4),
             SourceKind::Static(_) => None,
+            // One request, bounded whole by its timeout.
+            SourceKind::Url(u) => Some(u.timeout),
         })
         .max()
         .unwrap_or(Duration::ZERO)
@@ -208,7 +211,16 @@ pub fn fetch_bound(cfg: &Config) -> Duration {
 /// still running at the deadline is abandoned (it changes nothing); a transaction not begun by
 /// then is not begun.
 pub fn cycle_deadline(cfg: &Config) -> Duration {
-    fetch_bound(cfg) + KERNEL_BUDGET
+    fetch_bound(cfg) + kernel_budget(cfg)
+}
+
+/// [`KERNEL_BUDGET`], and the file backend's `on_change_timeout` on top: its jobs may wait
+/// that long for the program.
+pub fn kernel_budget(cfg: &Config) -> Duration {
+    match &cfg.backend {
+        BackendConfig::File(f) if f.on_change.is_some() => KERNEL_BUDGET + f.on_change_timeout,
+        _ => KERNEL_BUDGET,
+    }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. `config_path` is re-read on SIGHUP.
@@ -429,7 +441,7 @@ impl<'a> Daemon<'a> {
             BackendConfig::Ipset(i) => {
                 Watcher::Polled { every: i.check_interval, next: now + i.check_interval, repair: false }
             }
-            BackendConfig::DryRun => Watcher::None,
+            BackendConfig::DryRun | BackendConfig::File(_) => Watcher::None,
         };
     }
 
@@ -568,7 +580,7 @@ impl<'a> Daemon<'a> {
     }
 
     fn start_job(&mut self, kind: JobKind, now: Instant) {
-        let deadline = now + KERNEL_BUDGET;
+        let deadline = now + kernel_budget(self.syncer.config());
         match kind {
             JobKind::Restore => {
                 let job = self.syncer.restore_job();
@@ -868,6 +880,13 @@ mod tests {
         assert_eq!(s.next(&refused, 0.0).as_secs(), 20, "a refusal is retried next cycle");
     }
 
+    /// A stale published list will not be fixed in seconds: asking the relay sooner gains nothing.
+    #[test]
+    fn a_stale_list_waits_the_normal_interval() {
+        let mut s = Schedule::new(Duration::from_secs(20), Duration::ZERO);
+        assert_eq!(s.next(&report(Ok(Outcome::InSync), Some(ErrorClass::Stale)), 0.0).as_secs(), 20);
+    }
+
     /// The sync reached the kernel; only the state file failed: the next attempt is the next
     /// cycle (which writes the state again), not a backoff that would call the API sooner.
     #[test]
@@ -925,6 +944,9 @@ mod tests {
         assert_eq!(cycle_deadline(&cfg), Duration::from_secs(480) + KERNEL_BUDGET);
         let only_static = parse("sources:\n  - name: a\n    static: [192.0.2.1]\n");
         assert_eq!(cycle_deadline(&only_static), KERNEL_BUDGET);
+        // The file backend's jobs may wait for on_change on top.
+        let file = "sources:\n  - name: a\n    static: [192.0.2.1]\nbackend:\n  file: { path: /tmp/x.json, on_change: [/bin/true], on_change_timeout: 45s }\n";
+        assert_eq!(cycle_deadline(&parse(file)), KERNEL_BUDGET + Duration::from_secs(45));
     }
 
     #[test]

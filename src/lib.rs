@@ -46,6 +46,7 @@ pub mod logging;
 pub mod metrics;
 pub mod ownership;
 pub mod prefixes;
+pub mod published;
 pub mod repair;
 pub mod source;
 pub mod state;

@@ -130,7 +130,7 @@ impl Metrics {
             api_requests: counter_vec(
                 &r,
                 "allowsync_api_requests_total",
-                "GetIPList requests per source and nettype, by result (ok or the error's class)",
+                "GetIPList requests per source and nettype (and url source requests, without a nettype), by result (ok or the error's class)",
                 &["source", "nettype", "result"],
                 &[],
             ),
@@ -208,7 +208,9 @@ impl Metrics {
         }
         self.set_entries("desired", r.desired);
         for q in &r.requests {
-            self.api_requests.with_label_values(&[&q.source, &q.nettype.to_string(), q.result]).inc();
+            // A `url` source has no nettype: an empty label, which Prometheus reads as none.
+            let nettype = q.nettype.map_or_else(String::new, |n| n.to_string());
+            self.api_requests.with_label_values(&[&q.source, &nettype, q.result]).inc();
         }
         for g in &r.guards {
             self.guard_refusals.with_label_values(&[g]).inc();

@@ -82,6 +82,24 @@ pub struct SourceState {
     pub list: AllowSet,
     /// When this list was fetched (unix seconds).
     pub fetched_at: u64,
+    /// A `url` source's: what its list was published as (absent for other sources).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published: Option<Published>,
+}
+
+/// What a `url` source keeps with its last good list: the `ETag` to ask again with
+/// (`If-None-Match`, so an unchanged list costs one 304, in `once` runs too) and the list's
+/// `generated_at`, so that a 304 still tells how old the list is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Published {
+    /// The URL the list came from: an ETag means nothing to another URL.
+    pub url: String,
+    /// As the server sent it (untrusted: escaped wherever it is shown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    /// The list's `generated_at` (unix seconds).
+    pub generated_at: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -353,7 +371,10 @@ mod tests {
     fn sample() -> State {
         let set: AllowSet = allowsync_testkit::set(["10.0.0.0/24", "2001:db8::/48"]);
         let mut s = State::default();
-        s.sources.insert("chat".into(), SourceState { list: set.clone(), fetched_at: 1_700_000_000 });
+        s.sources.insert(
+            "chat".into(),
+            SourceState { list: set.clone(), fetched_at: 1_700_000_000, published: None },
+        );
         s.applied = Some(set);
         s.last_sync = Some(1_700_000_001);
         s.last_error = Some(LastError { at: 1_700_000_002, message: "boom".into() });
@@ -478,6 +499,22 @@ mod tests {
         // A state file written before the ownership record: loaded, nothing owned.
         fs::write(f.path(), "{\"version\": 1, \"applied\": [\"10.0.0.0/24\"]}").unwrap();
         assert!(f.load().unwrap().objects.is_empty());
+    }
+
+    #[test]
+    fn a_url_sources_etag_round_trips_and_other_sources_write_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = StateFile::new(dir.path().join("state.json"));
+        f.save(&sample()).unwrap();
+        assert!(!fs::read_to_string(f.path()).unwrap().contains("published"));
+        let mut st = sample();
+        st.sources.get_mut("chat").unwrap().published = Some(Published {
+            url: "https://relay.example/chat.json".into(),
+            etag: Some("W/\"x\u{1b}\"".into()),
+            generated_at: 1_700_000_000,
+        });
+        f.save(&st).unwrap();
+        assert_eq!(f.load().unwrap(), st);
     }
 
     #[test]

@@ -74,11 +74,13 @@ pub struct CycleReport {
     pub guards: Vec<&'static str>,
 }
 
-/// How one GetIPList request (one source, one nettype, one attempt) ended, for the metrics.
+/// How one request (a GetIPList call for one source, nettype and attempt, or a `url` source's
+/// GET) ended, for the metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiRequest {
     pub source: String,
-    pub nettype: u8,
+    /// `None` for a `url` source.
+    pub nettype: Option<u8>,
     /// `ok`, or the error's class ([`ErrorClass::label`]).
     pub result: &'static str,
 }
@@ -105,6 +107,7 @@ impl CycleReport {
             ErrorClass::Transient => 4,
             ErrorClass::Network => 5,
             ErrorClass::InvalidResponse => 6,
+            ErrorClass::Stale => 7,
         };
         self.sources.iter().filter_map(|s| s.error_class).min_by_key(rank)
     }
@@ -347,9 +350,11 @@ impl Syncer {
     /// it changes nothing. Borrows nothing, so the daemon can run it as a task of its own.
     pub fn fetch(&self) -> impl Future<Output = Fetches> + Send + 'static {
         let sources = Arc::clone(&self.sources);
+        // The last good lists: a `url` source asks with the ETag it keeps with its list.
+        let known = self.state.sources.clone();
         async move {
             let started = Instant::now();
-            let fetched = sources.fetch_all().await;
+            let fetched = sources.fetch_all_with(&known).await;
             let requests = sources
                 .take_requests()
                 .into_iter()
@@ -487,8 +492,12 @@ impl Syncer {
             return report;
         };
         self.state = state;
-        if let Some(e) = &enforce_error {
-            error!(error = %e, "cannot install the enforcement rules; the sets are in place");
+        match &enforce_error {
+            Some(e @ BackendError::FollowUp { .. }) => {
+                error!(error = %e, "the sync is written, but what follows it failed")
+            }
+            Some(e) => error!(error = %e, "cannot install the enforcement rules; the sets are in place"),
+            None => {}
         }
         if let Some(d) = &drift {
             error!(drift = %d, "drift: the kernel set differs from what allowsync last applied; repairing");
@@ -498,7 +507,10 @@ impl Syncer {
             guards.push(r.guard());
         }
         if let (Some(e), Ok(Outcome::InSync | Outcome::Applied { .. })) = (&enforce_error, &outcome) {
-            outcome = Err(format!("enforcement: {e}"));
+            outcome = Err(match e {
+                BackendError::FollowUp { .. } => e.to_string(),
+                _ => format!("enforcement: {e}"),
+            });
         }
         let state_error = saved.err().map(|e| e.to_string());
         if let Some(e) = &state_error {
@@ -535,7 +547,7 @@ impl Syncer {
 
     /// Fetches and plans against the live set without changing anything, not even the state.
     pub async fn plan(&mut self) -> Result<(Desired, Plan), SyncerError> {
-        let fetched = self.sources.fetch_all().await;
+        let fetched = self.sources.fetch_all_with(&self.state.sources).await;
         let desired = Desired::build(fetched, &self.state);
         let current = match self.on_backend(|b| b.read()).await {
             // On a host where allowsync never ran the set does not exist yet: plan against
