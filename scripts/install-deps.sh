@@ -5,8 +5,9 @@ set -euo pipefail
 
 # lintian, rpm (to inspect the .rpm), binutils (readelf, strip) and man-db: the packaging checks
 # (tests/packaging.sh). debootstrap, debian-archive-keyring, systemd-container (systemd-nspawn)
-# and util-linux (nsenter): the packages under a real systemd (tests/systemd.sh).
-packages=(pkg-config libnftnl-dev libmnl-dev nftables ipset iptables iproute2 util-linux procps
+# and util-linux (nsenter): the packages under a real systemd (tests/systemd.sh). strace: the
+# file backend's crash test stops a process at its rename (tests/file_backend.rs).
+packages=(pkg-config libnftnl-dev libmnl-dev nftables ipset iptables iproute2 util-linux procps strace
   lintian rpm binutils man-db debootstrap debian-archive-keyring systemd-container)
 # dpkg-query's whole answer is captured, then matched: no consumer in a pipe that could stop early.
 installed() { [[ "$(dpkg-query -W -f='${Status}\n' "$1" 2>/dev/null)" == *"install ok installed"* ]]; }

@@ -1,10 +1,28 @@
-//! Wall-clock time as the rest of allowsync sees it: unix seconds, shown as RFC 3339 UTC.
+//! Wall-clock time as the rest of allowsync sees it: unix seconds, shown as RFC 3339 UTC. What
+//! writes a time others read (the `file` backend's `generated_at`) takes a [`Clock`], so that
+//! tests can fix it.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Seconds since the Unix epoch, now (0 if the clock is before 1970).
 pub fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Where "now" comes from.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    /// Seconds since the Unix epoch.
+    fn now_unix(&self) -> u64;
+}
+
+/// The system's clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_unix(&self) -> u64 {
+        now_unix()
+    }
 }
 
 /// A unix time as `2026-11-25T12:00:01Z`.

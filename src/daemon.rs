@@ -24,6 +24,10 @@
 //! fetch still running then is abandoned (it changed nothing), a transaction not begun by then
 //! is not begun.
 //!
+//! With `metrics:` configured, every cycle and repair feeds [`crate::metrics`] (served on its own
+//! task, written as a textfile from the blocking pool), and `STATUS=` carries the health summary
+//! of [`crate::health`].
+//!
 //! Signals, coalesced ([`crate::coalesce`]): SIGUSR1 asks for a sync (one more if one is under
 //! way, not N), SIGHUP for a reload (a broken configuration is logged and the old one kept);
 //! at most one cycle per [`CYCLE_SPACING`] and one reload per [`RELOAD_SPACING`].
@@ -33,6 +37,7 @@
 
 use std::future::Future;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sd_notify::NotifyState;
@@ -47,6 +52,8 @@ use crate::clock;
 use crate::coalesce::Gate;
 use crate::config::{BackendConfig, Config, SourceKind};
 use crate::engine::Outcome;
+use crate::health;
+use crate::metrics::{self, Metrics};
 use crate::repair::{self, Repaired, Trigger};
 use crate::source::ErrorClass;
 use crate::syncer::{CycleReport, Fetches, Finished, Restored, Syncer, SyncerError};
@@ -127,26 +134,30 @@ fn notify(states: &[NotifyState]) {
 }
 
 /// `STATUS=`: what the kernel holds after the cycle (read back, not the state file's last
-/// applied list: the two differ whenever an apply failed or someone changed the set), when the
-/// last sync succeeded, and whether this cycle failed, was refused or lost a source.
+/// applied list: the two differ whenever an apply failed or someone changed the set), the last
+/// sync (attempt), the last success with its age and the degraded sources
+/// ([`health::success_summary`]), and whether this cycle failed, was refused or lost a source.
 fn status_line(s: &Syncer, report: &CycleReport) -> String {
     let names = match &s.config().backend {
         crate::config::BackendConfig::Nftables(n) => (n.set_v4.clone(), n.set_v6.clone()),
         crate::config::BackendConfig::Ipset(i) => (i.set_v4.clone(), i.set_v6.clone()),
         crate::config::BackendConfig::DryRun => ("v4".into(), "v6".into()),
+        crate::config::BackendConfig::File(_) => ("file v4".into(), "v6".into()),
     };
     let held = match report.kernel {
-        Some((v4, v6)) => format!("{} {v4}, {} {v6}", names.0, names.1),
+        Some(k) => format!("{} {}, {} {}", names.0, k.v4, names.1, k.v6),
         None => format!("{} and {} unreadable", names.0, names.1),
     };
-    let last = s.state().last_sync.map_or("never".into(), |t| clock::rfc3339(t)[11..19].to_string());
+    let h = &s.state().health;
+    let last = h.last_attempt.map_or("never".into(), |t| clock::rfc3339(t)[11..19].to_string());
+    let success = health::success_summary(h, s.config().interval, clock::now_unix());
     let cycle = match &report.outcome {
         Err(_) => ", last cycle failed (see the journal)",
         Ok(Outcome::Refused(_)) => ", last cycle refused by a safety guard",
         Ok(_) if report.worst_error_class().is_some() => ", a source failed (see the journal)",
         Ok(_) => "",
     };
-    format!("{held}, last sync {last}{cycle}")
+    format!("{held}, last sync {last}, {success}{cycle}")
 }
 
 /// How long the kernel part of any job may take before it counts as stuck (a netlink call that
@@ -189,6 +200,8 @@ pub fn fetch_bound(cfg: &Config) -> Duration {
         .filter_map(|s| match &s.kind {
             SourceKind::TencentChat(c) => Some(c.timeout * 4),
             SourceKind::Static(_) => None,
+            // One request, bounded whole by its timeout.
+            SourceKind::Url(u) => Some(u.timeout),
         })
         .max()
         .unwrap_or(Duration::ZERO)
@@ -198,7 +211,16 @@ pub fn fetch_bound(cfg: &Config) -> Duration {
 /// still running at the deadline is abandoned (it changes nothing); a transaction not begun by
 /// then is not begun.
 pub fn cycle_deadline(cfg: &Config) -> Duration {
-    fetch_bound(cfg) + KERNEL_BUDGET
+    fetch_bound(cfg) + kernel_budget(cfg)
+}
+
+/// [`KERNEL_BUDGET`], and the file backend's `on_change_timeout` on top: its jobs may wait
+/// that long for the program.
+pub fn kernel_budget(cfg: &Config) -> Duration {
+    match &cfg.backend {
+        BackendConfig::File(f) if f.on_change.is_some() => KERNEL_BUDGET + f.on_change_timeout,
+        _ => KERNEL_BUDGET,
+    }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. `config_path` is re-read on SIGHUP.
@@ -209,7 +231,48 @@ pub async fn run(config_path: &Path, cfg: Config) -> Result<(), DaemonError> {
     let signals = Signals::new()?;
     let syncer = Syncer::for_daemon(cfg)?;
     info!(config = %config_path.display(), pid = std::process::id(), "allowsync starting");
-    Daemon::new(syncer, config_path).run(signals).await
+    let metrics = Arc::new(Metrics::new(syncer.config().interval));
+    metrics.seed(&syncer.state().health);
+    // Dropped (and so stopped) with this function.
+    let _server = serve_metrics(syncer.config(), &metrics).await;
+    Daemon::new(syncer, config_path, metrics).run(signals).await
+}
+
+/// Starts the `metrics.listen` endpoint as a task of its own (see [`metrics::http`]). One that
+/// cannot bind is logged and done without: the firewall comes first.
+async fn serve_metrics(cfg: &Config, m: &Arc<Metrics>) -> Option<AbortOnDrop> {
+    let addr = cfg.metrics.listen?;
+    match metrics::http::bind(addr).await {
+        Ok(listener) => {
+            info!(listen = %addr, "serving GET /metrics and /healthz");
+            Some(AbortOnDrop(tokio::spawn(metrics::http::serve(listener, Arc::clone(m)))))
+        }
+        Err(e) => {
+            error!(listen = %addr, error = %e, "cannot listen for metrics: running without the endpoint");
+            None
+        }
+    }
+}
+
+/// A task that ends with its handle.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Writes the textfile on the blocking pool (a slow filesystem must not hold up the loop),
+/// encoded here, so that it is this moment's metrics; a failure is logged.
+fn write_textfile(cfg: &Config, m: &Metrics) {
+    let Some(path) = cfg.metrics.textfile.clone() else { return };
+    let text = m.encode();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = metrics::write_textfile(&path, &text) {
+            error!(path = %path.display(), error = %e, "cannot write the metrics textfile");
+        }
+    });
 }
 
 struct Signals {
@@ -299,6 +362,7 @@ impl RepairAsk {
 struct Daemon<'a> {
     config_path: &'a Path,
     syncer: Syncer,
+    metrics: Arc<Metrics>,
     schedule: Schedule,
     /// When the schedule asks for the next cycle.
     next_cycle: Instant,
@@ -329,12 +393,13 @@ fn never() -> Instant {
 }
 
 impl<'a> Daemon<'a> {
-    fn new(syncer: Syncer, config_path: &'a Path) -> Self {
+    fn new(syncer: Syncer, config_path: &'a Path, metrics: Arc<Metrics>) -> Self {
         let now = Instant::now();
         let schedule = Schedule::new(syncer.config().interval, syncer.config().jitter);
         let mut d = Daemon {
             config_path,
             syncer,
+            metrics,
             schedule,
             next_cycle: now,
             cycles: Gate::new(1, CYCLE_SPACING, Duration::ZERO),
@@ -376,7 +441,7 @@ impl<'a> Daemon<'a> {
             BackendConfig::Ipset(i) => {
                 Watcher::Polled { every: i.check_interval, next: now + i.check_interval, repair: false }
             }
-            BackendConfig::DryRun => Watcher::None,
+            BackendConfig::DryRun | BackendConfig::File(_) => Watcher::None,
         };
     }
 
@@ -515,7 +580,7 @@ impl<'a> Daemon<'a> {
     }
 
     fn start_job(&mut self, kind: JobKind, now: Instant) {
-        let deadline = now + KERNEL_BUDGET;
+        let deadline = now + kernel_budget(self.syncer.config());
         match kind {
             JobKind::Restore => {
                 let job = self.syncer.restore_job();
@@ -560,6 +625,7 @@ impl<'a> Daemon<'a> {
             }
             (JobKind::Repair { trigger, since }, JobOutput::Repair(r)) => {
                 repair::log(&trigger, since, &r);
+                self.repair_metrics(&trigger, &r);
                 self.repairs.finish();
                 match &r {
                     Ok(_) => self.last_ok_check = now,
@@ -613,6 +679,21 @@ impl<'a> Daemon<'a> {
         self.repairs.ask(now);
     }
 
+    fn repair_metrics(&self, trigger: &Trigger, r: &Result<Repaired, BackendError>) {
+        let Ok(r) = r else { return };
+        if let Some(Outcome::Refused(reason)) = &r.synced {
+            self.metrics.refused(reason.guard());
+        } else if r.changed() {
+            self.metrics.repaired(metrics::cause(trigger));
+        } else {
+            return;
+        }
+        if let Some(k) = r.kernel {
+            self.metrics.kernel(k);
+        }
+        write_textfile(self.syncer.config(), &self.metrics);
+    }
+
     fn fetch_done(&mut self, fetches: Fetches) {
         let Some(fetch) = self.fetch.take() else { return };
         self.fetched = Some((fetches, fetch.deadline));
@@ -624,7 +705,10 @@ impl<'a> Daemon<'a> {
         let Some(fetch) = self.fetch.take() else { return };
         fetch.handle.abort();
         self.cycles.finish();
-        let deadline_s = cycle_deadline(self.syncer.config()).as_secs();
+        let deadline = cycle_deadline(self.syncer.config());
+        self.metrics.abandoned(deadline);
+        write_textfile(self.syncer.config(), &self.metrics);
+        let deadline_s = deadline.as_secs();
         let delay = self.schedule.after_failure();
         error!(
             deadline_s,
@@ -635,6 +719,8 @@ impl<'a> Daemon<'a> {
     }
 
     fn cycle_done(&mut self, report: &CycleReport, now: Instant) {
+        self.metrics.cycle(report, &self.syncer.state().health);
+        write_textfile(self.syncer.config(), &self.metrics);
         let delay = self.schedule.next(report, rand::random());
         if !matches!(report.outcome, Ok(Outcome::InSync | Outcome::Applied { .. })) {
             warn!(retry_in_s = delay.as_secs(), "next attempt scheduled");
@@ -676,6 +762,7 @@ impl<'a> Daemon<'a> {
         reloading.extend(NotifyState::monotonic_usec_now().ok());
         notify(&reloading);
         let backend_before = self.syncer.config().backend.clone();
+        let listen_before = self.syncer.config().metrics.listen;
         let loaded = Config::load(self.config_path).map_err(|e| e.to_string()).and_then(|new| {
             for w in &new.warnings {
                 warn!("{w}");
@@ -685,6 +772,10 @@ impl<'a> Daemon<'a> {
         match loaded {
             Ok(()) => {
                 info!("SIGHUP: configuration reloaded; syncing now");
+                self.metrics.set_interval(self.syncer.config().interval);
+                if self.syncer.config().metrics.listen != listen_before {
+                    warn!("metrics.listen changed: the listener moves when allowsync is restarted");
+                }
                 self.schedule = Schedule::new(self.syncer.config().interval, self.syncer.config().jitter);
                 if self.syncer.config().backend != backend_before {
                     self.watch();
@@ -757,9 +848,14 @@ mod tests {
             v4: 1,
             v6: 0,
             duration_ms: 1,
-            kernel: Some((1, 0)),
+            kernel: Some(crate::health::Counts { v4: 1, v6: 0 }),
             drift: None,
             state_error: None,
+            success: class.is_none(),
+            desired: crate::health::Counts { v4: 1, v6: 0 },
+            requests: Vec::new(),
+            usersig_expiries: Vec::new(),
+            guards: Vec::new(),
         }
     }
 
@@ -782,6 +878,13 @@ mod tests {
         assert_eq!(s.next(&report(Ok(Outcome::InSync), Some(ErrorClass::Locked)), 0.0).as_secs(), 60);
         let refused = report(Ok(Outcome::Refused(Refusal::Empty { current: 3 })), None);
         assert_eq!(s.next(&refused, 0.0).as_secs(), 20, "a refusal is retried next cycle");
+    }
+
+    /// A stale published list will not be fixed in seconds: asking the relay sooner gains nothing.
+    #[test]
+    fn a_stale_list_waits_the_normal_interval() {
+        let mut s = Schedule::new(Duration::from_secs(20), Duration::ZERO);
+        assert_eq!(s.next(&report(Ok(Outcome::InSync), Some(ErrorClass::Stale)), 0.0).as_secs(), 20);
     }
 
     /// The sync reached the kernel; only the state file failed: the next attempt is the next
@@ -841,6 +944,9 @@ mod tests {
         assert_eq!(cycle_deadline(&cfg), Duration::from_secs(480) + KERNEL_BUDGET);
         let only_static = parse("sources:\n  - name: a\n    static: [192.0.2.1]\n");
         assert_eq!(cycle_deadline(&only_static), KERNEL_BUDGET);
+        // The file backend's jobs may wait for on_change on top.
+        let file = "sources:\n  - name: a\n    static: [192.0.2.1]\nbackend:\n  file: { path: /tmp/x.json, on_change: [/bin/true], on_change_timeout: 45s }\n";
+        assert_eq!(cycle_deadline(&parse(file)), KERNEL_BUDGET + Duration::from_secs(45));
     }
 
     #[test]

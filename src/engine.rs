@@ -27,7 +27,7 @@ use crate::backend::{Backend, BackendError};
 use crate::config::Safety;
 use crate::prefixes::{AllowSet, Diff, Range};
 use crate::source::{ErrorClass, FetchError, Fetched};
-use crate::state::{LastError, SourceState, State};
+use crate::state::{LastError, Published, SourceState, State};
 
 /// What became of a source in the desired set.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +86,8 @@ pub struct Desired {
     pub additive_only: bool,
     /// The fresh lists, to become the sources' last good lists once applied.
     fresh: BTreeMap<String, AllowSet>,
+    /// What the fresh lists of `url` sources were published as, kept with them.
+    published: BTreeMap<String, Published>,
     /// What allowsync last applied (the state's `applied`): already let through by the guards,
     /// so putting it back is not widening.
     pub approved: Option<AllowSet>,
@@ -97,6 +99,7 @@ impl Desired {
         let mut parts = Vec::with_capacity(fetched.len());
         let mut sources = Vec::with_capacity(fetched.len());
         let mut fresh = BTreeMap::new();
+        let mut published = BTreeMap::new();
         let mut additive_only = false;
         for f in fetched {
             let last = state.sources.get(&f.name);
@@ -116,6 +119,9 @@ impl Desired {
                     sources.push(report(SourceStatus::Fresh { ranges: list.len() }));
                     parts.push(list.clone());
                     fresh.insert(f.name.clone(), list.clone());
+                    if let Some(p) = &f.published {
+                        published.insert(f.name.clone(), p.clone());
+                    }
                     continue;
                 }
                 Err(e) => e.to_string(),
@@ -138,6 +144,7 @@ impl Desired {
             sources,
             additive_only,
             fresh,
+            published,
             approved: state.applied.clone(),
         }
     }
@@ -150,6 +157,7 @@ impl Desired {
             sources: Vec::new(),
             additive_only: false,
             fresh: BTreeMap::new(),
+            published: BTreeMap::new(),
             approved: Some(applied),
         }
     }
@@ -265,6 +273,17 @@ impl fmt::Display for Refusal {
                     sample.join(", ")
                 )
             }
+        }
+    }
+}
+
+impl Refusal {
+    /// The guard, as `allowsync_guard_refusals_total{guard}` names it.
+    pub fn guard(&self) -> &'static str {
+        match self {
+            Refusal::Empty { .. } => "empty",
+            Refusal::MassRemoval { .. } => "removal",
+            Refusal::MassWidening { .. } => "widening",
         }
     }
 }
@@ -392,7 +411,10 @@ pub fn record(
     match result {
         Ok((Outcome::InSync | Outcome::Applied { .. }, plan)) => {
             for (name, list) in &desired.fresh {
-                state.sources.insert(name.clone(), SourceState { list: list.clone(), fetched_at: now });
+                let published = desired.published.get(name).cloned();
+                state
+                    .sources
+                    .insert(name.clone(), SourceState { list: list.clone(), fetched_at: now, published });
             }
             state.applied = Some(plan.target.clone());
             state.last_sync = Some(now);
@@ -416,7 +438,7 @@ mod tests {
     use crate::backend::memory::MemoryBackend;
 
     fn fetched(name: &str, result: Result<AllowSet, FetchError>) -> Fetched {
-        Fetched { name: name.into(), result, entries: 0, skipped: 0, nettypes: Vec::new() }
+        Fetched { name: name.into(), result, entries: 0, skipped: 0, nettypes: Vec::new(), published: None }
     }
     fn ok(name: &str, v: &[&str]) -> Fetched {
         fetched(name, Ok(set(v)))
@@ -431,7 +453,7 @@ mod tests {
     }
     fn state_with(name: &str, v: &[&str]) -> State {
         let mut s = State::default();
-        s.sources.insert(name.into(), SourceState { list: set(v), fetched_at: 100 });
+        s.sources.insert(name.into(), SourceState { list: set(v), fetched_at: 100, published: None });
         s
     }
 
@@ -598,6 +620,35 @@ mod tests {
         record(&mut st, &d, &r, 1000);
         assert_eq!(st.sources, before);
         assert!(st.last_error.unwrap().message.contains("refusing"));
+    }
+
+    #[test]
+    fn a_url_sources_etag_is_kept_with_its_list_only_once_applied() {
+        let published = |etag: &str| Published {
+            url: "https://relay.example/chat.json".into(),
+            etag: Some(etag.into()),
+            generated_at: 800,
+        };
+        let with = |v: &[&str], etag: &str| Fetched { published: Some(published(etag)), ..ok("relay", v) };
+        let mut be = MemoryBackend::new();
+        let mut st = State::default();
+        let d = Desired::build(vec![with(&["10.1.0.0/24"], "\"a\"")], &st);
+        let r = sync(&mut be, &d, &safety(), false);
+        record(&mut st, &d, &r, 900);
+        assert_eq!(st.sources["relay"].published, Some(published("\"a\"")));
+        // A list the guards refuse keeps the old ETag: the new list is asked for again in full.
+        let d = Desired::build(vec![with(&[], "\"b\"")], &st);
+        let r = sync(&mut be, &d, &safety(), false);
+        record(&mut st, &d, &r, 1000);
+        assert_eq!(st.sources["relay"].published, Some(published("\"a\"")));
+        // A failure too.
+        let d = Desired::build(vec![failed("relay")], &st);
+        let r = sync(&mut be, &d, &safety(), false);
+        record(&mut st, &d, &r, 1100);
+        assert_eq!(
+            (st.sources["relay"].published.clone(), st.sources["relay"].fetched_at),
+            (Some(published("\"a\"")), 900)
+        );
     }
 
     fn widening_verdict(current: &[&str], desired: &[&str], safety: &Safety, force: bool) -> Plan {

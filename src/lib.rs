@@ -23,6 +23,9 @@
 //! objects in place: [`repair`] puts back from memory what someone else deleted, [`coalesce`]
 //! turns bursts of signals and notifications into single, rate-limited runs.
 //!
+//! Observability: [`health`] tells a healthy allowlist from a degraded one (for `status`,
+//! `/healthz` and `STATUS=`), [`metrics`] exports Prometheus metrics fed from each cycle.
+//!
 //! Errors: every error type's message includes its cause (`lock file …: Read-only file system
 //! (os error 30)`), and none returns it again as [`std::error::Error::source`]. Logs print an
 //! error with `%e` (its message only) and the binary with `{e:#}` (the message and its source
@@ -38,9 +41,12 @@ pub mod coalesce;
 pub mod config;
 pub mod daemon;
 pub mod engine;
+pub mod health;
 pub mod logging;
+pub mod metrics;
 pub mod ownership;
 pub mod prefixes;
+pub mod published;
 pub mod repair;
 pub mod source;
 pub mod state;

@@ -18,6 +18,7 @@ use tracing::{debug, error, warn};
 use crate::backend::{Backend, BackendError};
 use crate::config::Safety;
 use crate::engine::{self, Desired, Outcome};
+use crate::health::Counts;
 use crate::prefixes::AllowSet;
 use crate::syncer::Syncer;
 
@@ -56,8 +57,8 @@ pub struct Repaired {
     /// ranges the kernel held that allowsync had not applied (and took out).
     pub restored: usize,
     pub removed: usize,
-    /// The ranges per family the kernel holds afterwards (for `STATUS=`).
-    pub kernel: Option<(usize, usize)>,
+    /// What the kernel holds afterwards (for the metrics).
+    pub kernel: Option<Counts>,
 }
 
 impl Repaired {
@@ -94,7 +95,7 @@ fn repair(b: &mut dyn Backend, applied: Option<AllowSet>, safety: &Safety) -> Re
         Some((Outcome::Applied { .. }, plan)) => (plan.diff.added(), plan.diff.removed()),
         _ => (0, 0),
     };
-    let kernel = b.read().ok().map(|k| (k.v4.len(), k.v6.len()));
+    let kernel = b.read().ok().map(|k| Counts::of(&k));
     Ok(Repaired { missing, synced: synced.map(|(o, _)| o), restored, removed, kernel })
 }
 

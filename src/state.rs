@@ -2,8 +2,9 @@
 //!
 //! It holds, per source, the last list that was fetched *and* applied (the fallback when that
 //! source fails), the allowlist last applied to the kernel (restored at start before any fetch,
-//! so a reboot with the API unreachable still gets its allowlist back), and the outcome of the
-//! last sync.
+//! so a reboot with the API unreachable still gets its allowlist back), the outcome of the last
+//! sync, and the health `status` reports ([`crate::health`]: last attempt, last success, per
+//! source).
 //!
 //! Writes are atomic: a temporary file in the same directory is written and fsynced, renamed
 //! over the old file, and the directory fsynced, so a crash at any moment leaves either the old
@@ -28,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
 use crate::clock;
+use crate::health::Health;
 use crate::ownership::Footprint;
 use crate::prefixes::AllowSet;
 
@@ -54,6 +56,10 @@ pub struct State {
     /// Absent in a state file from before the ownership marks: nothing is then recorded as allowsync's.
     #[serde(default, skip_serializing_if = "Footprint::is_empty")]
     pub objects: Footprint,
+    /// The last attempt and the last success, per source too, for `status` (see
+    /// [`crate::health`]). Absent in a state file of an earlier version: nothing known yet.
+    #[serde(default)]
+    pub health: Health,
 }
 
 impl Default for State {
@@ -65,6 +71,7 @@ impl Default for State {
             last_sync: None,
             last_error: None,
             objects: Footprint::default(),
+            health: Health::default(),
         }
     }
 }
@@ -75,6 +82,24 @@ pub struct SourceState {
     pub list: AllowSet,
     /// When this list was fetched (unix seconds).
     pub fetched_at: u64,
+    /// A `url` source's: what its list was published as (absent for other sources).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published: Option<Published>,
+}
+
+/// What a `url` source keeps with its last good list: the `ETag` to ask again with
+/// (`If-None-Match`, so an unchanged list costs one 304, in `once` runs too) and the list's
+/// `generated_at`, so that a 304 still tells how old the list is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Published {
+    /// The URL the list came from: an ETag means nothing to another URL.
+    pub url: String,
+    /// As the server sent it (untrusted: escaped wherever it is shown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    /// The list's `generated_at` (unix seconds).
+    pub generated_at: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -225,7 +250,7 @@ pub struct StateLock {
 
 impl StateFile {
     /// The lock file: the state file's path with `.lock` appended.
-    pub(crate) fn lock_path(&self) -> PathBuf {
+    pub fn lock_path(&self) -> PathBuf {
         let mut p = self.path.as_os_str().to_owned();
         p.push(".lock");
         PathBuf::from(p)
@@ -346,7 +371,10 @@ mod tests {
     fn sample() -> State {
         let set: AllowSet = allowsync_testkit::set(["10.0.0.0/24", "2001:db8::/48"]);
         let mut s = State::default();
-        s.sources.insert("chat".into(), SourceState { list: set.clone(), fetched_at: 1_700_000_000 });
+        s.sources.insert(
+            "chat".into(),
+            SourceState { list: set.clone(), fetched_at: 1_700_000_000, published: None },
+        );
         s.applied = Some(set);
         s.last_sync = Some(1_700_000_001);
         s.last_error = Some(LastError { at: 1_700_000_002, message: "boom".into() });
@@ -471,6 +499,22 @@ mod tests {
         // A state file written before the ownership record: loaded, nothing owned.
         fs::write(f.path(), "{\"version\": 1, \"applied\": [\"10.0.0.0/24\"]}").unwrap();
         assert!(f.load().unwrap().objects.is_empty());
+    }
+
+    #[test]
+    fn a_url_sources_etag_round_trips_and_other_sources_write_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = StateFile::new(dir.path().join("state.json"));
+        f.save(&sample()).unwrap();
+        assert!(!fs::read_to_string(f.path()).unwrap().contains("published"));
+        let mut st = sample();
+        st.sources.get_mut("chat").unwrap().published = Some(Published {
+            url: "https://relay.example/chat.json".into(),
+            etag: Some("W/\"x\u{1b}\"".into()),
+            generated_at: 1_700_000_000,
+        });
+        f.save(&st).unwrap();
+        assert_eq!(f.load().unwrap(), st);
     }
 
     #[test]

@@ -22,10 +22,11 @@ use crate::backend::{self, Backend, BackendError};
 use crate::clock;
 use crate::config::Config;
 use crate::engine::{self, Desired, Outcome, Plan, SourceReport, SourceStatus};
+use crate::health::{self, Counts, CycleHealth};
 use crate::ownership::Footprint;
 use crate::ownership::lock::{LockError, ObjectLocks};
 use crate::prefixes::AllowSet;
-use crate::source::{ErrorClass, Fetched, Sources};
+use crate::source::{ErrorClass, FetchError, Fetched, Sources};
 use crate::state::{self, State, StateError, StateFile, StateLock};
 
 #[derive(Debug, thiserror::Error)]
@@ -52,12 +53,36 @@ pub struct CycleReport {
     pub duration_ms: u128,
     /// Set when the kernel no longer held what allowsync last applied.
     pub drift: Option<String>,
-    /// The ranges per family the kernel holds after the cycle (`None`: unreadable), read on
-    /// the blocking pool with the sync itself, for systemd's `STATUS=`.
-    pub kernel: Option<(usize, usize)>,
+    /// What the kernel holds after the cycle (`None`: unreadable), read on the blocking pool
+    /// with the sync itself, for systemd's `STATUS=` and the metrics.
+    pub kernel: Option<Counts>,
     /// Why the state file could not be written, when it could not (also in `outcome` when the
     /// sync itself succeeded): the kernel holds the sync all the same.
     pub state_error: Option<String>,
+    /// Every source answered fresh and the kernel was left equal to the desired set (see
+    /// [`crate::health`]).
+    pub success: bool,
+    /// What this cycle wanted.
+    pub desired: Counts,
+    /// Every GetIPList request sent (retries included): how it ended.
+    pub requests: Vec<ApiRequest>,
+    /// Per Chat source, when the usersig it sends expires (unix seconds).
+    pub usersig_expiries: Vec<(String, u64)>,
+    /// Each guard that refused something this cycle, once per refusal: `min_prefix` per
+    /// answer with an entry too wide, `empty` per suspicious empty answer and per refused empty
+    /// allowlist, `removal`, `widening` ([`engine::Refusal::guard`]).
+    pub guards: Vec<&'static str>,
+}
+
+/// How one request (a GetIPList call for one source, nettype and attempt, or a `url` source's
+/// GET) ended, for the metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiRequest {
+    pub source: String,
+    /// `None` for a `url` source.
+    pub nettype: Option<u8>,
+    /// `ok`, or the error's class ([`ErrorClass::label`]).
+    pub result: &'static str,
 }
 
 impl CycleReport {
@@ -82,6 +107,7 @@ impl CycleReport {
             ErrorClass::Transient => 4,
             ErrorClass::Network => 5,
             ErrorClass::InvalidResponse => 6,
+            ErrorClass::Stale => 7,
         };
         self.sources.iter().filter_map(|s| s.error_class).min_by_key(rank)
     }
@@ -91,12 +117,18 @@ impl CycleReport {
 pub struct Fetches {
     started: Instant,
     fetched: Vec<Fetched>,
+    usersig_expiries: Vec<(String, u64)>,
+    requests: Vec<ApiRequest>,
 }
 
 /// What [`Syncer::finish_job`] did, for [`Syncer::complete`].
 pub struct Finished {
     started: Instant,
     sources: Vec<SourceReport>,
+    desired: Counts,
+    requests: Vec<ApiRequest>,
+    usersig_expiries: Vec<(String, u64)>,
+    guards: Vec<&'static str>,
     /// `None` when the deadline had passed before the kernel was touched: nothing was done.
     done: Option<KernelWork>,
 }
@@ -108,7 +140,8 @@ struct KernelWork {
     drift: Option<String>,
     state: State,
     saved: Result<(), StateError>,
-    kernel: Option<(usize, usize)>,
+    kernel: Option<Counts>,
+    success: bool,
 }
 
 /// What [`Syncer::restore_job`] did, for [`Syncer::restored`].
@@ -317,9 +350,17 @@ impl Syncer {
     /// it changes nothing. Borrows nothing, so the daemon can run it as a task of its own.
     pub fn fetch(&self) -> impl Future<Output = Fetches> + Send + 'static {
         let sources = Arc::clone(&self.sources);
+        // The last good lists: a `url` source asks with the ETag it keeps with its list.
+        let known = self.state.sources.clone();
         async move {
             let started = Instant::now();
-            Fetches { started, fetched: sources.fetch_all().await }
+            let fetched = sources.fetch_all_with(&known).await;
+            let requests = sources
+                .take_requests()
+                .into_iter()
+                .map(|(source, nettype, result)| ApiRequest { source, nettype, result })
+                .collect();
+            Fetches { started, fetched, usersig_expiries: sources.usersig_expiries(), requests }
         }
     }
 
@@ -342,7 +383,13 @@ impl Syncer {
         force: bool,
         deadline: Option<Instant>,
     ) -> impl Future<Output = Finished> + Send + 'static {
-        let Fetches { started, fetched } = fetches;
+        let Fetches { started, fetched, usersig_expiries, requests } = fetches;
+        let mut guards: Vec<&'static str> = fetched
+            .iter()
+            .flat_map(|f| &f.nettypes)
+            .filter(|n| matches!(n.result, Err(FetchError::Suspicious { .. })))
+            .map(|_| "min_prefix")
+            .collect();
         for f in &fetched {
             if let Err(e) = &f.result {
                 let class = e.class();
@@ -355,6 +402,14 @@ impl Syncer {
         }
         let desired = Desired::build(fetched, &self.state);
         let sources = desired.sources.clone();
+        let desired_counts = Counts::of(&desired.set);
+        guards.extend(
+            desired
+                .sources
+                .iter()
+                .filter(|s| health::source_result(s) == "suspicious_empty")
+                .map(|_| "empty"),
+        );
 
         // The kernel transaction and the state file write in one trip to the blocking pool. The
         // state goes as a copy: if this future is dropped meanwhile, `self.state` stays whole.
@@ -379,20 +434,42 @@ impl Syncer {
                 (Ok((_, plan)), Some(applied)) => drift_of(plan, applied),
                 _ => None,
             };
-            engine::record(&mut state, &desired, &result, clock::now_unix());
-            let saved = file.save(&state);
+            let now = clock::now_unix();
+            engine::record(&mut state, &desired, &result, now);
             // Cheap after our own commit: the cache answers while the generation is ours.
-            let kernel = b.read().ok().map(|k| (k.v4.len(), k.v6.len()));
-            Some(KernelWork { result, enforce_error, drift, state, saved, kernel })
+            let kernel = b.read().ok().map(|k| Counts::of(&k));
+            let synced = matches!(&result, Ok((Outcome::InSync | Outcome::Applied { .. }, _)));
+            let success = synced && enforce_error.is_none() && desired.all_fresh();
+            // As `complete` tells it, but for the state file (which this very write records).
+            let outcome = match &result {
+                Err(_) => "failed",
+                Ok(_) if synced && enforce_error.is_some() => "failed",
+                Ok((o, _)) => health::outcome_label(&Ok(o.clone())),
+            };
+            let cycle =
+                CycleHealth { sources: &desired.sources, success, outcome, kernel, desired: desired_counts };
+            state.health.record(&cycle, now);
+            let saved = file.save(&state);
+            Some(KernelWork { result, enforce_error, drift, state, saved, kernel, success })
         });
-        async move { Finished { started, sources, done: work.await } }
+        async move {
+            Finished {
+                started,
+                sources,
+                desired: desired_counts,
+                requests,
+                usersig_expiries,
+                guards,
+                done: work.await,
+            }
+        }
     }
 
     /// Takes what [`Syncer::finish_job`] did into this syncer (the new state) and logs the
     /// cycle's line.
     pub fn complete(&mut self, finished: Finished) -> CycleReport {
-        let Finished { started, sources, done } = finished;
-        let Some(KernelWork { result, enforce_error, drift, state, saved, kernel }) = done else {
+        let Finished { started, sources, desired, requests, usersig_expiries, mut guards, done } = finished;
+        let Some(KernelWork { result, enforce_error, drift, state, saved, kernel, success }) = done else {
             let report = CycleReport {
                 outcome: Err(
                     "the cycle overran its deadline before its transaction: abandoned, nothing applied"
@@ -405,20 +482,35 @@ impl Syncer {
                 drift: None,
                 kernel: None,
                 state_error: None,
+                success: false,
+                desired,
+                requests,
+                usersig_expiries,
+                guards,
             };
             log_cycle(&report);
             return report;
         };
         self.state = state;
-        if let Some(e) = &enforce_error {
-            error!(error = %e, "cannot install the enforcement rules; the sets are in place");
+        match &enforce_error {
+            Some(e @ BackendError::FollowUp { .. }) => {
+                error!(error = %e, "the sync is written, but what follows it failed")
+            }
+            Some(e) => error!(error = %e, "cannot install the enforcement rules; the sets are in place"),
+            None => {}
         }
         if let Some(d) = &drift {
             error!(drift = %d, "drift: the kernel set differs from what allowsync last applied; repairing");
         }
         let mut outcome = result.map(|(o, _)| o).map_err(|e| e.to_string());
+        if let Ok(Outcome::Refused(r)) = &outcome {
+            guards.push(r.guard());
+        }
         if let (Some(e), Ok(Outcome::InSync | Outcome::Applied { .. })) = (&enforce_error, &outcome) {
-            outcome = Err(format!("enforcement: {e}"));
+            outcome = Err(match e {
+                BackendError::FollowUp { .. } => e.to_string(),
+                _ => format!("enforcement: {e}"),
+            });
         }
         let state_error = saved.err().map(|e| e.to_string());
         if let Some(e) = &state_error {
@@ -443,6 +535,11 @@ impl Syncer {
             drift,
             kernel,
             state_error,
+            success,
+            desired,
+            requests,
+            usersig_expiries,
+            guards,
         };
         log_cycle(&report);
         report
@@ -450,7 +547,7 @@ impl Syncer {
 
     /// Fetches and plans against the live set without changing anything, not even the state.
     pub async fn plan(&mut self) -> Result<(Desired, Plan), SyncerError> {
-        let fetched = self.sources.fetch_all().await;
+        let fetched = self.sources.fetch_all_with(&self.state.sources).await;
         let desired = Desired::build(fetched, &self.state);
         let current = match self.on_backend(|b| b.read()).await {
             // On a host where allowsync never ran the set does not exist yet: plan against

@@ -316,6 +316,11 @@ impl UsersigCache {
         m
     }
 
+    /// When the usersig in use expires (unix seconds); `None` before the first is minted.
+    pub fn expires_at(&self) -> Option<u64> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(Minted::expires_at)
+    }
+
     /// Mints a new usersig now, whatever the cached one's age; use after the server rejected
     /// `rejected` as expired. If another request already replaced `rejected`, its replacement
     /// is returned instead of minting again.

@@ -54,6 +54,20 @@ fn the_example_configuration_fails_only_for_its_key_file() {
     std::fs::write(dir.path().join("chat-sgp.key"), "k").unwrap();
     let o = allowsync(&["-c", &dir.path().join("config.yaml").display().to_string(), "check-config"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("metrics: no listener, no textfile"), "{}", text(&o));
+    // Its metrics block, uncommented, is valid too.
+    let yaml = std::fs::read_to_string(dir.path().join("config.yaml")).unwrap();
+    let yaml = ["metrics:", "listen:", "allow_remote:", "textfile:"]
+        .iter()
+        .fold(yaml, |y, k| y.replace(&format!("# {k}"), k).replace(&format!("#   {k}"), &format!("  {k}")));
+    std::fs::write(dir.path().join("config.yaml"), yaml).unwrap();
+    let o = allowsync(&["-c", &dir.path().join("config.yaml").display().to_string(), "check-config"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("metrics: GET /metrics and /healthz on 127.0.0.1:9733, textfile /var/lib/prometheus/node-exporter/allowsync.prom"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]

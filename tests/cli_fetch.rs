@@ -167,7 +167,7 @@ async fn usersig_prints_a_valid_usersig_and_its_expiry() {
     let line = stdout.lines().find_map(|l| l.strip_prefix("expires: ")).expect("an expiry line");
     assert_eq!(line, format!("{} ({expiry} Unix seconds)", clock::rfc3339(expiry)));
 
-    for (name, msg) in [("office", "is a static source"), ("nope", "no source named \"nope\"")] {
+    for (name, msg) in [("office", "is not a tencent_chat source"), ("nope", "no source named \"nope\"")] {
         let out = run(&cfg, &["usersig", "--source", name]).await;
         assert_eq!(out.status.code(), Some(2));
         assert!(String::from_utf8_lossy(&out.stderr).contains(msg));

@@ -222,9 +222,9 @@ fn status_reports_the_last_sync_and_drift() {
     stop(d);
     netns::run("nft", &["delete", "element", "inet", "allowsync", "allow_v6", "{ 2001:db8:6::/48 }"]);
     let o = env.command(&["status"], t);
-    assert_eq!(o.code, Some(1));
+    assert_eq!(o.code, Some(4), "not running comes first");
     let text = &o.stdout;
-    assert!(text.contains("DRIFT"), "{text}");
+    assert!(text.contains("DRIFT") && text.contains("daemon:       NOT RUNNING"), "{text}");
     let state = env.state();
     assert!(!state.is_empty() && !state.contains(KEY) && !text.contains(KEY));
 }
@@ -256,15 +256,16 @@ fn status_says_a_missing_table_or_set_is_missing() {
     let Some(env) = setup() else { return };
     let t = Duration::from_secs(10);
     let o = env.command(&["status"], t);
-    assert_eq!(o.code, Some(1), "{}", output(&o));
+    assert_eq!(o.code, Some(4), "{}", output(&o));
     let want = "kernel:       cannot read: table inet allowsync does not exist (allowsync creates it at its next sync)\n";
     assert!(o.stdout.ends_with(want), "{}", output(&o));
     let o = env.once(t);
     assert_eq!(o.code, Some(0), "{}", output(&o));
     netns::run("nft", &["delete", "set", "inet", "allowsync", "allow_v6"]);
     let o = env.command(&["status", "--json"], t);
-    assert_eq!(o.code, Some(1), "{}", output(&o));
+    assert_eq!(o.code, Some(4), "{}", output(&o));
     let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["health"], "not running");
     assert_eq!(
         v["kernel_error"],
         "set inet allowsync allow_v6 does not exist (allowsync creates it at its next sync)"

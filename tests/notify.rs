@@ -62,6 +62,13 @@ fn ready_status_watchdog_reloading_and_stopping_reach_the_notify_socket() {
     let ready =
         got.iter().find(|m| m.contains("READY=1")).cloned().unwrap_or_else(|| panic!("no READY=1: {got:?}"));
     assert!(ready.contains("STATUS=allow_v4 2, allow_v6 1, last sync "), "{ready}");
+    // The last success and its age, as `status` tells them.
+    assert!(
+        ready
+            .lines()
+            .any(|l| l.starts_with("STATUS=") && l.contains(", last success ") && l.contains(" ago)")),
+        "{ready}"
+    );
     // The kernel already holds the list when READY=1 arrives: the first sync came before it.
     assert_eq!(env.kernel().len(), 3);
 

@@ -59,7 +59,9 @@ impl Which {
         Ok(match self.config() {
             BackendConfig::Nftables(n) => Box::new(NftablesBackend::new(&n)?),
             BackendConfig::Ipset(i) => Box::new(IpsetBackend::new(&i)?),
-            BackendConfig::DryRun => unreachable!("the bench has no dry-run contender"),
+            BackendConfig::DryRun | BackendConfig::File(_) => {
+                unreachable!("the bench has no dry-run or file contender")
+            }
         })
     }
 }

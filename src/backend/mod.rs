@@ -12,6 +12,8 @@
 //!   optionally an iptables enforcement chain through `iptables-restore`. ipset has no
 //!   transactions: that module's docs say how a failed apply still leaves the sets as they were
 //!   (swap, or the exact inverse).
+//! - [`file`]: the allowlist written to a file (json, plain, nginx, haproxy) for a proxy or a
+//!   web server, with an optional reload command;
 //! - [`Cached`]: wraps any backend and skips the costly read while the kernel's ruleset
 //!   generation says nothing changed since we last looked; [`from_config`] wraps every backend
 //!   in it.
@@ -21,6 +23,7 @@
 
 mod cached;
 pub mod dry_run;
+pub mod file;
 pub mod ipset;
 #[cfg(test)]
 pub(crate) mod memory;
@@ -151,6 +154,11 @@ pub enum BackendError {
     /// The backend cannot work on this host (missing program, module or permission).
     #[error("{0}")]
     Unavailable(String),
+
+    /// What must follow a write failed (the file backend's `on_change`): the write stands, and
+    /// the step is retried at the next sync.
+    #[error("{object} is written, but {what} failed: {cause}; retrying at the next sync")]
+    FollowUp { object: String, what: String, cause: String },
 }
 
 impl BackendError {
@@ -181,6 +189,7 @@ pub fn from_config(cfg: &BackendConfig) -> Result<Box<dyn Backend>, BackendError
         BackendConfig::Nftables(n) => Box::new(nftables::NftablesBackend::new(n)?),
         BackendConfig::Ipset(i) => Box::new(ipset::IpsetBackend::new(i)?),
         BackendConfig::DryRun => Box::new(dry_run::DryRun),
+        BackendConfig::File(f) => Box::new(file::FileBackend::new(f)),
     };
     Ok(Box::new(Cached::new(inner)))
 }

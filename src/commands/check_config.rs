@@ -47,6 +47,17 @@ fn summary(cfg: &Config) -> String {
             SourceKind::Static(list) => {
                 let _ = writeln!(s, "    {}: static, {} entries", src.name, list.len());
             }
+            SourceKind::Url(u) => {
+                let ca = u.ca_file.as_ref().map(|p| format!(", CA {}", p.display())).unwrap_or_default();
+                let _ = writeln!(
+                    s,
+                    "    {}: url {}{ca}, max_age {}, max_bytes {}",
+                    src.name,
+                    u.url,
+                    fmt_duration(u.max_age),
+                    u.max_bytes
+                );
+            }
         }
     }
     let backend = match &cfg.backend {
@@ -67,6 +78,16 @@ fn summary(cfg: &Config) -> String {
             )
         }
         BackendConfig::DryRun => "dry_run: nothing is written to the firewall".into(),
+        BackendConfig::File(f) => format!(
+            "file: {} as {}, refreshed every {}, on_change {}",
+            f.path.display(),
+            f.format.as_str(),
+            allowsync::config::fmt_duration(f.refresh),
+            f.on_change.as_ref().map_or("none".into(), |a| format!(
+                "{a:?} (timeout {})",
+                allowsync::config::fmt_duration(f.on_change_timeout)
+            ))
+        ),
     };
     let _ = writeln!(s, "  backend {backend}");
     let sf = &cfg.safety;
@@ -81,7 +102,11 @@ fn summary(cfg: &Config) -> String {
         sf.max_added_addresses_v4,
         sf.max_added_addresses_v6
     );
-    let _ = write!(s, "  log: {:?} at {}", cfg.log.format, cfg.log.level);
+    let _ = writeln!(s, "  log: {:?} at {}", cfg.log.format, cfg.log.level);
+    let m = &cfg.metrics;
+    let listen = m.listen.map_or("no listener".into(), |a| format!("GET /metrics and /healthz on {a}"));
+    let textfile = m.textfile.as_ref().map_or("no textfile".into(), |t| format!("textfile {}", t.display()));
+    let _ = write!(s, "  metrics: {listen}, {textfile}");
     s
 }
 

@@ -29,6 +29,10 @@ fn render(fetched: &[Fetched]) -> String {
             Err(e) => format!("FAILED ({}): {e}", e.class()),
         };
         let _ = writeln!(out, "source {}: {status}", f.name);
+        if let Some(p) = &f.published {
+            let _ =
+                writeln!(out, "  published list generated at {}", allowsync::clock::rfc3339(p.generated_at));
+        }
         if f.nettypes.is_empty() {
             if let Ok(set) = &f.result {
                 write_nets(&mut out, set, "  ");

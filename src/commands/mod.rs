@@ -20,7 +20,8 @@ use std::fmt::Display;
 use allowsync::cli::{Cli, Command};
 use allowsync::config::Config;
 
-/// Process exit codes, the same for every command.
+/// Process exit codes, the same for every command. `status` answers with 0 (healthy), 1
+/// (degraded), 2 (configuration error) and 4 (not running).
 pub mod exit {
     /// A runtime failure (network, kernel, state file).
     pub const FAILURE: u8 = 1;
@@ -28,6 +29,8 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     /// A safety guard refused the sync (mass removal, mass widening, empty allowlist).
     pub const REFUSED: u8 = 3;
+    /// `status`: no live allowsync holds the state lock.
+    pub const NOT_RUNNING: u8 = 4;
 }
 
 /// How a command ends when it does not succeed.

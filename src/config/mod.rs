@@ -22,8 +22,8 @@ use ipnet::IpNet;
 use serde_saphyr::Spanned;
 
 pub use raw::{
-    Enforce, EnforceScope, IpsetConfig, LogConfig, LogFormat, MAX_TIMEOUT, NftablesConfig, Region, Safety,
-    fmt_duration,
+    Enforce, EnforceScope, FileConfig, FileFormat, IpsetConfig, LogConfig, LogFormat, MAX_TIMEOUT,
+    MetricsConfig, NftablesConfig, Region, Safety, fmt_duration,
 };
 use raw::{RawChat, RawConfig, secs};
 #[cfg(test)]
@@ -60,6 +60,7 @@ pub struct Config<K = SecretKey> {
     pub backend: BackendConfig,
     pub safety: Safety,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
     /// Things worth a warning that do not stop the daemon (inline secret, loose key file
     /// permissions). Logged by the caller once logging is set up.
     pub warnings: Vec<String>,
@@ -78,6 +79,22 @@ pub struct SourceConfig<K = SecretKey> {
 pub enum SourceKind<K = SecretKey> {
     TencentChat(Box<TencentChatConfig<K>>),
     Static(Vec<IpNet>),
+    Url(Box<UrlConfig>),
+}
+
+/// A list published by another allowsync (`backend.file`, format `json`), read over HTTPS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UrlConfig {
+    /// `https://…`, or `http://` to a loopback address.
+    pub url: String,
+    /// Extra CA certificates (PEM) trusted for this source only, on top of the system store.
+    pub ca_file: Option<PathBuf>,
+    /// The whole request, body included.
+    pub timeout: Duration,
+    /// The largest body read; a longer one is a failed fetch.
+    pub max_bytes: usize,
+    /// A list generated longer ago than this is a failed source (a dead publisher).
+    pub max_age: Duration,
 }
 
 /// One Chat application to ask for its webhook egress addresses.
@@ -101,6 +118,7 @@ pub enum BackendConfig {
     Nftables(NftablesConfig),
     Ipset(IpsetConfig),
     DryRun,
+    File(FileConfig),
 }
 
 impl BackendConfig {
@@ -109,6 +127,7 @@ impl BackendConfig {
             BackendConfig::Nftables(_) => "nftables",
             BackendConfig::Ipset(_) => "ipset",
             BackendConfig::DryRun => "dry_run",
+            BackendConfig::File(_) => "file",
         }
     }
 }
@@ -135,11 +154,23 @@ impl Parsed {
     /// Reads every secret key (files, the systemd credential in their place, environment
     /// variables); their errors point at the key's own line.
     pub fn resolve(self) -> Result<Config, ConfigError> {
-        let Config { path, interval, jitter, state_file, sources, backend, safety, log, mut warnings } = self;
+        let Config {
+            path,
+            interval,
+            jitter,
+            state_file,
+            sources,
+            backend,
+            safety,
+            log,
+            metrics,
+            mut warnings,
+        } = self;
         let mut resolved = Vec::with_capacity(sources.len());
         for SourceConfig { name, kind } in sources {
             let kind = match kind {
                 SourceKind::Static(nets) => SourceKind::Static(nets),
+                SourceKind::Url(u) => SourceKind::Url(u),
                 SourceKind::TencentChat(c) => {
                     let c = *c;
                     let secret_key = c.secret_key.read(&path, &mut warnings)?;
@@ -158,7 +189,18 @@ impl Parsed {
             };
             resolved.push(SourceConfig { name, kind });
         }
-        Ok(Config { path, interval, jitter, state_file, sources: resolved, backend, safety, log, warnings })
+        Ok(Config {
+            path,
+            interval,
+            jitter,
+            state_file,
+            sources: resolved,
+            backend,
+            safety,
+            log,
+            metrics,
+            warnings,
+        })
     }
 }
 
@@ -205,7 +247,7 @@ fn build(raw: RawConfig, path: &Path, base: &Path) -> Result<Parsed, ConfigError
             path,
             &raw.sources,
             "sources",
-            "no sources: configure at least one (tencent_chat or static)",
+            "no sources: configure at least one (tencent_chat, static or url)",
         ));
     }
     let mut names = HashSet::new();
@@ -223,6 +265,22 @@ fn build(raw: RawConfig, path: &Path, base: &Path) -> Result<Parsed, ConfigError
                 key("name"),
                 format!("source name `{name}` is used twice: names must be unique"),
             ));
+        }
+        if let Some(u) = src.url {
+            if src.tencent_chat.is_some() || src.static_entries.is_some() {
+                return Err(at(
+                    path,
+                    &u,
+                    key("url"),
+                    format!("source `{name}` has url and another kind: give each its own source"),
+                ));
+            }
+            let r = u.value;
+            let ca_file = r.ca_file.as_ref().map(|p| absolute(base, p));
+            let (url, timeout, max_bytes, max_age) = (r.url, r.timeout, r.max_bytes, r.max_age);
+            let kind = SourceKind::Url(Box::new(UrlConfig { url, ca_file, timeout, max_bytes, max_age }));
+            sources.push(SourceConfig { name, kind });
+            continue;
         }
         let kind = match (src.tencent_chat, src.static_entries) {
             (Some(chat), None) => {
@@ -245,7 +303,7 @@ fn build(raw: RawConfig, path: &Path, base: &Path) -> Result<Parsed, ConfigError
                     path,
                     &src.name,
                     key("name"),
-                    format!("source `{name}` needs tencent_chat: or static:"),
+                    format!("source `{name}` needs tencent_chat:, static: or url:"),
                 ));
             }
         };
@@ -259,6 +317,21 @@ fn build(raw: RawConfig, path: &Path, base: &Path) -> Result<Parsed, ConfigError
             set_v6: raw::default_set_v6(),
             enforce: None,
         }),
+        Some(b) if b.value.file.is_some() => {
+            match (&b.value.nftables, &b.value.ipset, &b.value.dry_run, &b.value.file) {
+                (None, None, None, Some(f)) => {
+                    BackendConfig::File(FileConfig { path: absolute(base, &f.path), ..f.clone() })
+                }
+                _ => {
+                    return Err(at(
+                        path,
+                        &b,
+                        "backend",
+                        "configure exactly one of nftables, ipset, dry_run or file",
+                    ));
+                }
+            }
+        }
         Some(b) => match (&b.value.nftables, &b.value.ipset, &b.value.dry_run) {
             (Some(n), None, None) if n.check().is_err() => {
                 let (key, message) = n.check().unwrap_err();
@@ -270,9 +343,27 @@ fn build(raw: RawConfig, path: &Path, base: &Path) -> Result<Parsed, ConfigError
             (Some(n), None, None) => BackendConfig::Nftables(n.clone()),
             (None, Some(i), None) => BackendConfig::Ipset(i.clone()),
             (None, None, Some(_)) => BackendConfig::DryRun,
-            _ => return Err(at(path, &b, "backend", "configure exactly one of nftables, ipset or dry_run")),
+            _ => {
+                return Err(at(
+                    path,
+                    &b,
+                    "backend",
+                    "configure exactly one of nftables, ipset, dry_run or file",
+                ));
+            }
         },
     };
+
+    let metrics = build_metrics(raw.metrics, path, base)?;
+    if let BackendConfig::File(f) = &backend {
+        if f.refresh < interval {
+            warnings.push(format!(
+                "backend.file.refresh {} is shorter than interval {}: it is checked at each sync, so the file is refreshed once per cycle",
+                fmt_duration(f.refresh),
+                fmt_duration(interval)
+            ));
+        }
+    }
 
     Ok(Config {
         path: path.to_path_buf(),
@@ -283,8 +374,49 @@ fn build(raw: RawConfig, path: &Path, base: &Path) -> Result<Parsed, ConfigError
         backend,
         safety: raw.safety,
         log: raw.log,
+        metrics,
         warnings,
     })
+}
+
+/// `metrics:`: a listener off loopback only with `allow_remote: true` (the metrics name the
+/// sources and the firewall's state: nothing for the whole network by accident), a textfile
+/// that node_exporter reads (`*.prom`).
+fn build_metrics(
+    raw: Option<raw::RawMetrics>,
+    path: &Path,
+    base: &Path,
+) -> Result<MetricsConfig, ConfigError> {
+    let Some(m) = raw else { return Ok(MetricsConfig::default()) };
+    if let Some(l) = &m.listen {
+        if !l.value.ip().is_loopback() && !m.allow_remote {
+            return Err(at(
+                path,
+                l,
+                "metrics.listen",
+                format!(
+                    "{} is not a loopback address: anyone who can reach it reads the metrics; set metrics.allow_remote: true if that is meant",
+                    l.value
+                ),
+            ));
+        }
+    }
+    let textfile = match &m.textfile {
+        Some(t) if t.value.extension().is_none_or(|e| e != "prom") => {
+            return Err(at(
+                path,
+                t,
+                "metrics.textfile",
+                format!(
+                    "{} does not end in .prom: node_exporter's textfile collector reads only *.prom files",
+                    t.value.display()
+                ),
+            ));
+        }
+        Some(t) => Some(absolute(base, &t.value)),
+        None => None,
+    };
+    Ok(MetricsConfig { listen: m.listen.map(|l| l.value), textfile, allow_remote: m.allow_remote })
 }
 
 fn build_chat(
@@ -722,6 +854,45 @@ sources:
     }
 
     #[test]
+    fn the_file_backend_keys() {
+        let file = |body: &str| parse(&format!("{BASE}backend:\n  file: {{ {body} }}\n"));
+        let c = file("path: out/chat.json").unwrap();
+        assert_eq!(
+            c.backend,
+            BackendConfig::File(FileConfig {
+                path: "/etc/allowsync/out/chat.json".into(),
+                format: FileFormat::Json,
+                on_change: None,
+                on_change_timeout: secs(30),
+                refresh: secs(900),
+            })
+        );
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let c = file("path: a, refresh: 1m").unwrap();
+        assert!(c.warnings[0].contains("refresh 1m is shorter than interval 5m"), "{:?}", c.warnings);
+        let c = file(r#"path: /srv/a.conf, format: nginx, on_change: ["/usr/sbin/nginx", "-s", "reload"], on_change_timeout: 5s, refresh: 1h"#).unwrap();
+        let BackendConfig::File(f) = c.backend else { panic!() };
+        assert_eq!((f.format, f.on_change_timeout, f.refresh), (FileFormat::Nginx, secs(5), secs(3600)));
+        assert_eq!(f.on_change.unwrap(), ["/usr/sbin/nginx", "-s", "reload"]);
+        for (body, key, says) in [
+            ("format: yaml, path: /a", "backend.file.format", "yaml"),
+            ("path: /a, on_change: [nginx, -s, reload]", "backend.file.on_change", "not an absolute path"),
+            ("path: /a, on_change: []", "backend.file.on_change", "on_change is empty"),
+            ("path: /srv/", "backend.file.path", "not a file path"),
+            ("path: /a, refresh: 1s", "backend.file.refresh", "out of range"),
+            ("path: /a, on_change_timeout: 10m", "backend.file.on_change_timeout", "out of range"),
+            ("format: json", "backend.file", "path"),
+        ] {
+            let (line, k, msg) = invalid(&format!("{BASE}backend:\n  file: {{ {body} }}\n"));
+            assert_eq!((line, k.as_str()), (6, key), "{body}: {msg}");
+            assert!(msg.contains(says), "{body}: {msg}");
+        }
+        let (_, key, msg) = invalid(&format!("{BASE}backend:\n  file: {{ path: /a }}\n  dry_run: {{}}\n"));
+        assert_eq!(key, "backend");
+        assert!(msg.contains("exactly one of nftables, ipset, dry_run or file"), "{msg}");
+    }
+
+    #[test]
     fn the_ipset_check_interval_defaults_to_10s_and_is_bounded() {
         let ipset = |extra: &str| parse(&format!("{BASE}backend:\n  ipset: {{ {extra} }}\n"));
         let every = |c: Config| match c.backend {
@@ -786,5 +957,117 @@ sources:
             message.contains("enforce needs set_v4 and set_v6 in allowsync's own table inet allowsync"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn metrics_are_off_by_default_and_listen_on_loopback_unless_allowed() {
+        assert_eq!(parse(BASE).unwrap().metrics, MetricsConfig::default());
+        let m = |yaml: &str| parse(&format!("{BASE}metrics:\n{yaml}"));
+        let c = m("  listen: 127.0.0.1:9733\n  textfile: allowsync.prom\n").unwrap();
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9733".parse().unwrap()));
+        assert_eq!(c.metrics.textfile.as_deref(), Some(Path::new("/etc/allowsync/allowsync.prom")));
+        assert!(m("  listen: \"[::1]:9733\"\n").is_ok());
+
+        let (line, key, message) = invalid(&format!("{BASE}metrics:\n  listen: 0.0.0.0:9733\n"));
+        assert_eq!((line, key.as_str()), (6, "metrics.listen"));
+        assert!(message.contains("set metrics.allow_remote: true"), "{message}");
+        let c = m("  listen: 0.0.0.0:9733\n  allow_remote: true\n").unwrap();
+        assert!(c.metrics.allow_remote);
+
+        let (_, key, message) = invalid(&format!("{BASE}metrics:\n  listen: localhost\n"));
+        assert_eq!(key, "metrics.listen");
+        assert!(message.contains("write IP:port"), "{message}");
+        let (_, key, _) = invalid(&format!("{BASE}metrics:\n  listen: 127.0.0.1:0\n"));
+        assert_eq!(key, "metrics.listen");
+        let (line, key, message) = invalid(&format!("{BASE}metrics:\n  textfile: /tmp/allowsync.txt\n"));
+        assert_eq!((line, key.as_str()), (6, "metrics.textfile"));
+        assert!(message.contains("*.prom"), "{message}");
+        let (_, key, _) = invalid(&format!("{BASE}metrics:\n  listn: 127.0.0.1:9733\n"));
+        assert!(key.starts_with("metrics"), "{key}");
+    }
+
+    fn url_source(extra: &str) -> String {
+        format!("sources:\n  - name: relay\n    url:\n{extra}")
+    }
+
+    #[test]
+    fn a_url_source_with_its_defaults() {
+        let c = parse(&url_source(
+            "      url: https://allowlist.internal.example/chat.json?v=1\n      ca_file: relay-ca.pem\n",
+        ))
+        .unwrap();
+        let SourceKind::Url(u) = &c.sources[0].kind else { panic!("{:?}", c.sources) };
+        assert_eq!(
+            **u,
+            UrlConfig {
+                url: "https://allowlist.internal.example/chat.json?v=1".into(),
+                ca_file: Some(PathBuf::from("/etc/allowsync/relay-ca.pem")),
+                timeout: secs(10),
+                max_bytes: 4 * 1024 * 1024,
+                max_age: secs(3600),
+            }
+        );
+        let c = parse(&url_source("      url: http://[::1]:8080/l.json\n      timeout: 3s\n      max_bytes: 2048\n      max_age: 20m\n")).unwrap();
+        let SourceKind::Url(u) = &c.sources[0].kind else { panic!() };
+        assert_eq!((u.timeout, u.max_bytes, u.max_age), (secs(3), 2048, secs(1200)));
+        assert!(parse(&url_source("      url: http://localhost:1/l.json\n")).is_ok());
+        assert!(parse(&url_source("      url: http://127.0.0.2/l.json\n")).is_ok());
+    }
+
+    #[test]
+    fn a_url_source_is_checked_where_it_is_written() {
+        for (extra, want_line, want_key, want) in [
+            (
+                "      url: http://192.0.2.10/chat.json\n",
+                4,
+                "sources[0].url.url",
+                "uses http:// to a non-loopback host",
+            ),
+            ("      url: http://relay.example/chat.json\n", 4, "sources[0].url.url", "use https://"),
+            ("      url: ftp://relay.example/chat.json\n", 4, "sources[0].url.url", "only https:// URLs"),
+            (
+                "      url: https://user:pw@relay.example/c.json\n",
+                4,
+                "sources[0].url.url",
+                "no credentials in the URL",
+            ),
+            ("      url: not a url\n", 4, "sources[0].url.url", "is not a URL"),
+            (
+                "      url: https://r.example/c.json\n      max_age: 0s\n",
+                5,
+                "sources[0].url.max_age",
+                "out of range",
+            ),
+            (
+                "      url: https://r.example/c.json\n      max_bytes: 10\n",
+                5,
+                "sources[0].url.max_bytes",
+                "out of range",
+            ),
+            (
+                "      url: https://r.example/c.json\n      timeout: 0s\n",
+                5,
+                "sources[0].url.timeout",
+                "out of range",
+            ),
+            (
+                "      url: https://r.example/c.json\n      refresh: 15m\n",
+                5,
+                "sources[0].url.refresh",
+                "unknown field",
+            ),
+            ("      ca_file: x.pem\n", 4, "sources[0].url", "missing field `url`"),
+        ] {
+            let (line, key, msg) = invalid(&url_source(extra));
+            assert_eq!((line, key.as_str()), (want_line, want_key), "{extra}: {msg}");
+            assert!(msg.contains(want), "{extra}: {msg}");
+        }
+        let e = parse(&url_source("      url: http://192.0.2.10/chat.json\n")).unwrap_err().to_string();
+        assert!(e.starts_with("/etc/allowsync/config.yaml:4:12: sources[0].url.url: `http://192.0.2.10/chat.json` uses http://"), "{e}");
+        let (line, key, msg) = invalid(
+            "sources:\n  - name: relay\n    static: [192.0.2.1]\n    url: { url: https://r.example/c.json }\n",
+        );
+        assert_eq!((line, key.as_str()), (4, "sources[0].url"));
+        assert!(msg.contains("has url and another kind"), "{msg}");
     }
 }

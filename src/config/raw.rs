@@ -6,7 +6,7 @@
 //! The sections used as written ([`NftablesConfig`], [`Safety`], [`LogConfig`], …) are part of
 //! [`super::Config`] as they are.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -184,6 +184,52 @@ impl Safety {
     }
 }
 
+/// `backend.file`: the allowlist written to a file for a proxy or a web server (see
+/// [`crate::backend::file`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Absolute once the configuration is built (relative to the configuration's directory).
+    #[serde(deserialize_with = "file_path")]
+    pub path: PathBuf,
+    #[serde(default)]
+    pub format: FileFormat,
+    /// The program and its arguments, run without a shell when the prefixes changed.
+    #[serde(default, deserialize_with = "argv")]
+    pub on_change: Option<Vec<String>>,
+    #[serde(default = "default_on_change_timeout", deserialize_with = "on_change_timeout")]
+    pub on_change_timeout: Duration,
+    /// How often an unchanged list is rewritten with a fresh `generated_at`.
+    #[serde(default = "default_refresh", deserialize_with = "refresh")]
+    pub refresh: Duration,
+}
+
+/// How `backend.file` writes the list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FileFormat {
+    /// The published list (see [`crate::published`]).
+    #[default]
+    Json,
+    /// One prefix per line.
+    Plain,
+    /// `allow PREFIX;` lines, for an nginx `include`.
+    Nginx,
+    /// One prefix per line, for HAProxy's `acl … src -f FILE`.
+    Haproxy,
+}
+
+impl FileFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileFormat::Json => "json",
+            FileFormat::Plain => "plain",
+            FileFormat::Nginx => "nginx",
+            FileFormat::Haproxy => "haproxy",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -224,6 +270,31 @@ pub(super) struct RawConfig {
     pub(super) safety: Safety,
     #[serde(default)]
     pub(super) log: LogConfig,
+    #[serde(default)]
+    pub(super) metrics: Option<RawMetrics>,
+}
+
+/// `metrics:` as written; [`super::build`] checks `listen` against `allow_remote`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMetrics {
+    #[serde(default, deserialize_with = "listen")]
+    pub(super) listen: Option<Spanned<SocketAddr>>,
+    #[serde(default)]
+    pub(super) textfile: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    pub(super) allow_remote: bool,
+}
+
+/// `metrics:`: off unless `listen` or `textfile` is given (see [`crate::metrics`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MetricsConfig {
+    /// Where `GET /metrics` and `GET /healthz` are served.
+    pub listen: Option<SocketAddr>,
+    /// node_exporter's textfile collector: written after every cycle.
+    pub textfile: Option<PathBuf>,
+    /// Lets `listen` be a non-loopback address.
+    pub allow_remote: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -234,6 +305,8 @@ pub(super) struct RawSource {
     pub(super) tencent_chat: Option<Spanned<RawChat>>,
     #[serde(default, rename = "static", deserialize_with = "static_entries")]
     pub(super) static_entries: Option<Vec<Spanned<IpNet>>>,
+    #[serde(default)]
+    pub(super) url: Option<Spanned<RawUrl>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -261,6 +334,22 @@ pub(super) struct RawChat {
     pub(super) ca_file: Option<PathBuf>,
 }
 
+/// A `url` source: a list published in the `json` format ([`crate::published`]).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUrl {
+    #[serde(deserialize_with = "list_url")]
+    pub(super) url: String,
+    #[serde(default)]
+    pub(super) ca_file: Option<PathBuf>,
+    #[serde(default = "default_timeout", deserialize_with = "timeout")]
+    pub(super) timeout: Duration,
+    #[serde(default = "default_max_bytes", deserialize_with = "max_bytes")]
+    pub(super) max_bytes: usize,
+    #[serde(default = "default_max_age", deserialize_with = "max_age")]
+    pub(super) max_age: Duration,
+}
+
 /// `backend:` holds exactly one of its keys.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -271,6 +360,8 @@ pub(super) struct RawBackend {
     pub(super) ipset: Option<IpsetConfig>,
     #[serde(default)]
     pub(super) dry_run: Option<DryRunConfig>,
+    #[serde(default)]
+    pub(super) file: Option<FileConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -321,8 +412,23 @@ fn default_nettypes() -> Vec<u8> {
 fn default_timeout() -> Duration {
     Duration::from_secs(10)
 }
+/// 4 MiB: some 100 000 prefixes, far more than a Chat list.
+fn default_max_bytes() -> usize {
+    4 * 1024 * 1024
+}
+/// Four times the publisher's default `refresh` (15m).
+fn default_max_age() -> Duration {
+    secs(3600)
+}
 fn default_usersig_ttl() -> Duration {
     Duration::from_secs(24 * 3600)
+}
+
+fn default_on_change_timeout() -> Duration {
+    secs(30)
+}
+fn default_refresh() -> Duration {
+    secs(15 * 60)
 }
 
 // Value checks, run while deserializing so that errors carry the value's line.
@@ -418,6 +524,53 @@ fn usersig_ttl<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     duration_in(d, secs(3600), secs(180 * 86_400), "usersig_ttl")
 }
 
+fn on_change_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration_in(d, secs(1), MAX_TIMEOUT, "on_change_timeout")
+}
+fn refresh<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration_in(d, secs(10), secs(86_400), "refresh")
+}
+
+/// A file to write: a path with a file name (a directory is not one).
+fn file_path<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.is_empty() || s.ends_with('/') || Path::new(&s).file_name().is_none() {
+        return Err(serde::de::Error::custom(format!("`{s}` is not a file path: give the file to write")));
+    }
+    Ok(PathBuf::from(s))
+}
+
+/// A command as argv: an absolute program path (a service's PATH is not a shell's), then its
+/// arguments. No shell ever sees it.
+fn argv<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    let v = Vec::<String>::deserialize(d)?;
+    match v.first() {
+        None => Err(serde::de::Error::custom(
+            "on_change is empty: give the program and its arguments, like [\"/usr/sbin/nginx\", \"-s\", \"reload\"]",
+        )),
+        Some(p) if !Path::new(p).is_absolute() => Err(serde::de::Error::custom(format!(
+            "on_change program `{p}` is not an absolute path: write it in full, like /usr/sbin/nginx (no shell runs it)"
+        ))),
+        Some(_) => Ok(Some(v)),
+    }
+}
+
+/// Above 0; whether it exceeds the publisher's `refresh` cannot be known here (README).
+fn max_age<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration_in(d, secs(1), secs(30 * 86_400), "max_age")
+}
+/// The largest `max_bytes`: what one fetch may hold in memory.
+const MAX_MAX_BYTES: usize = 256 * 1024 * 1024;
+fn max_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let v = u64::deserialize(d)?;
+    if !(1024..=MAX_MAX_BYTES as u64).contains(&v) {
+        return Err(serde::de::Error::custom(format!(
+            "max_bytes {v} is out of range: it must be between 1024 and {MAX_MAX_BYTES} (bytes)"
+        )));
+    }
+    Ok(v as usize)
+}
+
 fn nettypes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
     let v = Vec::<u8>::deserialize(d)?;
     if v.is_empty() {
@@ -475,6 +628,43 @@ pub(crate) fn check_endpoint(s: &str) -> Result<(), String> {
     }
 }
 
+fn list_url<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    check_list_url(&s).map_err(serde::de::Error::custom)?;
+    Ok(s)
+}
+
+/// A `url` source's URL: `https://`, or `http://` to a loopback address, as for the Chat
+/// endpoint (a list read in clear text could be rewritten on the way). A path and a query are
+/// fine; credentials are not (the URL is logged).
+pub(crate) fn check_list_url(s: &str) -> Result<(), String> {
+    let u = reqwest::Url::parse(s).map_err(|e| format!("`{s}` is not a URL: {e}"))?;
+    let host = u.host_str().filter(|h| !h.is_empty()).ok_or_else(|| format!("`{s}` has no host"))?;
+    let loopback = host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok_and(|a| a.is_loopback());
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err(format!(
+            "`{}`: no credentials in the URL (it is written to logs and the state file)",
+            u.host_str().unwrap_or_default()
+        ));
+    }
+    if u.fragment().is_some() {
+        return Err(format!("`{s}`: a URL with a #fragment is not fetched as written"));
+    }
+    match u.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        "http" => Err(format!(
+            "`{s}` uses http:// to a non-loopback host: the list could be rewritten on the way; use https://"
+        )),
+        _ => Err(format!("`{s}`: only https:// URLs are allowed (http:// only to a loopback address)")),
+    }
+}
+
 /// The syntax of static entries; whether they may be allowed depends on `safety`, so
 /// [`admit_static`] judges them once the whole file is read (each keeps its location for that).
 fn static_entries<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Spanned<IpNet>>>, D::Error> {
@@ -493,6 +683,21 @@ fn static_entries<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Spanned<
         out.push(Spanned::new(e.net, spanned.referenced, spanned.defined));
     }
     Ok(Some(out))
+}
+
+/// `IP:port` (`127.0.0.1:9733`, `[::1]:9733`); whether it may be remote is [`super::build`]'s.
+fn listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Spanned<SocketAddr>>, D::Error> {
+    let s = Spanned::<String>::deserialize(d)?;
+    let addr: SocketAddr = s.value.trim().parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "`{}` is not an address and port: write IP:port, like 127.0.0.1:9733 or [::1]:9733",
+            s.value
+        ))
+    })?;
+    if addr.port() == 0 {
+        return Err(serde::de::Error::custom("port 0 is not a port: use 1..=65535"));
+    }
+    Ok(Some(Spanned::new(addr, s.referenced, s.defined)))
 }
 
 fn ports<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u16>, D::Error> {

@@ -91,8 +91,15 @@ fn netns_inode() -> io::Result<u64> {
 }
 
 /// The lock file of `object` in network namespace `netns`: object names are letters, digits,
-/// `_` and `-`, so dots separate the words unambiguously.
+/// `_` and `-`, so dots separate the words unambiguously. A file (the `file` backend's) is named
+/// by a digest of its path, which may hold anything and be long.
 fn file_name(netns: u64, object: &Object) -> String {
+    if let Object::File { path } = object {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(path.as_os_str().as_encoded_bytes());
+        let hex: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
+        return format!("{netns}.file.{hex}.lock");
+    }
     format!("{netns}.{}.lock", object.to_string().replace(' ', "."))
 }
 
@@ -186,6 +193,21 @@ mod tests {
             locks_in(dir.path(), &[set("a"), set("b")], "x").is_ok(),
             "released with the process's files"
         );
+    }
+
+    #[test]
+    fn a_file_is_locked_by_a_digest_of_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |p: &str| Object::File { path: p.into() };
+        let long = format!("/srv/{}/chat.json", "d".repeat(300));
+        let first = locks_in(dir.path(), &[file("/srv/a b/chat.json"), file(&long)], "one").unwrap();
+        assert!(matches!(
+            locks_in(dir.path(), &[file("/srv/a b/chat.json")], "two"),
+            Err(LockError::Held { object, .. }) if object == "file /srv/a b/chat.json"
+        ));
+        assert!(locks_in(dir.path(), &[file("/srv/a/b/chat.json")], "two").is_ok());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 3, "one flat file each");
+        drop(first);
     }
 
     #[test]

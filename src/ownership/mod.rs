@@ -90,11 +90,33 @@ impl Xtables {
 /// state file write it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Object {
-    NftTable { family: NftFamily, table: String },
-    NftSet { family: NftFamily, table: String, name: String },
-    NftChain { family: NftFamily, table: String, name: String },
-    Ipset { name: String },
-    XtChain { program: Xtables, table: String, chain: String },
+    NftTable {
+        family: NftFamily,
+        table: String,
+    },
+    NftSet {
+        family: NftFamily,
+        table: String,
+        name: String,
+    },
+    NftChain {
+        family: NftFamily,
+        table: String,
+        name: String,
+    },
+    Ipset {
+        name: String,
+    },
+    XtChain {
+        program: Xtables,
+        table: String,
+        chain: String,
+    },
+    /// The `file` backend's file (`file /var/www/allowlist/chat.json`): not a kernel object,
+    /// recorded the same way.
+    File {
+        path: std::path::PathBuf,
+    },
 }
 
 impl Object {
@@ -105,7 +127,7 @@ impl Object {
             Object::NftSet { family, table, .. } | Object::NftChain { family, table, .. } => {
                 Some(Object::NftTable { family: *family, table: table.clone() })
             }
-            Object::Ipset { .. } | Object::XtChain { .. } => None,
+            Object::Ipset { .. } | Object::XtChain { .. } | Object::File { .. } => None,
         }
     }
 
@@ -124,6 +146,7 @@ impl fmt::Display for Object {
             Object::XtChain { program, table, chain } => {
                 write!(f, "{} chain {table} {chain}", program.as_str())
             }
+            Object::File { path } => write!(f, "file {}", path.display()),
         }
     }
 }
@@ -132,6 +155,14 @@ impl FromStr for Object {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Object, String> {
+        // A path may hold spaces: everything after the word is the path.
+        if let Some(path) = s.strip_prefix("file ").map(std::path::Path::new) {
+            return if path.is_absolute() {
+                Ok(Object::File { path: path.to_path_buf() })
+            } else {
+                Err(format!("`{s}`: a file is recorded by its absolute path"))
+            };
+        }
         let words: Vec<&str> = s.split_whitespace().collect();
         let family = |w: &str| NftFamily::parse(w).ok_or_else(|| format!("unknown nftables family `{w}`"));
         let name =
@@ -219,11 +250,15 @@ pub struct Footprint {
     /// The IPv4 and IPv6 sets that hold the allowlist, allowsync's or the operator's.
     #[serde(default)]
     pub sets: Vec<Object>,
+    /// Files the `file` backend changed whose `on_change` has not succeeded since: run at the
+    /// next sync, after a restart too.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub on_change_pending: BTreeSet<Object>,
 }
 
 impl Footprint {
     pub fn is_empty(&self) -> bool {
-        self.owned.is_empty() && self.sets.is_empty()
+        self.owned.is_empty() && self.sets.is_empty() && self.on_change_pending.is_empty()
     }
 
     /// The recorded IPv4 (`v6: false`) or IPv6 set.
@@ -279,6 +314,7 @@ mod tests {
             "ipset allowsync_v4",
             "iptables chain filter ALLOWSYNC",
             "ip6tables chain filter ALLOWSYNC",
+            "file /var/www/allow list/chat.json",
         ] {
             let o: Object = text.parse().unwrap();
             assert_eq!(o.to_string(), text);
@@ -287,6 +323,7 @@ mod tests {
         assert!("table arp x".parse::<Object>().is_err());
         assert!("set inet t".parse::<Object>().is_err());
         assert!("set inet t bad/name".parse::<Object>().is_err());
+        assert!("file chat.json".parse::<Object>().is_err());
     }
 
     #[test]

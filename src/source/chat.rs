@@ -15,23 +15,21 @@ use std::time::Duration;
 
 use reqwest::Url;
 use serde_json::Value;
-use tracing::{Instrument, debug, error, warn};
+use tracing::{Instrument, debug, warn};
 
+use super::admit::{Admit, Item};
 use super::{ErrorClass, FetchError, SourceError};
-use crate::admission::{self, MinPrefix, Refused};
+use crate::admission::MinPrefix;
 use crate::clock;
 use crate::config::{Config, Region, SourceKind, TencentChatConfig};
 use crate::logging::Untrusted;
-use crate::prefixes::{self, AllowSet};
+use crate::prefixes::AllowSet;
 use crate::usersig::{self, Minted, UsersigCache};
 
 /// The path of the API, appended to an endpoint's base URL.
 pub(crate) const GET_IP_LIST: &str = "/v4/ConfigSvc/GetIPList";
 /// Largest response body read; a longer one is an error and nothing of it is used.
 pub(crate) const MAX_BODY: usize = 1024 * 1024;
-/// Invalid or refused entries logged one by one per response; the rest are counted in one
-/// summary line, so that a broken list cannot flood the journal.
-const MAX_ENTRY_WARNINGS: usize = 20;
 
 impl Region {
     /// The REST API domains of the region's data centre, primary first, as documented. Tokyo
@@ -73,6 +71,8 @@ pub(crate) struct ChatSource {
     min_prefix: MinPrefix,
     client: reqwest::Client,
     sigs: Arc<UsersigCache>,
+    /// Every request sent and how it ended, until [`ChatSource::take_requests`] (the metrics).
+    sent: std::sync::Mutex<Vec<(u8, &'static str)>>,
 }
 
 impl ChatSource {
@@ -99,6 +99,7 @@ impl ChatSource {
                 cfg.secret_key.clone(),
                 cfg.usersig_ttl,
             )),
+            sent: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -108,6 +109,18 @@ impl ChatSource {
 
     pub fn nettypes(&self) -> &[u8] {
         &self.nettypes
+    }
+
+    /// The requests sent since the last call: per request its nettype and `ok` or the error's
+    /// class ([`ErrorClass::label`]); a retry on the backup endpoint or with a new usersig is a
+    /// request of its own.
+    pub fn take_requests(&self) -> Vec<(u8, &'static str)> {
+        std::mem::take(&mut *self.sent.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// When the usersig this source sends expires (`None` before its first request).
+    pub fn usersig_expires_at(&self) -> Option<u64> {
+        self.sigs.expires_at()
     }
 
     /// The span every log line of one nettype's fetch is in: `fetch{source=… nettype=…}`. At
@@ -164,7 +177,10 @@ impl ChatSource {
             if i > 0 {
                 warn!(endpoint = %endpoint, "trying the backup endpoint");
             }
-            match self.attempt(endpoint, nettype, sig).await {
+            let result = self.attempt(endpoint, nettype, sig).await;
+            let label = result.as_ref().map_or_else(|e| e.class().label(), |_| "ok");
+            self.sent.lock().unwrap_or_else(|p| p.into_inner()).push((nettype, label));
+            match result {
                 Err(e @ FetchError::Connect { .. }) => {
                     warn!(endpoint = %endpoint, error = %e, "cannot reach the endpoint");
                     last = Some(e);
@@ -198,7 +214,7 @@ impl ChatSource {
     /// Sends the request and reads at most [`MAX_BODY`] bytes of the answer.
     async fn post(&self, url: Url, shown: &str) -> Result<Vec<u8>, FetchError> {
         let net_err = |e: reqwest::Error| FetchError::from_reqwest(e, shown, self.timeout);
-        let mut resp = self
+        let resp = self
             .client
             .post(url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -211,19 +227,7 @@ impl ChatSource {
         if !status.is_success() {
             return Err(FetchError::Http { status: status.as_u16(), url: shown.to_owned() });
         }
-        if resp.content_length().is_some_and(|n| n > MAX_BODY as u64) {
-            return Err(FetchError::BodyTooLarge { limit: MAX_BODY });
-        }
-        // Read chunk by chunk and stop at the cap: a chunked or lying response must not make us
-        // buffer more than MAX_BODY.
-        let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(net_err)? {
-            if body.len() + chunk.len() > MAX_BODY {
-                return Err(FetchError::BodyTooLarge { limit: MAX_BODY });
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
+        super::http::read_capped(resp, MAX_BODY, net_err).await
     }
 }
 
@@ -289,15 +293,9 @@ pub(crate) fn redact_url(url: &Url) -> String {
 ///
 /// - `ActionStatus` must be a string and `ErrorCode` an integer; `FAIL` or a non-zero code is
 ///   an API error, classified by its code.
-/// - On success `IPList` must be an array. Each element goes through [`prefixes::parse_entry`]
-///   and [`admission::check`]:
-///   - one that is invalid (or not a string) is logged and skipped;
-///   - one in (or holding) a range that is never allowed is logged and skipped;
-///   - one wider than `min_prefix` makes the whole answer suspicious: an error
-///     ([`FetchError::Suspicious`]), so that the source keeps its last good list.
-///
-///   If no element is valid the whole answer is an error: a list of nothing but garbage says
-///   the service is broken, not that the allowlist is empty.
+/// - On success `IPList` must be an array, whose elements are judged as every source's are
+///   ([`super::admit`]): invalid or never-allowed ones skipped, one wider than `min_prefix`
+///   making the whole answer suspicious, nothing valid at all an error.
 /// - Every text of the answer that reaches a log or an error goes through `Untrusted`.
 /// - An empty `IPList` is a success with an empty list. Whether to apply it is the engine's
 ///   decision, taken with its safety guards (`allow_empty`, `max_removal_percent`) that see the
@@ -340,57 +338,15 @@ pub fn parse_response(
         Some(_) => return Err(invalid("IPList is not an array")),
         None => return Err(invalid("IPList is missing")),
     };
-    let mut nets = Vec::with_capacity(list.len());
-    let mut skipped = 0usize;
-    // Warned about once each, however often the answer repeats them.
-    let mut refused = std::collections::HashSet::new();
-    // Only for the entries that are logged: most are not.
-    let shown = |item: &Value| match item {
-        Value::String(s) => Untrusted(s).to_string(),
-        other => Untrusted(&other.to_string()).to_string(),
-    };
+    let mut admit = Admit::new(min_prefix);
     for item in list {
-        let parsed = match item {
-            Value::String(s) => prefixes::parse_entry(s).map_err(|e| e.to_string()),
-            _ => Err("not a string".to_owned()),
+        let item = match item {
+            Value::String(s) => Item::Text(s),
+            other => Item::Other(other),
         };
-        let e = match parsed {
-            Ok(e) => e,
-            Err(reason) => {
-                skipped += 1;
-                if skipped <= MAX_ENTRY_WARNINGS {
-                    warn!(entry = %shown(item), reason = %reason, "skipping invalid entry");
-                }
-                continue;
-            }
-        };
-        match admission::check(e.net, min_prefix) {
-            Ok(()) => {}
-            Err(r @ Refused::TooShort { .. }) => {
-                let entry = shown(item);
-                error!(entry = %entry, reason = %r, "suspicious answer: an entry is wider than the minimum prefix length; not using any of it");
-                return Err(FetchError::Suspicious { entry, reason: r.to_string() });
-            }
-            Err(r @ Refused::Special { .. }) => {
-                skipped += 1;
-                if refused.insert(e.net) && skipped <= MAX_ENTRY_WARNINGS {
-                    warn!(entry = %shown(item), reason = %r, "skipping an entry that is never allowed");
-                }
-                continue;
-            }
-        }
-        if let Some(orig) = e.masked_from {
-            warn!(entry = %orig, used = %e.net, "entry has host bits set; using its network");
-        }
-        nets.push(e.net);
+        admit.push(item, None)?;
     }
-    if skipped > MAX_ENTRY_WARNINGS {
-        warn!(skipped, "more entries skipped without a warning each");
-    }
-    if nets.is_empty() && skipped > 0 {
-        return Err(FetchError::AllInvalid { count: skipped });
-    }
-    Ok(NettypeList { entries: nets.len(), skipped, list: AllowSet::from_nets(nets) })
+    admit.finish()
 }
 
 trait ClassifyStr {
@@ -499,34 +455,14 @@ pub(crate) fn redact_query_param(text: &str, param: &str) -> String {
 
 // ---- the HTTP client and the usersig of `allowsync usersig` ---------------------------------
 
-/// The one HTTP client every Chat source sends through (every `ca_file` is read here).
+/// The one HTTP client every Chat source sends through (every `ca_file` is read here). One
+/// client serves every source, so it trusts the union of their extra CAs.
 pub(super) fn client(chats: &[&TencentChatConfig]) -> Result<reqwest::Client, SourceError> {
     let shortest = chats.iter().map(|c| c.timeout).min().unwrap_or(Duration::from_secs(10));
-    let mut b = reqwest::Client::builder()
-        .user_agent(concat!("allowsync/", env!("CARGO_PKG_VERSION")))
-        // Half the shortest whole-request timeout, so that an unreachable primary domain leaves
-        // time to try the backup before the caller gives up.
-        .connect_timeout((shortest / 2).max(Duration::from_millis(500)))
-        // A redirect would carry the usersig in its query string to another address.
-        .redirect(reqwest::redirect::Policy::none())
-        .pool_idle_timeout(Duration::from_secs(90));
-    // One client serves every source, so it trusts the union of their extra CAs (on top of the
-    // system store).
-    let mut seen = std::collections::BTreeSet::new();
-    for path in chats.iter().filter_map(|c| c.ca_file.as_ref()) {
-        if !seen.insert(path.clone()) {
-            continue;
-        }
-        let pem =
-            std::fs::read(path).map_err(|cause| SourceError::CaFileRead { path: path.clone(), cause })?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| SourceError::CaFile { path: path.clone(), message: e.to_string() })?;
-        if certs.is_empty() {
-            return Err(SourceError::CaFile { path: path.clone(), message: "no certificate found".into() });
-        }
-        b = b.tls_certs_merge(certs);
-    }
-    b.build().map_err(|e| SourceError::Client(e.to_string()))
+    // Half the shortest whole-request timeout, so that an unreachable primary domain leaves
+    // time to try the backup before the caller gives up.
+    let connect = (shortest / 2).max(Duration::from_millis(500));
+    super::http::client(connect, chats.iter().filter_map(|c| c.ca_file.as_ref()))
 }
 
 /// A fresh usersig for the Chat source `name` of the configuration, signed at `now_unix`.
@@ -540,7 +476,7 @@ pub fn mint_usersig(cfg: &Config, name: &str, now_unix: u64) -> Result<Minted, S
                 expire,
             })
         }
-        Some(SourceKind::Static(_)) => Err(SourceError::NotChat(name.to_owned())),
+        Some(SourceKind::Static(_) | SourceKind::Url(_)) => Err(SourceError::NotChat(name.to_owned())),
         None => Err(SourceError::UnknownSource(name.to_owned())),
     }
 }

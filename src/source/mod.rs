@@ -8,10 +8,15 @@
 //! [`crate::engine::SourceReport`].
 //!
 //! This module is the orchestration; everything about the Chat REST API itself (requests,
-//! answers, its error codes, the HTTP client, the region domains) is in [`chat`].
+//! answers, its error codes, the HTTP client, the region domains) is in [`chat`], a list
+//! published by another allowsync is read by [`url`]. [`admit`] judges the entries of both.
 
+mod admit;
 pub mod chat;
+mod http;
+pub mod url;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,10 +27,12 @@ use tracing::warn;
 
 use chat::ChatSource;
 pub use chat::NettypeList;
+use url::UrlSource;
 
 use crate::admission::MinPrefix;
 use crate::config::{Config, SourceConfig, SourceKind, TencentChatConfig};
 use crate::prefixes::AllowSet;
+use crate::state::{Published, SourceState};
 
 /// What a client should do about a failure, after the reference's error table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -42,8 +49,11 @@ pub enum ErrorClass {
     Configuration,
     /// Connect, TLS, timeouts, HTTP 5xx, a connection cut mid-answer: retry with backoff.
     Network,
-    /// An answer that is not a usable GetIPList response.
+    /// An answer that is not a usable GetIPList response (or published list).
     InvalidResponse,
+    /// A published list older than the source's `max_age`: its publisher may be dead. Retried
+    /// at the normal interval.
+    Stale,
 }
 
 impl fmt::Display for ErrorClass {
@@ -56,7 +66,24 @@ impl fmt::Display for ErrorClass {
             ErrorClass::Configuration => "configuration",
             ErrorClass::Network => "network",
             ErrorClass::InvalidResponse => "invalid response",
+            ErrorClass::Stale => "stale",
         })
+    }
+}
+
+impl ErrorClass {
+    /// The class as a metric label or a `status --json` value: `rate_limited`, `network`, …
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorClass::RateLimited => "rate_limited",
+            ErrorClass::Transient => "transient",
+            ErrorClass::UsersigExpired => "usersig_expired",
+            ErrorClass::Locked => "locked",
+            ErrorClass::Configuration => "configuration",
+            ErrorClass::Network => "network",
+            ErrorClass::InvalidResponse => "invalid_response",
+            ErrorClass::Stale => "stale",
+        }
     }
 }
 
@@ -86,12 +113,23 @@ pub enum FetchError {
     BodyTooLarge { limit: usize },
     #[error("invalid GetIPList response: {reason}")]
     InvalidResponse { reason: String },
-    #[error("every one of the {count} entries of IPList is invalid or never allowed")]
+    #[error("every one of the {count} entries of the list is invalid or never allowed")]
     AllInvalid { count: usize },
     /// An entry wider than `safety.min_prefix_v4` / `_v6`: the whole answer is not used.
     /// `entry` is the entry as sent, escaped (`logging::Untrusted`).
     #[error("suspicious answer, none of it used: entry {entry}: {reason}")]
     Suspicious { entry: String, reason: String },
+    /// A published list that cannot be used (not JSON, another version, a SHA-256 that does
+    /// not match…); `reason` escapes whatever it quotes.
+    #[error("invalid published list: {reason}")]
+    Published { reason: String },
+    /// A published list generated longer than `max_age` ago, on a 200 or after a 304.
+    #[error(
+        "the published list is stale: generated at {generated_at}, {} ago, longer than max_age {}: is its publisher alive?",
+        crate::config::fmt_duration(*age),
+        crate::config::fmt_duration(*max_age)
+    )]
+    Stale { generated_at: String, age: Duration, max_age: Duration },
     /// A bug: a fetch task panicked. Reported, never propagated as a panic.
     #[error("internal error: {message}")]
     Internal { message: String },
@@ -116,7 +154,9 @@ impl FetchError {
             FetchError::BodyTooLarge { .. }
             | FetchError::InvalidResponse { .. }
             | FetchError::AllInvalid { .. }
-            | FetchError::Suspicious { .. } => ErrorClass::InvalidResponse,
+            | FetchError::Suspicious { .. }
+            | FetchError::Published { .. } => ErrorClass::InvalidResponse,
+            FetchError::Stale { .. } => ErrorClass::Stale,
             FetchError::Internal { .. } => ErrorClass::Transient,
         }
     }
@@ -155,7 +195,7 @@ pub enum SourceError {
     Client(String),
     #[error("no source named {0:?} in the configuration")]
     UnknownSource(String),
-    #[error("source {0:?} is a static source: it has no usersig")]
+    #[error("source {0:?} is not a tencent_chat source: it has no usersig")]
     NotChat(String),
 }
 
@@ -178,11 +218,14 @@ pub struct Fetched {
     pub skipped: usize,
     /// Per nettype, for a Chat source (empty for a static one).
     pub nettypes: Vec<NettypeFetched>,
+    /// For a `url` source's list: what it was published as, to keep with it in the state.
+    pub published: Option<Published>,
 }
 
 enum Source {
     Static { name: String, nets: Vec<IpNet> },
     Chat(Arc<ChatSource>),
+    Url(Arc<UrlSource>),
 }
 
 /// Every configured source, ready to fetch.
@@ -201,6 +244,7 @@ impl Source {
         match self {
             Source::Static { name, .. } => name,
             Source::Chat(c) => c.name(),
+            Source::Url(u) => u.name(),
         }
     }
 }
@@ -219,55 +263,101 @@ impl Sources {
             .iter()
             .filter_map(|s| match &s.kind {
                 SourceKind::TencentChat(c) => Some(&**c),
-                SourceKind::Static(_) => None,
+                SourceKind::Static(_) | SourceKind::Url(_) => None,
             })
             .collect();
         let client = if chats.is_empty() { None } else { Some(chat::client(&chats)?) };
         let sources = configs
             .iter()
             .map(|s| match &s.kind {
-                SourceKind::Static(nets) => Source::Static { name: s.name.clone(), nets: nets.clone() },
-                SourceKind::TencentChat(c) => Source::Chat(Arc::new(ChatSource::new(
+                SourceKind::Static(nets) => Ok(Source::Static { name: s.name.clone(), nets: nets.clone() }),
+                SourceKind::TencentChat(c) => Ok(Source::Chat(Arc::new(ChatSource::new(
                     s.name.clone(),
                     c,
                     min_prefix,
                     client.clone().expect("built when there is a Chat source"),
-                ))),
+                )))),
+                SourceKind::Url(u) => {
+                    Ok(Source::Url(Arc::new(UrlSource::new(s.name.clone(), u, min_prefix)?)))
+                }
             })
-            .collect();
+            .collect::<Result<_, SourceError>>()?;
         Ok(Sources { sources })
     }
 
+    /// Per Chat source that has minted one, when its usersig expires (unix seconds).
+    pub fn usersig_expiries(&self) -> Vec<(String, u64)> {
+        self.sources
+            .iter()
+            .filter_map(|s| match s {
+                Source::Chat(c) => c.usersig_expires_at().map(|t| (c.name().to_owned(), t)),
+                Source::Static { .. } | Source::Url(_) => None,
+            })
+            .collect()
+    }
+
+    /// The requests every Chat and `url` source sent since the last call, as (source, nettype
+    /// (`None` for a `url` source), `ok` or the error's class); a fetch abandoned midway gives
+    /// its requests to the next call.
+    pub fn take_requests(&self) -> Vec<(String, Option<u8>, &'static str)> {
+        let mut out = Vec::new();
+        for s in &self.sources {
+            match s {
+                Source::Chat(c) => {
+                    out.extend(c.take_requests().into_iter().map(|(n, r)| (c.name().to_owned(), Some(n), r)))
+                }
+                Source::Url(u) => {
+                    out.extend(u.take_requests().into_iter().map(|r| (u.name().to_owned(), None, r)))
+                }
+                Source::Static { .. } => {}
+            }
+        }
+        out
+    }
+
     /// Fetches every source concurrently; one result per source, in configuration order.
-    /// Never panics: a panicking fetch becomes [`FetchError::Internal`].
+    /// Never panics: a panicking fetch becomes [`FetchError::Internal`]. Without the state's
+    /// last good lists, a `url` source asks unconditionally.
     pub async fn fetch_all(&self) -> Vec<Fetched> {
+        self.fetch_all_with(&BTreeMap::new()).await
+    }
+
+    /// As [`Sources::fetch_all`], with the state's last good lists (`State::sources`): a `url`
+    /// source asks with the `ETag` it keeps with its list, and on a 304 answers that list.
+    pub async fn fetch_all_with(&self, known: &BTreeMap<String, SourceState>) -> Vec<Fetched> {
         let handles: Vec<_> = self
             .sources
             .iter()
             .map(|s| match s {
-                Source::Static { name, nets } => Err(Fetched {
+                Source::Static { name, nets } => Err(Box::new(Fetched {
                     name: name.clone(),
                     result: Ok(AllowSet::from_nets(nets.iter().copied())),
                     entries: nets.len(),
                     skipped: 0,
                     nettypes: Vec::new(),
-                }),
+                    published: None,
+                })),
                 Source::Chat(c) => {
                     let c = Arc::clone(c);
                     Ok((c.name().to_owned(), tokio::spawn(async move { fetch_chat(&c).await })))
+                }
+                Source::Url(u) => {
+                    let (u, last) = (Arc::clone(u), known.get(u.name()).cloned());
+                    Ok((u.name().to_owned(), tokio::spawn(async move { u.fetch(last.as_ref()).await })))
                 }
             })
             .collect();
         let mut out = Vec::with_capacity(handles.len());
         for h in handles {
             out.push(match h {
-                Err(done) => done,
+                Err(done) => *done,
                 Ok((name, handle)) => handle.await.unwrap_or_else(|e| Fetched {
                     result: Err(FetchError::Internal { message: format!("the fetch task failed: {e}") }),
                     name,
                     entries: 0,
                     skipped: 0,
                     nettypes: Vec::new(),
+                    published: None,
                 }),
             });
         }
@@ -303,5 +393,5 @@ async fn fetch_chat(c: &Arc<ChatSource>) -> Fetched {
         Some(e) => Err(e.clone()),
         None => Ok(AllowSet::union(ok.iter().map(|l| &l.list))),
     };
-    Fetched { name: c.name().to_owned(), result, entries, skipped, nettypes }
+    Fetched { name: c.name().to_owned(), result, entries, skipped, nettypes, published: None }
 }

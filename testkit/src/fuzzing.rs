@@ -26,6 +26,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("config", config),
     ("usersig", usersig),
     ("state", state),
+    ("published", published),
 ];
 
 /// The GetIPList response parser, on any body.
@@ -171,4 +172,20 @@ pub fn state(data: &[u8]) {
     let bytes = serde_json::to_vec_pretty(&st).expect("state serializes");
     let again = state::parse(&bytes).expect("a written state parses");
     assert_eq!(again, st);
+}
+
+/// A published list (the `url` source's answer), on any body.
+pub fn published(data: &[u8]) {
+    match allowsync::published::parse_document(data) {
+        // The error quotes the document only escaped.
+        Err(e) => assert!(!e.to_string().chars().any(char::is_control), "unescaped: {e}"),
+        // An accepted document's hash is that of its entries: written again, it reads the same.
+        Ok(doc) => {
+            let Ok(strict) = allowsync::published::parse_json(data) else { return };
+            let text = allowsync::published::render_json(strict.generated_at, &strict.ipv4, &strict.ipv6);
+            let again =
+                allowsync::published::parse_document(text.as_bytes()).expect("a rendered list parses");
+            assert_eq!((again.ipv4, again.ipv6), (doc.ipv4, doc.ipv6));
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! Test support for allowsync, kept out of the library:
 //!
 //! - [`mock`]: the mock Chat REST API (`GetIPList`) with fault injection;
+//! - [`relay`]: an HTTPS server of a published list, for the `url` source;
 //! - [`netns`]: a private network namespace per test, and the commands that inspect it;
 //! - [`traffic`]: servers and clients of real TCP and UDP traffic between namespaces;
 //! - [`daemon`]: the real binary against the mock and the kernel, in such a namespace;
@@ -17,6 +18,7 @@ pub mod daemon;
 pub mod fuzzing;
 pub mod mock;
 pub mod netns;
+pub mod relay;
 pub mod traffic;
 
 pub use backends::sync;

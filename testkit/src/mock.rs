@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -274,15 +274,17 @@ pub fn parse_list_file(text: &str) -> Result<BTreeMap<u8, Vec<String>>, String> 
     Ok(lists)
 }
 
-struct Request {
-    method: String,
-    target: String,
-    body: Vec<u8>,
-    close: bool,
+pub(crate) struct Request {
+    pub(crate) method: String,
+    pub(crate) target: String,
+    pub(crate) body: Vec<u8>,
+    pub(crate) close: bool,
+    /// Every header, names in lower case.
+    pub(crate) headers: Vec<(String, String)>,
 }
 
 /// Reads one request; `None` when the connection closed or sent something that is not HTTP.
-async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Request> {
+pub(crate) async fn read_request<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> Option<Request> {
     let head_end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
@@ -303,6 +305,7 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Reque
     let (method, target) = (first.next()?.to_owned(), first.next()?.to_owned());
     let mut length = 0usize;
     let mut close = false;
+    let mut headers = Vec::new();
     for line in lines {
         if let Some((k, v)) = line.split_once(':') {
             let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
@@ -311,6 +314,7 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Reque
             } else if k == "connection" && v.eq_ignore_ascii_case("close") {
                 close = true;
             }
+            headers.push((k, v.to_owned()));
         }
     }
     if length > MAX_REQUEST_BODY {
@@ -326,7 +330,7 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Reque
     }
     let body = buf[head_end..head_end + length].to_vec();
     buf.drain(..head_end + length);
-    Some(Request { method, target, body, close })
+    Some(Request { method, target, body, close, headers })
 }
 
 fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
@@ -365,7 +369,7 @@ fn oversized_body() -> Vec<u8> {
 }
 
 /// A 200 answer with `body` in 16 KiB chunks.
-fn chunked(body: &[u8]) -> Vec<u8> {
+pub(crate) fn chunked(body: &[u8]) -> Vec<u8> {
     let mut bytes =
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
     for c in body.chunks(16 * 1024) {

@@ -42,6 +42,7 @@ impl IpsetBackend {
                 Object::Ipset { name: self.set_v4.clone() },
                 Object::Ipset { name: self.set_v6.clone() },
             ],
+            ..Footprint::default()
         };
         f.owned.extend(self.owned_sets.iter().map(|name| Object::Ipset { name: name.clone() }));
         f.owned.extend(self.owned_chains.iter().cloned());

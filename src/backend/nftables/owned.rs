@@ -92,7 +92,7 @@ impl TeardownPlan {
             }
         }
         report.left.extend(self.left.iter().cloned());
-        (report, Footprint { owned, sets: b.recorded.sets.clone() })
+        (report, Footprint { owned, sets: b.recorded.sets.clone(), ..Footprint::default() })
     }
 }
 
@@ -198,8 +198,11 @@ impl NftablesBackend {
             _ => 2,
         });
         let kept = self.recorded.owned.iter().filter(|o| !o.is_nftables()).cloned();
-        let mut footprint =
-            Footprint { owned, sets: vec![self.sets[0].object.clone(), self.sets[1].object.clone()] };
+        let mut footprint = Footprint {
+            owned,
+            sets: vec![self.sets[0].object.clone(), self.sets[1].object.clone()],
+            ..Footprint::default()
+        };
         footprint.owned.extend(kept);
         steps.extend(cleanup.iter().map(|(s, _)| s.clone()));
         Ok(EnsurePlan { steps, footprint, cleanup, chain_exists: chain.is_some() })
