@@ -592,6 +592,21 @@ mod tests {
         assert_eq!(data_ty, ATTR_DATA | NLA_F_NESTED);
     }
 
+    /// The kernel reads `-exist` from a *missing* `NLM_F_EXCL`: strict unless asked.
+    #[test]
+    fn messages_are_strict_unless_exist_is_asked_for() {
+        let flags = |exist: u32| {
+            let mut b = Batch::new();
+            b.many(Cmd::Del, "s", exist, [([10u8, 0, 0, 1], 32)]);
+            u16::from_ne_bytes(b.buf[6..8].try_into().unwrap())
+        };
+        assert_ne!(flags(0) & libc::NLM_F_EXCL as u16, 0);
+        assert_eq!(flags(FLAG_EXIST) & libc::NLM_F_EXCL as u16, 0);
+        let mut b = Batch::new();
+        b.named(Cmd::Destroy, "s");
+        assert_ne!(u16::from_ne_bytes(b.buf[6..8].try_into().unwrap()) & libc::NLM_F_EXCL as u16, 0);
+    }
+
     #[test]
     fn many_elements_are_split_under_the_attribute_limit() {
         let addrs: Vec<[u8; 16]> = (0..5000u32).map(|i| (u128::from(i) << 64).to_be_bytes()).collect();
