@@ -661,7 +661,15 @@ impl Harness for Ipset {
         let mut lines: Vec<&str> = s.lines().collect();
         lines.sort_unstable();
         s = lines.join("\n");
-        s + "\n" + &run("iptables-save", &["-t", "filter"]) + &run("ip6tables-save", &["-t", "filter"])
+        // iptables-save's `# Generated … on <time>` comments change with the clock: only the rules.
+        let rules = |prog: &str| -> String {
+            run(prog, &["-t", "filter"])
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(|l| format!("{l}\n"))
+                .collect()
+        };
+        s + "\n" + &rules("iptables-save") + &rules("ip6tables-save")
     }
 
     fn enforcement_scopes() -> Vec<EnforceScope> {

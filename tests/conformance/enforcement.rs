@@ -283,7 +283,7 @@ pub fn established_flows_are_kept_with_their_source_and_cut_without_it<H: Harnes
     // it was dropped (about as long again as the stall lasted): wait for it with a bound well
     // past that, not the usual patience, which a loaded host can outlast.
     for (label, c) in &mut flows {
-        let answer = c.answer(std::time::Duration::from_secs(30));
+        let answer = c.answer(std::time::Duration::from_secs(60));
         assert!(answer.as_deref().is_some_and(|a| a.ends_with(" 3")), "{label}: {answer:?}");
     }
 }
