@@ -11,8 +11,8 @@ use allowsync::prefixes::AllowSet;
 use allowsync_testkit::daemon::{Env, Setup, setup_with, stop, strings, wait_until};
 use allowsync_testkit::netns::{veth_pair, who_connects};
 use allowsync_testkit::relay::{Relay, RelayHandle};
+use allowsync_testkit::scrape::{parse, value};
 use allowsync_testkit::set;
-use prometheus_parse::{Scrape, Value};
 
 const KEY: &str = "fleet-test-publisher-key";
 const PORT: u16 = 8443;
@@ -156,19 +156,10 @@ fn a_dead_publisher_fails_the_consumers_source_and_keeps_its_set() {
     std::fs::write(&f.env.cfg, cfg).unwrap();
     let d = f.env.spawn();
     let textfile = f.env.dir.path().join("allowsync.prom");
-    let value = |s: &Scrape, name: &str, labels: &[(&str, &str)]| {
-        s.samples
-            .iter()
-            .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-            .map(|x| match x.value {
-                Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
-                _ => panic!("{name} is not a number"),
-            })
-    };
     let mut last = None;
     let seen = wait_until(Duration::from_secs(10), || {
         let Ok(text) = std::fs::read_to_string(&textfile) else { return false };
-        let s = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("the textfile parses");
+        let s = parse(&text);
         let stale = value(&s, "allowsync_source_using_last_good", &[("source", "relay")]) == Some(1.0)
             && value(&s, "allowsync_api_requests_total", &[("source", "relay"), ("result", "stale")])
                 .is_some_and(|v| v >= 1.0);

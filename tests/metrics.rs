@@ -12,8 +12,8 @@ use allowsync::backend::Backend;
 use allowsync::prefixes::AllowSet;
 use allowsync_testkit::daemon::{Env, Setup, backend, signal, stop, strings, wait_until};
 use allowsync_testkit::mock::Fault;
+use allowsync_testkit::scrape::{Scrape, parse, value};
 use allowsync_testkit::{netns, set};
-use prometheus_parse::{Scrape, Value};
 
 const KEY: &str = "metrics-test-secret-key";
 const ADDR: &str = "127.0.0.1:9733";
@@ -40,10 +40,6 @@ fn get(env: &Env, method: &str, path: &str) -> Option<(u16, String)> {
         let status = r.status().as_u16();
         Some((status, r.text().await.ok()?))
     })
-}
-
-fn parse(text: &str) -> Scrape {
-    Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("the metrics parse")
 }
 
 fn scrape(env: &Env) -> Scrape {
@@ -74,17 +70,6 @@ fn promtool(text: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// The value of the sample `name` with exactly these labels among its own.
-fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    s.samples
-        .iter()
-        .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-        .map(|x| match x.value {
-            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
-            _ => panic!("{name} is not a number"),
-        })
 }
 
 fn syncs(s: &Scrape, outcome: &str) -> f64 {

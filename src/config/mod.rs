@@ -317,32 +317,20 @@ fn build(raw: RawConfig, path: &Path, base: &Path) -> Result<Parsed, ConfigError
             set_v6: raw::default_set_v6(),
             enforce: None,
         }),
-        Some(b) if b.value.file.is_some() => {
-            match (&b.value.nftables, &b.value.ipset, &b.value.dry_run, &b.value.file) {
-                (None, None, None, Some(f)) => {
-                    BackendConfig::File(FileConfig { path: absolute(base, &f.path), ..f.clone() })
-                }
-                _ => {
-                    return Err(at(
-                        path,
-                        &b,
-                        "backend",
-                        "configure exactly one of nftables, ipset, dry_run or file",
-                    ));
-                }
-            }
-        }
-        Some(b) => match (&b.value.nftables, &b.value.ipset, &b.value.dry_run) {
-            (Some(n), None, None) if n.check().is_err() => {
+        Some(b) => match (&b.value.nftables, &b.value.ipset, &b.value.dry_run, &b.value.file) {
+            (Some(n), None, None, None) if n.check().is_err() => {
                 let (key, message) = n.check().unwrap_err();
                 return Err(at(path, &b, format!("backend.nftables.{key}"), message));
             }
-            (None, Some(i), None) if i.set_v4 == i.set_v6 => {
+            (None, Some(i), None, None) if i.set_v4 == i.set_v6 => {
                 return Err(at(path, &b, "backend.ipset", "set_v4 and set_v6 must differ"));
             }
-            (Some(n), None, None) => BackendConfig::Nftables(n.clone()),
-            (None, Some(i), None) => BackendConfig::Ipset(i.clone()),
-            (None, None, Some(_)) => BackendConfig::DryRun,
+            (Some(n), None, None, None) => BackendConfig::Nftables(n.clone()),
+            (None, Some(i), None, None) => BackendConfig::Ipset(i.clone()),
+            (None, None, Some(_), None) => BackendConfig::DryRun,
+            (None, None, None, Some(f)) => {
+                BackendConfig::File(FileConfig { path: absolute(base, &f.path), ..f.clone() })
+            }
             _ => {
                 return Err(at(
                     path,

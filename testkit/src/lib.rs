@@ -3,6 +3,7 @@
 //! - [`mock`]: the mock Chat REST API (`GetIPList`) with fault injection;
 //! - [`relay`]: an HTTPS server of a published list, for the `url` source;
 //! - [`netns`]: a private network namespace per test, and the commands that inspect it;
+//! - [`scrape`]: Prometheus metrics parsed with a real parser;
 //! - [`traffic`]: servers and clients of real TCP and UDP traffic between namespaces;
 //! - [`daemon`]: the real binary against the mock and the kernel, in such a namespace;
 //! - [`backends`]: test-only backends and [`sync`];
@@ -19,6 +20,7 @@ pub mod fuzzing;
 pub mod mock;
 pub mod netns;
 pub mod relay;
+pub mod scrape;
 pub mod traffic;
 
 pub use backends::sync;

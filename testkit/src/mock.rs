@@ -425,6 +425,20 @@ enum Answer {
     Close(Vec<u8>),
 }
 
+/// The fault for the next answer from a queue of (fault, how many more times; `None`: until
+/// cleared), counting it down.
+pub(crate) fn next_fault<F: Clone>(faults: &mut VecDeque<(F, Option<usize>)>) -> Option<F> {
+    let (f, left) = faults.front_mut()?;
+    let f = f.clone();
+    if let Some(n) = left {
+        *n -= 1;
+        if *n == 0 {
+            faults.pop_front();
+        }
+    }
+    Some(f)
+}
+
 fn answer(shared: &Shared, req: Request) -> Answer {
     let (path, query) = match req.target.split_once('?') {
         Some((p, q)) => (p.to_owned(), q.to_owned()),
@@ -434,18 +448,7 @@ fn answer(shared: &Shared, req: Request) -> Answer {
         .map(|u| u.query_pairs().into_owned().collect())
         .unwrap_or_default();
     let mut st = shared.state();
-    let fault = match st.faults.front_mut() {
-        None => None,
-        Some((f, None)) => Some(f.clone()),
-        Some((f, Some(n))) => {
-            let f = f.clone();
-            *n -= 1;
-            if *n == 0 {
-                st.faults.pop_front();
-            }
-            Some(f)
-        }
-    };
+    let fault = next_fault(&mut st.faults);
     let mut recorded = RecordedRequest {
         method: req.method.clone(),
         path: path.clone(),

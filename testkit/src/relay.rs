@@ -23,7 +23,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use crate::mock::{chunked, read_request};
+use crate::mock::{chunked, next_fault, read_request};
 
 /// The one path served.
 pub const PATH: &str = "/allowlist/chat.json";
@@ -248,18 +248,7 @@ async fn serve<S: tokio::io::AsyncRead + AsyncWrite + Unpin>(mut stream: S, stat
 
 fn answer(state: &Mutex<State>, target: &str, method: &str, headers: &[(String, String)]) -> Answer {
     let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
-    let fault = match st.faults.front_mut() {
-        None => None,
-        Some((f, None)) => Some(f.clone()),
-        Some((f, Some(n))) => {
-            let f = f.clone();
-            *n -= 1;
-            if *n == 0 {
-                st.faults.pop_front();
-            }
-            Some(f)
-        }
-    };
+    let fault = next_fault(&mut st.faults);
     if let Some(path) = st.file.clone() {
         match read_static(&path) {
             Some((body, etag)) => (st.body, st.etag) = (body, etag),
