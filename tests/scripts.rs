@@ -2,7 +2,7 @@
 //! never pipe into a consumer that stops reading early (`head`, `grep -q`, `grep -m`,
 //! `awk '... exit'`) under `pipefail`. The producer of such a pipe dies of SIGPIPE (exit 141)
 //! whenever it is still writing when the consumer exits, which depends on timing and on how much
-//! it writes: tests/packaging.sh failed that way on one machine in four (`ldconfig -p | awk`).
+//! it writes: tests/packaging.sh failed that way on one machine in four (`ldconfig -p` piped into an `awk` that exits).
 
 use std::path::Path;
 
@@ -65,8 +65,8 @@ fn the_detector_finds_early_exiting_consumers() {
         concat!("path=$(ldconfig -p ", "|", " awk -v l=\"$lib\" '$1 == l { print $NF; exit }')"),
         concat!("pkg=$(dpkg -S \"$c\" 2>/dev/null ", "|", " head -1 | cut -d: -f1 || true)"),
         concat!("zcat x.gz ", "|", " grep -q '^\\.TH'"),
-        "rpm -qp --recommends \"$f\" | grep -qx '(a or b)' && ok",
-        "dpkg-query -W \"$p\" | grep -m1 installed",
+        concat!("rpm -qp --recommends \"$f\" ", "|", " grep -qx '(a or b)' && ok"),
+        concat!("dpkg-query -W \"$p\" ", "|", " grep -m1 installed"),
     ] {
         assert!(consumers(bad).iter().any(|c| exits_early(c)), "{bad}");
     }
@@ -74,9 +74,9 @@ fn the_detector_finds_early_exiting_consumers() {
         "if grep -q x <<<\"$man\"; then",
         "readelf -d \"$BIN\" | sed -n 's/x/y/p'",
         "printf '%s\\n' \"$c\" | awk '{ print $1 }'",
-        "grep -nE 'a|head -1|grep -q' <<<\"$s\"",
-        "[ -n \"$x\" ] || grep -q y file",
-        "# ldconfig -p | head",
+        concat!("grep -nE 'a", "|", "head -1", "|", "grep -q' <<<\"$s\""),
+        concat!("[ -n \"$x\" ] ", "||", " grep -q y file"),
+        concat!("# ldconfig -p ", "|", " head"),
     ] {
         assert!(!consumers(good).iter().any(|c| exits_early(c)), "{good}");
     }
