@@ -350,11 +350,11 @@ impl Syncer {
     /// it changes nothing. Borrows nothing, so the daemon can run it as a task of its own.
     pub fn fetch(&self) -> impl Future<Output = Fetches> + Send + 'static {
         let sources = Arc::clone(&self.sources);
-        // The last good lists: a `url` source asks with the ETag it keeps with its list.
-        let known = self.state.sources.clone();
+        // A `url` source asks with the ETag it keeps with its last good list.
+        let known = sources.kept_for_fetch(&self.state.sources);
         async move {
             let started = Instant::now();
-            let fetched = sources.fetch_all_with(&known).await;
+            let fetched = sources.fetch_all_with(known).await;
             let requests = sources
                 .take_requests()
                 .into_iter()
@@ -547,7 +547,7 @@ impl Syncer {
 
     /// Fetches and plans against the live set without changing anything, not even the state.
     pub async fn plan(&mut self) -> Result<(Desired, Plan), SyncerError> {
-        let fetched = self.sources.fetch_all_with(&self.state.sources).await;
+        let fetched = self.sources.fetch_all_with(self.sources.kept_for_fetch(&self.state.sources)).await;
         let desired = Desired::build(fetched, &self.state);
         let current = match self.on_backend(|b| b.read()).await {
             // On a host where allowsync never ran the set does not exist yet: plan against

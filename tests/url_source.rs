@@ -48,7 +48,7 @@ fn sources(cfg: UrlConfig) -> Sources {
 }
 
 async fn fetch(s: &Sources, known: &BTreeMap<String, SourceState>) -> Fetched {
-    let mut all = s.fetch_all_with(known).await;
+    let mut all = s.fetch_all_with(s.kept_for_fetch(known)).await;
     assert_eq!(all.len(), 1);
     all.remove(0)
 }

@@ -319,12 +319,26 @@ impl Sources {
     /// Never panics: a panicking fetch becomes [`FetchError::Internal`]. Without the state's
     /// last good lists, a `url` source asks unconditionally.
     pub async fn fetch_all(&self) -> Vec<Fetched> {
-        self.fetch_all_with(&BTreeMap::new()).await
+        self.fetch_all_with(BTreeMap::new()).await
     }
 
-    /// As [`Sources::fetch_all`], with the state's last good lists (`State::sources`): a `url`
-    /// source asks with the `ETag` it keeps with its list, and on a 304 answers that list.
-    pub async fn fetch_all_with(&self, known: &BTreeMap<String, SourceState>) -> Vec<Fetched> {
+    /// Of the state's per-source records (`State::sources`), those a fetch asks with: a `url`
+    /// source's that keep what it was published as (its `ETag`). Picked before a fetch so that
+    /// the other sources' lists, the bulk of the state, are not copied for it.
+    pub fn kept_for_fetch(&self, all: &BTreeMap<String, SourceState>) -> BTreeMap<String, SourceState> {
+        self.sources
+            .iter()
+            .filter_map(|s| match s {
+                Source::Url(u) => all.get_key_value(u.name()).filter(|(_, st)| st.published.is_some()),
+                Source::Static { .. } | Source::Chat(_) => None,
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// As [`Sources::fetch_all`], with [`Sources::kept_for_fetch`]'s records: a `url` source asks
+    /// with the `ETag` it keeps with its list, and on a 304 answers that list.
+    pub async fn fetch_all_with(&self, mut known: BTreeMap<String, SourceState>) -> Vec<Fetched> {
         let handles: Vec<_> = self
             .sources
             .iter()
@@ -342,7 +356,7 @@ impl Sources {
                     Ok((c.name().to_owned(), tokio::spawn(async move { fetch_chat(&c).await })))
                 }
                 Source::Url(u) => {
-                    let (u, last) = (Arc::clone(u), known.get(u.name()).cloned());
+                    let (u, last) = (Arc::clone(u), known.remove(u.name()));
                     Ok((u.name().to_owned(), tokio::spawn(async move { u.fetch(last.as_ref()).await })))
                 }
             })
